@@ -1,0 +1,132 @@
+"""Configuration for every mmserve process, read from `MMSERVE_*` environment variables.
+
+One flat settings class so that every knob has exactly one name, one default
+and one place where it is documented (the README's configuration table is
+generated from these field descriptions). Services take a `Settings` instance
+instead of reading the environment themselves, so tests can build one
+explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """All mmserve settings; env var = `MMSERVE_` + field name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="MMSERVE_", extra="ignore", protected_namespaces=())
+
+    # --- model -----------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="Hub id, local folder, or `tiny` for the built-in random-weight demo checkpoint.",
+    )
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    dtype: str = Field("auto", description="auto (the checkpoint's dtype), float32, bfloat16 or float16.")
+    device: str = Field("cpu", description="Torch device for the encoder and decoder, e.g. cpu or cuda:0.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "mmserve",
+        description="Where generated tiny checkpoints are cached.",
+    )
+
+    # --- network ---------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the services bind to (0.0.0.0 in containers).")
+    encoder_port: int = Field(50051, description="gRPC port of the encoder service.")
+    decoder_port: int = Field(50052, description="gRPC port of the decoder service.")
+    gateway_port: int = Field(8000, description="HTTP port of the OpenAI-compatible gateway.")
+    encoder_target: str = Field(
+        "127.0.0.1:50051",
+        description="gRPC target the decoder uses to reach encoders (e.g. dns:///encoder:50051, round-robin).",
+    )
+    decoder_target: str = Field("127.0.0.1:50052", description="gRPC target the gateway uses to reach decoders.")
+    grpc_max_message_bytes: int = Field(
+        80 * MiB,
+        description="Max gRPC message size on both sides; larger media goes through the streaming upload RPC.",
+    )
+    shutdown_grace_s: float = Field(10.0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
+
+    # --- store -----------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the embeddings.")
+    embedding_ttl_s: int = Field(
+        7 * 24 * 3600, description="Lifetime of a stored embedding in seconds; 0 keeps it until evicted."
+    )
+    tenant: str = Field("default", description="Namespace for client uuids when no API key identifies a tenant.")
+
+    # --- fetch guard (inputs.md section 2) -------------------------------
+    fetch_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="If set, only these host names may be fetched (comma-separated)."
+    )
+    fetch_max_redirects: int = Field(3, description="Redirects followed per item, each re-checked.")
+    fetch_timeout_image_s: float = Field(5.0, description="Total deadline to fetch one image.")
+    fetch_timeout_audio_s: float = Field(10.0, description="Total deadline to fetch one audio item.")
+    fetch_timeout_video_s: float = Field(30.0, description="Total deadline to fetch one video.")
+    fetch_timeout_time_series_s: float = Field(10.0, description="Total deadline to fetch one time series.")
+    fetch_allow_loopback: bool = Field(
+        False, description="TEST ONLY: let the fetcher reach loopback addresses. Logged loudly when on."
+    )
+    file_root: Path | None = Field(None, description="If set, file:// URLs are allowed below this folder only.")
+    max_item_bytes: int = Field(64 * MiB, description="Max encoded size of one media item.")
+    max_request_media_bytes: int = Field(256 * MiB, description="Max encoded size of all media in one request.")
+
+    # --- per-request item limits (inputs.md section 4) --------------------
+    max_images_per_request: int = Field(8, description="Images allowed in one request.")
+    max_videos_per_request: int = Field(2, description="Videos allowed in one request.")
+    max_audios_per_request: int = Field(4, description="Audio items allowed in one request.")
+    max_time_series_per_request: int = Field(4, description="Time series allowed in one request.")
+
+    # --- decoding limits (inputs.md section 3) ---------------------------
+    image_max_pixels: int = Field(178_956_970, description="Refuse images larger than this from the header.")
+    request_pixel_budget: int = Field(
+        400_000_000, description="Decoded pixels (images + video frames) allowed in one request."
+    )
+    video_default_fps: float = Field(2.0, description="Frames sampled per second of video by default.")
+    video_default_num_frames: int = Field(32, description="Frames sampled per video at most, by default.")
+    video_max_num_frames: int = Field(768, description="Hard cap on frames sampled per video.")
+    video_max_duration_s: float = Field(600.0, description="Refuse videos longer than this.")
+    video_max_frame_pixels: int = Field(
+        8_294_400, description="Refuse videos whose frames are larger than this (default 4K)."
+    )
+    audio_max_duration_s: float = Field(600.0, description="Refuse audio longer than this (decoded).")
+    audio_max_decoded_bytes: int = Field(256 * MiB, description="Refuse audio whose decoded samples exceed this.")
+    time_series_max_samples: int = Field(240_000, description="Refuse time series longer than this.")
+
+    # --- encoder ---------------------------------------------------------
+    encoder_max_batch: int = Field(8, description="Items the encoder runs through a tower in one batch.")
+    encoder_batch_wait_ms: float = Field(
+        2.0, description="How long the encoder waits for more items to batch together."
+    )
+
+    # --- decoder ---------------------------------------------------------
+    max_running_requests: int = Field(8, description="Generate calls served at once by one decoder.")
+    max_waiting_requests: int = Field(64, description="Generate calls queued beyond that before 429.")
+    default_max_tokens: int = Field(256, description="Completion tokens when the request sets none.")
+    max_model_len: int = Field(32768, description="Prompt plus completion tokens allowed per request.")
+
+    # --- gateway ---------------------------------------------------------
+    api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")
+    max_body_bytes: int = Field(64 * MiB, description="Largest request body the gateway accepts (413 above).")
+    served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: the model).")
+
+    # --- observability ---------------------------------------------------
+    metrics_port: int | None = Field(None, description="HTTP port for /metrics of a gRPC service (off if unset).")
+    log_json: bool = Field(False, description="Log one JSON object per line instead of text.")
+    log_level: str = Field("INFO", description="Python log level.")
+    otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
+
+    @field_validator("fetch_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    def fetch_timeout(self, modality: str) -> float:
+        """Per-item total fetch deadline for a modality name (image, audio, video, time_series)."""
+        return float(getattr(self, f"fetch_timeout_{modality}_s"))

@@ -1,0 +1,206 @@
+"""Errors that cross service boundaries.
+
+Every failure a client can cause or observe is one of these. Each carries the
+gRPC status it maps to, the request field it is about (so a user learns *which*
+part was wrong) and a stable machine-readable reason. The gRPC interceptor
+turns them into `google.rpc.Status` with `ErrorInfo` and `BadRequest` details;
+`from_rpc_error` turns such a status back into the same exception on the
+client side, so an encoder error keeps its meaning through the decoder and the
+gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "mmserve.dev"
+
+
+class MmserveError(Exception):
+    """Base of all mmserve errors; never leaks paths or tracebacks in `message`."""
+
+    status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    default_reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.reason = reason or self.default_reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def at(self, prefix: str) -> MmserveError:
+        """Re-anchor the field under `prefix` (e.g. the message part it came from)."""
+        if not prefix:
+            return self
+        self.field = f"{prefix}.{self.field}" if self.field else prefix
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(MmserveError):
+    """The request itself is wrong (HTTP 400)."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class MediaTooLarge(InvalidArgument):
+    """An item or request exceeds a configured size, duration or pixel cap."""
+
+    default_reason = "MEDIA_TOO_LARGE"
+
+
+class FetchRefused(InvalidArgument):
+    """The fetch guard refused a URL before any byte was sent to it."""
+
+    default_reason = "FETCH_REFUSED"
+
+
+class RemoteFetchFailed(MmserveError):
+    """The remote refused or failed to serve the media (HTTP 422)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "REMOTE_FETCH_FAILED"
+
+
+class NotFound(MmserveError):
+    """A referenced embedding does not exist (or has expired)."""
+
+    status = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class Conflict(MmserveError):
+    """A client uuid is already bound to other content or another model."""
+
+    status = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "UUID_CONFLICT"
+
+
+class FailedPrecondition(MmserveError):
+    """The request is well formed but cannot run in the current state (e.g. model mismatch)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(MmserveError):
+    """Queue full or too many requests (HTTP 429)."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(MmserveError):
+    """A dependency (Redis, the encoder) is down; retrying later can help."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(MmserveError):
+    """A deadline (the caller's, or a per-item fetch deadline) ran out."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(MmserveError):
+    """The caller went away."""
+
+    status = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class Unimplemented(MmserveError):
+    """A capability the contract names but this server does not offer."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+class Internal(MmserveError):
+    """A bug; the message is generic, details are in the server log only."""
+
+
+_BY_REASON: dict[str, type[MmserveError]] = {}
+_BY_STATUS: dict[grpc.StatusCode, type[MmserveError]] = {}
+for _cls in (
+    InvalidArgument,
+    MediaTooLarge,
+    FetchRefused,
+    RemoteFetchFailed,
+    NotFound,
+    Conflict,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    DeadlineExceeded,
+    Cancelled,
+    Unimplemented,
+    Internal,
+):
+    _BY_REASON.setdefault(_cls.default_reason, _cls)
+    _BY_STATUS.setdefault(_cls.status, _cls)
+
+
+def to_rpc_status(err: MmserveError) -> status_pb2.Status:
+    """Build a rich `google.rpc.Status` (ErrorInfo + BadRequest) for `err`."""
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if err.field:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    return status_pb2.Status(code=err.status.value[0], message=str(err), details=details)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> MmserveError:
+    """Rebuild the typed error a peer raised, keeping field, reason and metadata."""
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    reason: str | None = None
+    field: str | None = None
+    metadata: dict[str, str] = {}
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations:
+                    field = bad.field_violations[0].field
+                    message = bad.field_violations[0].description
+    cls = _BY_REASON.get(reason or "") or _BY_STATUS.get(code, Internal)
+    if cls.status != code:  # reason unknown to this version: trust the code
+        cls = _BY_STATUS.get(code, Internal)
+    if field and message.startswith(f"{field}: "):
+        message = message[len(field) + 2 :]
+    return cls(message, field=field, reason=reason, metadata=metadata)
+
