@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     file_root: Path | None = Field(None, description="If set, file:// URLs are allowed below this folder only.")
     max_item_bytes: int = Field(64 * MiB, description="Max encoded size of one media item.")
     max_request_media_bytes: int = Field(256 * MiB, description="Max encoded size of all media in one request.")
+    max_upload_bytes: int = Field(
+        1024 * MiB, description="Max size of one item sent through the streaming EncodeUpload RPC."
+    )
 
     # --- per-request item limits (inputs.md section 4) --------------------
     max_images_per_request: int = Field(8, description="Images allowed in one request.")

@@ -1,0 +1,62 @@
+"""Prometheus metrics of every mmserve process, named per conventions.md.
+
+One module so that names, units and labels are decided once. Labels stay
+low-cardinality (service, rpc, outcome, modality); never an id.
+Each process exposes the default registry: the gateway at /metrics on its
+HTTP port, the gRPC services on their own `MMSERVE_METRICS_PORT`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+# `*_created` series double every counter's output and nobody graphs them.
+disable_created_metrics()
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+REQUESTS = Counter("mmserve_requests", "Requests served, by service, rpc/route and outcome.", ["service", "rpc", "outcome"])
+REQUEST_SECONDS = Histogram(
+    "mmserve_request_duration_seconds", "Time to serve a request.", ["service", "rpc"], buckets=_LATENCY
+)
+
+# encoder
+CACHE_HITS = Counter("mmserve_encoder_cache_hits", "Media items served from the store without encoding.", ["modality"])
+CACHE_MISSES = Counter("mmserve_encoder_cache_misses", "Media items that had to be encoded.", ["modality"])
+ENCODE_SECONDS = Histogram(
+    "mmserve_encode_seconds", "Time the modality tower spends on one batch.", ["modality"], buckets=_LATENCY
+)
+ENCODED_ITEMS = Counter("mmserve_encoder_items_encoded", "Media items run through a modality tower.", ["modality"])
+FETCH_SECONDS = Histogram("mmserve_fetch_seconds", "Time to acquire one media item's bytes.", ["modality"], buckets=_LATENCY)
+STORE_BYTES = Counter("mmserve_store_bytes_written", "Bytes of embeddings written to the store.")
+
+# decoder
+TTFT = Histogram("mmserve_time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY)
+ITL = Histogram("mmserve_inter_token_latency_seconds", "Time between tokens.", buckets=_TOKEN_LATENCY)
+E2E = Histogram("mmserve_e2e_request_latency_seconds", "Request latency end to end.", buckets=_LATENCY)
+QUEUE_SECONDS = Histogram("mmserve_request_queue_time_seconds", "Time waiting for a decoder slot.", buckets=_LATENCY)
+PROMPT_TOKENS = Counter("mmserve_prompt_tokens", "Prompt tokens processed.")
+GENERATION_TOKENS = Counter("mmserve_generation_tokens", "Tokens generated.")
+RUNNING = Gauge("mmserve_num_requests_running", "Requests generating now.")
+WAITING = Gauge("mmserve_num_requests_waiting", "Requests waiting for a slot.")
+
+
+def record_rpc(service: str) -> "RpcRecorder":
+    """A callback for the gRPC interceptor that counts and times every RPC."""
+    return RpcRecorder(service)
+
+
+class RpcRecorder:
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __call__(self, rpc: str, outcome: str, seconds: float) -> None:
+        REQUESTS.labels(self.service, rpc, outcome).inc()
+        REQUEST_SECONDS.labels(self.service, rpc).observe(seconds)
+
+
+def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
+    """Expose /metrics over HTTP on `port` (no-op when None)."""
+    if port is not None:
+        start_http_server(port, addr=host)

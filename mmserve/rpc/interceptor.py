@@ -1,0 +1,144 @@
+"""The one place where exceptions become gRPC status codes.
+
+Every RPC of a service goes through `ServiceInterceptor`: it binds the
+request id and tenant from the metadata (so logs and downstream calls carry
+them), turns `MmserveError` into a rich status (ErrorInfo + BadRequest
+details), turns a peer's `grpc.RpcError` into the same typed error, turns
+anything else into INTERNAL without leaking the traceback to the client, and
+writes one log line per request with its duration and outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from mmserve.errors import Internal, MmserveError, from_rpc_error, to_rpc_status
+from mmserve.log import request_id_var
+from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY, new_request_id, read_metadata, tenant_var
+
+log = logging.getLogger("mmserve.rpc")
+
+#: Infrastructure RPCs that are neither logged per call nor counted.
+_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+Outcome = Callable[[str, str, float], None]
+
+
+def as_mmserve_error(exc: BaseException) -> MmserveError:
+    """The typed error for any exception raised while serving."""
+    if isinstance(exc, MmserveError):
+        return exc
+    if isinstance(exc, grpc.RpcError):
+        return from_rpc_error(exc)
+    return Internal(f"internal error (request {request_id_var.get()})")
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Request context, error mapping and per-request logging for one service."""
+
+    def __init__(self, service: str, *, default_tenant: str, on_done: Outcome | None = None) -> None:
+        self._service = service
+        self._default_tenant = default_tenant
+        self._on_done = on_done
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_QUIET_PREFIXES):
+            return handler
+        name = method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, name),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, name),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, name),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, name),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _bind(self, context: grpc.aio.ServicerContext) -> None:
+        md = read_metadata(context)
+        request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
+        tenant_var.set(md.get(TENANT_KEY) or self._default_tenant)
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Awaitable[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._bind(context)
+            start = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - every exception must end as a status
+                await self._fail(exc, context, name, start)
+                raise
+            self._done(name, "OK", start)
+            return response
+
+        return run
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], name: str) -> Callable[..., AsyncIterator[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self._bind(context)
+            start = time.perf_counter()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:  # noqa: BLE001
+                await self._fail(exc, context, name, start)
+                raise
+            self._done(name, "OK", start)
+
+        return run
+
+    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext, name: str, start: float) -> None:
+        """Log the failure and abort with its status (re-raises what must propagate)."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            self._done(name, "CANCELLED", start)
+            return
+        if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted on its own
+            self._done(name, "ABORTED", start)
+            return
+        err = as_mmserve_error(exc)
+        if isinstance(err, Internal) and not isinstance(exc, MmserveError):
+            log.exception("%s failed unexpectedly", name, exc_info=exc)
+        self._done(name, err.status.name, start, reason=err.reason, error=str(err))
+        await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+
+    def _done(self, name: str, outcome: str, start: float, **fields: str) -> None:
+        seconds = time.perf_counter() - start
+        level = logging.WARNING if outcome in {"INTERNAL", "UNAVAILABLE", "UNKNOWN"} else logging.INFO
+        log.log(
+            level,
+            "%s %s",
+            name,
+            outcome,
+            extra={"fields": {"service": self._service, "rpc": name, "outcome": outcome,
+                              "duration_ms": round(seconds * 1000, 1), **fields}},
+        )  # fmt: skip
+        if self._on_done is not None:
+            self._on_done(name, outcome, seconds)

@@ -1,0 +1,91 @@
+"""Build, run and gracefully stop a grpc.aio server with health and reflection.
+
+Health starts NOT_SERVING for every service and the overall server; the
+service flips it to SERVING once its model is loaded and warm. On SIGTERM or
+SIGINT health goes NOT_SERVING first (so load balancers stop sending), then
+`server.stop(grace)` lets in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mmserve.config import Settings
+from mmserve.rpc.interceptor import Outcome, ServiceInterceptor
+
+log = logging.getLogger("mmserve.rpc")
+
+
+def message_size_options(settings: Settings) -> list[tuple[str, int]]:
+    """Raise gRPC's 4 MiB default on both sides (inline media); larger items are uploaded in chunks."""
+    return [
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+    ]
+
+
+@dataclass
+class GrpcServer:
+    """A started server and its health servicer."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    services: Sequence[str]
+    port: int
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    settings: Settings,
+    *,
+    service: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    on_done: Outcome | None = None,
+) -> GrpcServer:
+    """Create and start a server on `port` (0 picks a free one), health NOT_SERVING."""
+    server = grpc.aio.server(
+        interceptors=[ServiceInterceptor(service, default_tenant=settings.tenant, on_done=on_done)],
+        options=message_size_options(settings),
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {settings.host}:{port}")
+    await server.start()
+    grpc_server = GrpcServer(server, health_servicer, service_names, bound)
+    await grpc_server.set_serving(False)
+    log.info("%s listening on %s:%d (health NOT_SERVING until warm)", service, settings.host, bound)
+    return grpc_server
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

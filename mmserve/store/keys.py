@@ -1,0 +1,70 @@
+"""Redis key names of stored embeddings, and the rules for client uuids and tenants.
+
+Layout (conventions.md): `<prefix>:{<slot>}:data` and `<prefix>:{<slot>}:meta`
+with prefix `mmserve:emb:v1`. The braces are a Redis Cluster hash tag: both
+keys of one embedding hash to the same slot, so they can be written in one
+transaction on a cluster too. The slot is the content id itself for content
+ids, and `u:<tenant>:<uuid>` for client uuids, so the same uuid chosen by two
+tenants names two different embeddings. Uuids and tenants exclude `{`/`}`
+(the tag stays intact) and tenants exclude `:` (the slot parses one way only).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mmserve.errors import InvalidArgument
+from mmserve.store.identity import CONTENT_ID_PREFIX, is_content_id
+
+DEFAULT_KEY_PREFIX = "mmserve:emb:v1"
+UUID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _shown(value: object) -> str:
+    """A bounded repr for error messages (a bad id can be arbitrarily long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_uuid(uuid: str, field: str = "uuid") -> str:
+    """Accept a client uuid or raise InvalidArgument naming `field`."""
+    if not isinstance(uuid, str) or UUID_RE.fullmatch(uuid) is None:
+        raise InvalidArgument(
+            f"{_shown(uuid)} is not a valid uuid: use 1-128 characters of A-Z a-z 0-9 . _ : / -",
+            field=field,
+        )
+    if uuid.startswith(CONTENT_ID_PREFIX):
+        raise InvalidArgument(
+            f"uuids must not start with {CONTENT_ID_PREFIX!r} (reserved for content ids)", field=field
+        )
+    return uuid
+
+
+def validate_tenant(tenant: str) -> str:
+    """Accept a tenant name (1-128 of A-Z a-z 0-9 . _ -) or raise InvalidArgument."""
+    if not isinstance(tenant, str) or TENANT_RE.fullmatch(tenant) is None:
+        raise InvalidArgument(f"{_shown(tenant)} is not a valid tenant name", field="tenant")
+    return tenant
+
+
+def slot_of(ref: str, *, tenant: str, field: str = "uuid") -> str:
+    """The hash-tag content for a reference: a content id as is, a uuid under its tenant."""
+    if is_content_id(ref):
+        return ref
+    return f"u:{validate_tenant(tenant)}:{validate_uuid(ref, field)}"
+
+
+@dataclass(frozen=True)
+class EmbeddingKeys:
+    """The two Redis keys of one embedding (same cluster slot)."""
+
+    data: str
+    meta: str
+
+
+def embedding_keys(ref: str, *, tenant: str, prefix: str = DEFAULT_KEY_PREFIX, field: str = "uuid") -> EmbeddingKeys:
+    """Keys for a reference string (a content id, or a client uuid of `tenant`)."""
+    base = f"{prefix}:{{{slot_of(ref, tenant=tenant, field=field)}}}"
+    return EmbeddingKeys(data=f"{base}:data", meta=f"{base}:meta")

@@ -1,0 +1,1 @@
+"""The mmserve gRPC services: encoder (media -> stored embeddings) and decoder (LLM generation)."""

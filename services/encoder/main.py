@@ -1,0 +1,58 @@
+"""Run the encoder service: `mmserve encoder` (configured by MMSERVE_* env vars)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from mmserve.config import Settings
+from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
+from mmserve.log import setup_logging
+from mmserve.metrics import record_rpc, serve_metrics
+from mmserve.models.loading import load_model
+from mmserve.rpc.server import start_server, wait_for_signal
+from mmserve.store import EmbeddingStore
+from services.encoder.media.fetch import GuardedFetcher
+from services.encoder.pipeline import EncoderPipeline
+from services.encoder.servicer import EncoderServicer
+
+log = logging.getLogger("mmserve.encoder")
+SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+
+
+async def serve(settings: Settings) -> None:
+    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
+    serve_metrics(settings.metrics_port, settings.host)
+    store = EmbeddingStore.from_settings(settings)
+    fetcher = GuardedFetcher(settings)
+    servicer = EncoderServicer(settings, store)
+
+    def register(server: grpc.aio.Server) -> None:
+        encoder_service_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server)
+
+    server = await start_server(
+        settings, service="encoder", port=settings.encoder_port, register=register,
+        service_names=[SERVICE_NAME], on_done=record_rpc("encoder"),
+    )  # fmt: skip
+    model = await asyncio.to_thread(load_model, settings, part="encoder")
+    await asyncio.to_thread(model.family.warmup)
+    pipeline = EncoderPipeline(settings, model, store, fetcher)
+    servicer.attach(pipeline)
+    await server.set_serving(True)
+    log.info("encoder SERVING %s on port %d", model.served_name, server.port)
+    try:
+        await wait_for_signal()
+        log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
+    finally:
+        await server.stop(settings.shutdown_grace_s)
+        await pipeline.close()
+        await fetcher.aclose()
+        await store.aclose()
+
+
+def main() -> None:
+    settings = Settings()
+    setup_logging("encoder", level=settings.log_level, json_logs=settings.log_json)
+    asyncio.run(serve(settings))

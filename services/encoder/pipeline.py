@@ -1,0 +1,331 @@
+"""From MediaInput items to stored embeddings: the encoder's whole job, in steps.
+
+1. validate every item (modality, options, uuid, per-request limits);
+2. look up pure references (never fetched, never encoded);
+3. acquire every item's bytes concurrently (guarded fetcher, data URLs, ...);
+4. derive each item's identity (content sha256 + model fingerprint + dtype +
+   effective options) and look it up: same identity already stored means no
+   decode and no model run (`cached`);
+5. decode and preprocess the rest off the event loop, run the towers through
+   the batcher, and store the results.
+
+All-or-nothing: any failure before the writes stores nothing; a failure while
+writing removes what this call had already written, so a failed request
+leaves the store as it found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.config import Settings
+from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
+from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, STORE_BYTES
+from mmserve.models.families import EncodedItem
+from mmserve.models.families.base import MODALITY_NAMES
+from mmserve.models.loading import LoadedModel
+from mmserve.store import EmbeddingStore, RawTensor, canonical_options_json, content_id, validate_uuid
+from services.encoder.batcher import Batcher
+from services.encoder.media.budget import RequestBudget
+from services.encoder.media.decode import decode_media, media_options
+from services.encoder.media.fetch import GuardedFetcher
+from services.encoder.media.sources import load_source_bytes
+
+log = logging.getLogger("mmserve.encoder")
+
+_PLACEMENT_FIELD = {
+    media_pb2.MODALITY_IMAGE: "image",
+    media_pb2.MODALITY_VIDEO: "video",
+    media_pb2.MODALITY_AUDIO: "audio",
+    media_pb2.MODALITY_TIME_SERIES: "time_series",
+}
+
+
+def is_reference(item: media_pb2.MediaInput) -> bool:
+    """A pure reference: an embedding id, or a uuid with no source."""
+    kind = item.source.WhichOneof("kind") if item.HasField("source") else None
+    return kind == "embedding_id" or (kind is None and bool(item.uuid))
+
+
+def reference_of(item: media_pb2.MediaInput) -> str:
+    return item.source.embedding_id if item.source.WhichOneof("kind") == "embedding_id" else item.uuid
+
+
+@dataclass
+class _Job:
+    index: int
+    field: str
+    item: media_pb2.MediaInput
+    data: bytes | None = None
+    content_sha256: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    options_json: str = ""
+    content_id: str = ""
+    result: pb.EncodeResult | None = None
+    tensors: list[RawTensor] | None = None
+    encoded: EncodedItem | None = None
+
+    @property
+    def modality(self) -> int:
+        return self.item.modality
+
+    @property
+    def key(self) -> str:
+        """The id the embedding is stored under: the client uuid, else the content id."""
+        return self.item.uuid or self.content_id
+
+
+class EncoderPipeline:
+    """Encodes batches of MediaInput for one loaded model."""
+
+    def __init__(self, settings: Settings, model: LoadedModel, store: EmbeddingStore, fetcher: GuardedFetcher) -> None:
+        self.settings = settings
+        self.model = model
+        self.family = model.family
+        self.store = store
+        self.fetcher = fetcher
+        self.batcher = Batcher(
+            self.family.encode, max_batch=settings.encoder_max_batch, wait_s=settings.encoder_batch_wait_ms / 1000
+        )
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+    # --- validation --------------------------------------------------------------
+    def _limits(self) -> dict[int, int]:
+        s = self.settings
+        return {
+            media_pb2.MODALITY_IMAGE: s.max_images_per_request,
+            media_pb2.MODALITY_VIDEO: s.max_videos_per_request,
+            media_pb2.MODALITY_AUDIO: s.max_audios_per_request,
+            media_pb2.MODALITY_TIME_SERIES: s.max_time_series_per_request,
+        }
+
+    def validate(self, jobs: list[_Job], *, count_field: str) -> None:
+        """Check every item before any work; errors name the offending field."""
+        for job in jobs:
+            item = job.item
+            if item.modality not in MODALITY_NAMES:
+                raise InvalidArgument("modality must be set (image, video, audio or time_series)", field=f"{job.field}.modality")
+            self.family.check_modality(item.modality, f"{job.field}.modality")
+            opts = item.WhichOneof("options")
+            if opts is not None and opts != _PLACEMENT_FIELD[item.modality]:
+                raise InvalidArgument(
+                    f"{opts} options given for a {MODALITY_NAMES[item.modality]} item", field=f"{job.field}.{opts}"
+                )
+            if item.uuid:
+                validate_uuid(item.uuid, f"{job.field}.uuid")
+            if not is_reference(item) and not item.HasField("source"):
+                raise InvalidArgument("source is required (or a uuid to refer to a stored embedding)", field=f"{job.field}.source")
+        tally = Tally(job.modality for job in jobs)
+        for modality, limit in self._limits().items():
+            if tally[modality] > limit:
+                raise InvalidArgument(
+                    f"too many {MODALITY_NAMES[modality]} items: {tally[modality]} (limit {limit} per request)",
+                    field=count_field,
+                )
+
+    # --- the flow -------------------------------------------------------------------
+    async def encode(
+        self, items: list[media_pb2.MediaInput], *, tenant: str, prefix: str = "items", preloaded: dict[int, bytes] | None = None
+    ) -> list[pb.EncodeResult]:
+        """Encode (or find) every item; results in request order."""
+        jobs = [_Job(i, f"{prefix}[{i}]", item) for i, item in enumerate(items)]
+        self.validate(jobs, count_field=prefix)
+        refs = [j for j in jobs if is_reference(j.item)]
+        fresh = [j for j in jobs if not is_reference(j.item)]
+        await self._resolve_references(refs, tenant)
+        budget = RequestBudget.from_settings(self.settings)
+        await _gather_in_order(self._acquire(j, budget, (preloaded or {}).get(j.index)) for j in fresh)
+        for job in fresh:
+            self._identify(job)
+        todo = await self._lookup(fresh, tenant)
+        await self._run_towers(todo, budget)
+        await self._store(todo, tenant)
+        return [job.result for job in jobs if job.result is not None]
+
+    async def _resolve_references(self, jobs: list[_Job], tenant: str) -> None:
+        if not jobs:
+            return
+        found = await self.store.get_many([reference_of(j.item) for j in jobs], tenant=tenant, with_tensors=False)
+        missing = [j for j in jobs if found.get(reference_of(j.item)) is None]
+        if missing:
+            ids = [reference_of(j.item) for j in missing]
+            raise NotFound(
+                f"no stored embedding for: {', '.join(ids)}",
+                field=missing[0].field,
+                reason="EMBEDDING_NOT_FOUND",
+                metadata={"missing": ",".join(ids)},
+            )
+        for job in jobs:
+            desc = found[reference_of(job.item)].descriptor  # type: ignore[union-attr]
+            self._check_stored(desc, job)
+            job.result = pb.EncodeResult(embedding=desc, cached=True)
+            CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+
+    def _check_stored(self, desc: embedding_pb2.EmbeddingDescriptor, job: _Job) -> None:
+        if desc.modality != job.modality:
+            raise InvalidArgument(
+                f"embedding {desc.id} is {MODALITY_NAMES.get(desc.modality, '?')}, not {MODALITY_NAMES[job.modality]}",
+                field=f"{job.field}.modality",
+            )
+        if desc.model_fingerprint != self.model.fingerprint:
+            raise FailedPrecondition(
+                f"embedding {desc.id} was made by another model ({desc.model_fingerprint}), "
+                f"this server runs {self.model.fingerprint}",
+                field=job.field,
+                reason="MODEL_MISMATCH",
+            )
+
+    async def _acquire(self, job: _Job, budget: RequestBudget, preloaded: bytes | None) -> None:
+        start = time.perf_counter()
+        try:
+            if preloaded is not None:
+                job.data = preloaded
+            else:
+                job.data = await load_source_bytes(
+                    job.item.source,
+                    modality=MODALITY_NAMES[job.modality],
+                    settings=self.settings,
+                    budget=budget,
+                    fetcher=self.fetcher,
+                    field="source",
+                )
+        except MmserveError as err:
+            raise err.at(job.field) from None
+        FETCH_SECONDS.labels(MODALITY_NAMES[job.modality]).observe(time.perf_counter() - start)
+        job.content_sha256 = hashlib.sha256(job.data).hexdigest()
+
+    def _identify(self, job: _Job) -> None:
+        try:
+            job.options = {**media_options(job.item), **self.family.effective_options(job.item)}
+        except MmserveError as err:
+            raise err.at(job.field) from None
+        job.options_json = canonical_options_json(job.options)
+        job.content_id = content_id(
+            modality=job.modality,
+            content_sha256=job.content_sha256,
+            model_fingerprint=self.model.fingerprint,
+            dtype=self.model.proto_dtype,
+            options_json=job.options_json,
+        )
+
+    async def _lookup(self, jobs: list[_Job], tenant: str) -> list[_Job]:
+        """Mark jobs whose identity is stored as cached; return those that need the model."""
+        if not jobs:
+            return []
+        keys = sorted({j.key for j in jobs} | {j.content_id for j in jobs if j.item.uuid})
+        found = await self.store.get_many(keys, tenant=tenant, with_tensors=False)
+        todo: list[_Job] = []
+        for job in jobs:
+            stored = found.get(job.key)
+            if stored is not None:
+                desc = stored.descriptor
+                if (desc.content_sha256, desc.options_json, desc.model_fingerprint, desc.modality) != (
+                    job.content_sha256, job.options_json, self.model.fingerprint, job.modality,
+                ):  # fmt: skip
+                    raise Conflict(
+                        f"uuid {job.item.uuid!r} is already bound to other content or another model; "
+                        "use a new uuid or delete the old embedding",
+                        field=f"{job.field}.uuid",
+                    )
+                job.result = pb.EncodeResult(embedding=desc, cached=True)
+                CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+                continue
+            if job.item.uuid and found.get(job.content_id) is not None:
+                # Same content already encoded without this uuid: copy it, no model run.
+                full = await self.store.get(job.content_id, tenant=tenant, with_tensors=True)
+                if full is not None:
+                    job.tensors = full.tensors
+                    job.encoded = EncodedItem(full.tensors, int(full.descriptor.token_count), _placement_of(full.descriptor))
+                    CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+                    todo.append(job)
+                    continue
+            CACHE_MISSES.labels(MODALITY_NAMES[job.modality]).inc()
+            todo.append(job)
+        return todo
+
+    async def _run_towers(self, jobs: list[_Job], budget: RequestBudget) -> None:
+        """Decode + preprocess in worker threads, then encode through the batcher (same content once)."""
+        need = [j for j in jobs if j.encoded is None]
+        first_of: dict[str, _Job] = {}
+        for job in need:
+            first_of.setdefault(job.content_id, job)
+        unique = list(first_of.values())
+
+        async def prepare(job: _Job) -> Any:
+            try:
+                media = await asyncio.to_thread(decode_media, job.modality, job.data or b"", job.options, self.settings, budget)
+                return await asyncio.to_thread(self.family.prepare, job.modality, media, job.options)
+            except MmserveError as err:
+                raise err.at(job.field) from None
+
+        prepared = await _gather_in_order(prepare(j) for j in unique)
+        encoded = await asyncio.gather(*(self.batcher.submit(j.modality, p) for j, p in zip(unique, prepared, strict=True)))
+        by_content = {j.content_id: e for j, e in zip(unique, encoded, strict=True)}
+        for job in need:
+            job.encoded = by_content[job.content_id]
+
+    async def _store(self, jobs: list[_Job], tenant: str) -> None:
+        written: list[str] = []
+        try:
+            for job in jobs:
+                assert job.encoded is not None
+                desc = self._descriptor(job, job.encoded)
+                put = await self.store.put(desc, job.encoded.tensors, tenant=tenant)
+                if put.created:
+                    written.append(job.key)
+                    STORE_BYTES.inc(put.descriptor.nbytes)
+                job.result = pb.EncodeResult(embedding=put.descriptor, cached=job.tensors is not None or not put.created)
+        except BaseException:
+            await self._rollback(written, tenant)
+            raise
+
+    async def _rollback(self, keys: list[str], tenant: str) -> None:
+        for key in keys:
+            try:
+                await self.store.delete(key, tenant=tenant)
+            except MmserveError:
+                log.warning("could not roll back embedding %s after a failed request", key)
+
+    def _descriptor(self, job: _Job, encoded: EncodedItem) -> embedding_pb2.EmbeddingDescriptor:
+        desc = embedding_pb2.EmbeddingDescriptor(
+            id=job.key,
+            modality=job.modality,
+            model=self.model.served_name,
+            model_fingerprint=self.model.fingerprint,
+            token_count=encoded.token_count,
+            content_sha256=job.content_sha256,
+            client_uuid=bool(job.item.uuid),
+            options_json=job.options_json,
+        )
+        getattr(desc, _PLACEMENT_FIELD[job.modality]).CopyFrom(encoded.placement)
+        return desc
+
+
+def _placement_of(desc: embedding_pb2.EmbeddingDescriptor) -> Any:
+    name = desc.WhichOneof("placement")
+    return getattr(desc, name) if name else None
+
+
+async def _gather_in_order(coros: Any) -> list[Any]:
+    """Run concurrently; on failure cancel the rest and raise the lowest-index error (deterministic)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if failed:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise failed[0].exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]
