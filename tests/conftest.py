@@ -1,18 +1,28 @@
-"""Shared fixtures: a real redis-server per test session, settings for tests.
+"""Shared fixtures: real redis-server, real service processes, the tiny checkpoint.
 
 Every test talks to real components. Redis is a private `redis-server` on a
-free port (never the machine's shared one), flushed before each test that asks
-for `redis_url`; tests that stop Redis on purpose get their own instance.
+free port (never the machine's shared one), flushed before each test that
+asks for `redis_url`; tests that stop Redis on purpose get their own
+instance. Services run as child processes started with exactly the command
+`mmserve up` and compose use (`mmserve.launcher.SERVICE_COMMANDS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from mmserve.config import Settings
-from mmserve.localredis import LocalRedis
+from mmserve.launcher import ServiceProcess
+from mmserve.localredis import LocalRedis, free_port
+from mmserve.rpc.health import wait_serving
+
+TINY = "qwen2_5_vl-tiny"
+CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +50,125 @@ def own_redis() -> Iterator[LocalRedis]:
 
 
 @pytest.fixture
-def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def settings(redis_url: str) -> Settings:
     """Settings pointing at the test Redis, with loopback fetches allowed for local HTTP servers."""
-    return Settings(redis_url=redis_url, fetch_allow_loopback=True, cache_dir=_cache_dir())
+    return Settings(redis_url=redis_url, fetch_allow_loopback=True, cache_dir=CACHE_DIR)
 
 
-def _cache_dir():  # noqa: ANN202 - tiny helper
-    from pathlib import Path
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    """The tiny Qwen2.5-VL checkpoint the services load for `MMSERVE_MODEL=tiny` (built once, cached)."""
+    from mmserve.models.tiny import ensure_checkpoint
 
-    return Path.home() / ".cache" / "mmserve"
+    return ensure_checkpoint(TINY, CACHE_DIR)
+
+
+@dataclass
+class RunningService:
+    """A service child process and where to reach it."""
+
+    process: ServiceProcess
+    port: int
+    metrics_port: int
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+
+StartService = Callable[..., RunningService]
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[StartService]:
+    """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING."""
+    started: list[RunningService] = []
+
+    def start(role: str, *, redis_url: str, timeout: float = 180.0, **env: str) -> RunningService:
+        port, metrics_port = free_port(), free_port()
+        full_env = {
+            "MMSERVE_MODEL": "tiny",
+            "MMSERVE_CACHE_DIR": str(CACHE_DIR),
+            "MMSERVE_REDIS_URL": redis_url,
+            f"MMSERVE_{role.upper()}_PORT": str(port),
+            "MMSERVE_METRICS_PORT": str(metrics_port),
+            "MMSERVE_SHUTDOWN_GRACE_S": "2",
+            **env,
+        }
+        log = tmp_path_factory.mktemp(role) / f"{role}.log"
+        proc = ServiceProcess(role, full_env, log_path=log).start()
+        service = RunningService(proc, port, metrics_port)
+        started.append(service)
+        try:
+            wait_serving(service.target, timeout=timeout, alive=proc.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            proc.stop()
+            raise RuntimeError(f"{role} did not start: {exc}\n--- log ---\n{proc.log_text()[-4000:]}") from exc
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+class MediaServer:
+    """A real HTTP server on loopback (stands in for the web): routes -> (status, headers, body); records hits."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                outer.hits.append(self.path)
+                status, headers, body = outer.routes.get(self.path, (404, {}, b"not found"))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add(self, path: str, body: bytes, *, status: int = 200, content_type: str = "application/octet-stream") -> str:
+        self.routes[path] = (status, {"Content-Type": content_type}, body)
+        return self.url(path)
+
+    def redirect(self, path: str, location: str) -> str:
+        self.routes[path] = (302, {"Location": location}, b"")
+        return self.url(path)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    server = MediaServer()
+    yield server
+    server.close()

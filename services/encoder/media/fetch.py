@@ -114,7 +114,7 @@ def address_refusal(ip: IPAddress, *, allow_loopback: bool = False) -> str | Non
 
 def _embedded(v4: ipaddress.IPv4Address, form: str) -> str | None:
     reason = _ipv4_refusal(v4, allow_loopback=False)
-    return f"{form} form of a {reason} address" if reason else None
+    return f"{form} form of a {reason}" if reason else None
 
 
 def host_allowed(host: str, allowed: Sequence[str]) -> bool:

@@ -1,0 +1,73 @@
+"""Small helpers shared by the tests: media generation, gRPC stubs, typed errors, metrics."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+import redis
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from mmserve.common.v1 import media_pb2
+from mmserve.encoder.v1 import encoder_service_pb2_grpc
+from mmserve.errors import MmserveError, from_rpc_error
+
+
+def png_bytes(width: int = 96, height: int = 64, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A deterministic noisy image (noise makes different seeds give different embeddings)."""
+    rng = np.random.default_rng(seed)
+    channels = len(mode)
+    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode=mode)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_item(data: bytes | None = None, *, url: str | None = None, uuid: str = "", **options: object) -> media_pb2.MediaInput:
+    source = media_pb2.MediaSource(url=url) if url is not None else media_pb2.MediaSource(data=data or b"")
+    item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, source=source, uuid=uuid)
+    if options:
+        item.image.CopyFrom(media_pb2.ImageOptions(**options))  # type: ignore[arg-type]
+    return item
+
+
+@contextmanager
+def encoder_stub(target: str) -> Iterator[encoder_service_pb2_grpc.EncoderServiceStub]:
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]) as channel:
+        yield encoder_service_pb2_grpc.EncoderServiceStub(channel)
+
+
+def rpc_error(call: object, *args: object, **kwargs: object) -> tuple[grpc.StatusCode, MmserveError]:
+    """Call, expect a gRPC error, return its status code and the typed error rebuilt from its details."""
+    try:
+        call(*args, **kwargs)  # type: ignore[operator]
+    except grpc.RpcError as exc:
+        return exc.code(), from_rpc_error(exc)  # type: ignore[attr-defined]
+    raise AssertionError("the call succeeded but an error was expected")
+
+
+def redis_keys(url: str) -> list[str]:
+    client = redis.Redis.from_url(url)
+    try:
+        return sorted(k.decode() for k in client.keys("*"))
+    finally:
+        client.close()
+
+
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Prometheus samples as {'name{label="v",...}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
