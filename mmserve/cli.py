@@ -26,6 +26,26 @@ def _encoder(_: argparse.Namespace) -> int:
     return 0
 
 
+def _decoder(_: argparse.Namespace) -> int:
+    from services.decoder.main import main
+
+    main()
+    return 0
+
+
+def _gateway(_: argparse.Namespace) -> int:
+    from gateway.main import main
+
+    main()
+    return 0
+
+
+def _up(ns: argparse.Namespace) -> int:
+    from mmserve.stack import main
+
+    return main(ns.rest)
+
+
 def _tiny(ns: argparse.Namespace) -> int:
     from mmserve.models.tiny import main
 
@@ -41,7 +61,12 @@ def _health(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Serve multimodal LLMs with shared embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the whole stack on this machine", add_help=False)
+    up.add_argument("rest", nargs=argparse.REMAINDER)
+    up.set_defaults(run=_up)
     sub.add_parser("encoder", help="run the encoder gRPC service").set_defaults(run=_encoder)
+    sub.add_parser("decoder", help="run the decoder gRPC service").set_defaults(run=_decoder)
+    sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway").set_defaults(run=_gateway)
     tiny = sub.add_parser("tiny", help="build tiny random-weight checkpoints", add_help=False)
     tiny.add_argument("rest", nargs=argparse.REMAINDER)
     tiny.set_defaults(run=_tiny)

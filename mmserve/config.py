@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     # --- gateway ---------------------------------------------------------
     api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")
     max_body_bytes: int = Field(64 * MiB, description="Largest request body the gateway accepts (413 above).")
+    gateway_request_timeout_s: float = Field(600.0, description="Deadline of one chat request, passed to the decoder.")
     served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: the model).")
 
     # --- observability ---------------------------------------------------

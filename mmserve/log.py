@@ -15,6 +15,17 @@ import sys
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_request_id", default="-")
+#: Fields a handler adds to its request's one summary log line (token counts, timings, ...).
+request_fields_var: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "mmserve_request_fields", default=None
+)
+
+
+def note(**fields: object) -> None:
+    """Add fields to the current request's summary log line."""
+    current = request_fields_var.get()
+    if current is not None:
+        current.update(fields)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -20,7 +20,7 @@ import grpc
 from grpc_status import rpc_status
 
 from mmserve.errors import Internal, MmserveError, from_rpc_error, to_rpc_status
-from mmserve.log import request_id_var
+from mmserve.log import request_fields_var, request_id_var
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY, new_request_id, read_metadata, tenant_var
 
 log = logging.getLogger("mmserve.rpc")
@@ -86,6 +86,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         md = read_metadata(context)
         request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
         tenant_var.set(md.get(TENANT_KEY) or self._default_tenant)
+        request_fields_var.set({})
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -131,6 +132,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _done(self, name: str, outcome: str, start: float, **fields: str) -> None:
         seconds = time.perf_counter() - start
+        noted = request_fields_var.get() or {}
         level = logging.WARNING if outcome in {"INTERNAL", "UNAVAILABLE", "UNKNOWN"} else logging.INFO
         log.log(
             level,
@@ -138,7 +140,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             name,
             outcome,
             extra={"fields": {"service": self._service, "rpc": name, "outcome": outcome,
-                              "duration_ms": round(seconds * 1000, 1), **fields}},
+                              "duration_ms": round(seconds * 1000, 1), **noted, **fields}},
         )  # fmt: skip
         if self._on_done is not None:
             self._on_done(name, outcome, seconds)

@@ -20,9 +20,9 @@ from typing import Any
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import InvalidArgument
+from mmserve.mediainput import CONTENT_ID_PREFIX
 from mmserve.store.tensors import dtype_info
 
-CONTENT_ID_PREFIX = "mmemb-"
 CONTENT_ID_RE = re.compile(r"mmemb-[0-9a-f]{64}")
 SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 

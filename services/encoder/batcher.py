@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mmserve.metrics import ENCODE_SECONDS, ENCODED_ITEMS
 from mmserve.models.families import EncodedItem, PreparedItem
-from mmserve.models.families.base import MODALITY_NAMES
+from mmserve.mediainput import MODALITY_NAMES
 
 log = logging.getLogger("mmserve.encoder.batcher")
 

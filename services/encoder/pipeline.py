@@ -30,7 +30,7 @@ from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, STORE_BYTES
 from mmserve.models.families import EncodedItem
-from mmserve.models.families.base import MODALITY_NAMES
+from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of
 from mmserve.models.loading import LoadedModel
 from mmserve.store import EmbeddingStore, RawTensor, canonical_options_json, content_id, validate_uuid
 from services.encoder.batcher import Batcher
@@ -47,16 +47,6 @@ _PLACEMENT_FIELD = {
     media_pb2.MODALITY_AUDIO: "audio",
     media_pb2.MODALITY_TIME_SERIES: "time_series",
 }
-
-
-def is_reference(item: media_pb2.MediaInput) -> bool:
-    """A pure reference: an embedding id, or a uuid with no source."""
-    kind = item.source.WhichOneof("kind") if item.HasField("source") else None
-    return kind == "embedding_id" or (kind is None and bool(item.uuid))
-
-
-def reference_of(item: media_pb2.MediaInput) -> str:
-    return item.source.embedding_id if item.source.WhichOneof("kind") == "embedding_id" else item.uuid
 
 
 @dataclass

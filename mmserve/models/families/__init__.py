@@ -7,9 +7,9 @@ the decoder half (placeholder expansion, position ids, embedding splice).
 
 from __future__ import annotations
 
-from mmserve.models.families.base import EncodedItem, Family, PreparedItem
+from mmserve.models.families.base import EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Qwen2_5_VL,)}
 
-__all__ = ["FAMILIES", "EncodedItem", "Family", "PreparedItem"]
+__all__ = ["FAMILIES", "EncodedItem", "Family", "PrefillInputs", "PreparedItem"]

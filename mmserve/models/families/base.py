@@ -11,14 +11,9 @@ from google.protobuf.message import Message
 
 from mmserve.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
+from mmserve.mediainput import MODALITY_NAMES
 from mmserve.store import RawTensor
 
-MODALITY_NAMES = {
-    media_pb2.MODALITY_IMAGE: "image",
-    media_pb2.MODALITY_VIDEO: "video",
-    media_pb2.MODALITY_AUDIO: "audio",
-    media_pb2.MODALITY_TIME_SERIES: "time_series",
-}
 
 
 @dataclass
@@ -29,6 +24,17 @@ class PreparedItem:
     inputs: dict[str, torch.Tensor]
     placement: Message  # the modality's *Placement message, filled as far as preprocessing knows
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrefillInputs:
+    """Everything the LLM's first forward pass needs, built from the prompt and stored embeddings."""
+
+    input_ids: torch.Tensor  # [1, L]
+    inputs_embeds: torch.Tensor  # [1, L, hidden]
+    position_ids: torch.Tensor  # family-specific layout, e.g. [3, 1, L] for M-RoPE
+    rope_delta: int  # decode position = tokens so far + rope_delta
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. deepstack features for the prefill only
 
 
 @dataclass
@@ -92,3 +98,50 @@ class Family(ABC):
     @abstractmethod
     def warmup(self) -> None:
         """Run every tower once so the first request does not pay for lazy init."""
+
+    # --- decoder half ----------------------------------------------------------
+    @abstractmethod
+    def chat_part(self, modality: int) -> dict[str, Any]:
+        """The chat-template content part standing for one media item (e.g. {"type": "image"})."""
+
+    @abstractmethod
+    def reserved_strings(self) -> tuple[str, ...]:
+        """Token strings that a user's text may not contain (they would break placeholder counting)."""
+
+    @abstractmethod
+    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+        """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
+
+    @abstractmethod
+    def decode_positions(self, seen: int, rope_delta: int, batch: int) -> torch.Tensor:
+        """Position ids for one new token per sequence when `seen` tokens are in the cache."""
+
+    @abstractmethod
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
+        """One LLM step over `inputs_embeds`; returns float32 logits of the last position, [batch, vocab]."""
+
+    @abstractmethod
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `ids` ([batch, len])."""
+
+    @abstractmethod
+    def new_cache(self) -> Any:
+        """An empty KV cache for one request."""
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Tokens that end generation: the generation config's, else the tokenizer's."""
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def max_context(self) -> int:
+        text = getattr(self.config, "text_config", self.config)
+        return int(getattr(text, "max_position_embeddings", 32768))

@@ -1,0 +1,182 @@
+"""OpenAI chat request JSON -> DecoderService GenerateRequest.
+
+Content parts follow ../docs/inputs.md: text, image_url, video_url,
+audio_url, input_audio, time_series_url, each optionally with a `uuid`; a
+media part whose payload is null and that has a uuid is a reference to a
+stored embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked
+against an allowlist of keys and become per-item options (the encoder clamps
+them to its limits).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mmserve.common.v1 import media_pb2
+from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.errors import InvalidArgument
+from mmserve.mediainput import CONTENT_ID_PREFIX
+
+from gateway.schemas import ChatCompletionRequest
+
+log = logging.getLogger("mmserve.gateway")
+
+ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+#: part type -> (modality, the key holding its payload)
+MEDIA_PARTS = {
+    "image_url": media_pb2.MODALITY_IMAGE,
+    "video_url": media_pb2.MODALITY_VIDEO,
+    "audio_url": media_pb2.MODALITY_AUDIO,
+    "input_audio": media_pb2.MODALITY_AUDIO,
+    "time_series_url": media_pb2.MODALITY_TIME_SERIES,
+}
+SUPPORTED_PARTS = ("text", *MEDIA_PARTS)
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+#: Allowed keys of media_io_kwargs / mm_processor_kwargs, per modality.
+MEDIA_IO_KEYS = {"image": {"rgba_background_color"}, "video": {"fps", "num_frames"}, "audio": set(), "time_series": set()}
+PROCESSOR_KEYS = {"image": {"min_pixels", "max_pixels"}, "video": {"min_pixels", "max_pixels"}, "audio": set(), "time_series": set()}
+OPTION_FIELD = {
+    media_pb2.MODALITY_IMAGE: "image",
+    media_pb2.MODALITY_VIDEO: "video",
+    media_pb2.MODALITY_AUDIO: "audio",
+    media_pb2.MODALITY_TIME_SERIES: "time_series",
+}
+
+
+def _check_kwargs(value: dict[str, dict[str, Any]] | None, allowed: dict[str, set[str]], name: str) -> dict[str, dict[str, Any]]:
+    if not value:
+        return {}
+    for modality, options in value.items():
+        if modality not in allowed:
+            raise InvalidArgument(f"unknown modality {modality!r}; use one of: {', '.join(allowed)}", field=f"{name}.{modality}")
+        if not isinstance(options, dict):
+            raise InvalidArgument("must be an object", field=f"{name}.{modality}")
+        for key in options:
+            if key not in allowed[modality]:
+                keys = ", ".join(sorted(allowed[modality])) or "none"
+                raise InvalidArgument(f"unknown option {key!r} (allowed: {keys})", field=f"{name}.{modality}.{key}")
+    return value
+
+
+def _color(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value):
+        return "#{:02x}{:02x}{:02x}".format(*value)
+    raise InvalidArgument('must be "#RRGGBB" or [r, g, b]', field=field)
+
+
+def _number(value: Any, field: str, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not float(value).is_integer()):
+        raise InvalidArgument(f"must be a{'n integer' if kind is int else ' number'}", field=field)
+    return kind(value)
+
+
+def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]], proc_kwargs: dict[str, dict[str, Any]]) -> None:
+    """Set the request-level options of the item's modality on the item."""
+    name = OPTION_FIELD[item.modality]
+    io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
+    if item.modality == media_pb2.MODALITY_IMAGE:
+        opts = item.image
+        if "rgba_background_color" in io:
+            opts.rgba_background_color = _color(io["rgba_background_color"], "media_io_kwargs.image.rgba_background_color")
+    elif item.modality == media_pb2.MODALITY_VIDEO:
+        opts = item.video
+        if "fps" in io:
+            opts.fps = _number(io["fps"], "media_io_kwargs.video.fps", float)
+        if "num_frames" in io:
+            opts.num_frames = _number(io["num_frames"], "media_io_kwargs.video.num_frames", int)
+    else:
+        return
+    for key in ("min_pixels", "max_pixels"):
+        if key in proc:
+            setattr(opts, key, _number(proc[key], f"mm_processor_kwargs.{name}.{key}", int))
+    if not opts.ListFields():
+        item.ClearField(name)
+
+
+def media_part(part: dict[str, Any], kind: str, field: str) -> media_pb2.MediaInput:
+    """One media content part -> MediaInput (payload, uuid, per-part options)."""
+    modality = MEDIA_PARTS[kind]
+    uuid = part.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):
+        raise InvalidArgument("uuid must be a string", field=field)
+    item = media_pb2.MediaInput(modality=modality)
+    payload = part.get(kind)
+    if payload is None:
+        if not uuid:
+            raise InvalidArgument(f"{kind} is null: give a payload, or a uuid to use a stored embedding", field=field)
+        if uuid.startswith(CONTENT_ID_PREFIX):
+            item.source.embedding_id = uuid  # a content id returned by an earlier encode
+        else:
+            item.uuid = uuid
+        return item
+    if uuid:
+        item.uuid = uuid
+    if kind == "input_audio":
+        if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
+            raise InvalidArgument('input_audio must be {"data": "<base64>", "format": "wav"}', field=field)
+        fmt = payload.get("format")
+        if fmt not in AUDIO_FORMATS:
+            raise InvalidArgument(f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", field=field)
+        item.source.url = f"data:audio/{fmt};base64,{payload['data']}"
+        item.audio.format = fmt
+        return item
+    url = payload if isinstance(payload, str) else payload.get("url") if isinstance(payload, dict) else None
+    if not isinstance(url, str) or not url:
+        raise InvalidArgument(f"{kind}.url must be a non-empty string", field=field)
+    item.source.url = url
+    if kind == "time_series_url":
+        rate = payload.get("sampling_rate") if isinstance(payload, dict) else None
+        if rate is None:
+            raise InvalidArgument("time_series_url.sampling_rate (Hz) is required", field=field)
+        rate = _number(rate, field, float)
+        if rate <= 0:
+            raise InvalidArgument("time_series_url.sampling_rate must be > 0", field=field)
+        item.time_series.sampling_rate = rate
+    return item
+
+
+def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
+    """Validate and translate; errors name the offending field in OpenAI's terms."""
+    io_kwargs = _check_kwargs(body.media_io_kwargs, MEDIA_IO_KEYS, "media_io_kwargs")
+    proc_kwargs = _check_kwargs(body.mm_processor_kwargs, PROCESSOR_KEYS, "mm_processor_kwargs")
+    request = pb.GenerateRequest(model=body.model or "")
+    for i, message in enumerate(body.messages):
+        role = ROLES.get(message.role)
+        if role is None:
+            raise InvalidArgument(f"role {message.role!r} is not supported (use system, developer, user or assistant)", field=f"messages[{i}]")
+        out = request.messages.add(role=role)
+        content = message.content
+        if content is None:
+            continue
+        if isinstance(content, str):
+            out.content.add(text=content)
+            continue
+        for j, part in enumerate(content):
+            field = f"messages[{i}].content[{j}]"
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise InvalidArgument("text must be a string", field=field)
+                out.content.add(text=part["text"])
+            elif kind in MEDIA_PARTS:
+                item = media_part(part, kind, field)
+                if item.HasField("source"):
+                    item_options(item, io_kwargs, proc_kwargs)
+                out.content.add(media=item)
+            else:
+                raise InvalidArgument(f"unknown content part type {kind!r}; supported: {', '.join(SUPPORTED_PARTS)}", field=field)
+    sampling = request.sampling
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    for name in ("temperature", "top_p", "top_k", "seed", "n"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    if body.stop is not None:
+        sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    sampling.ignore_eos = body.ignore_eos
+    return request

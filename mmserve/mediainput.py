@@ -1,0 +1,35 @@
+"""What a MediaInput means, in one place for every service (no heavy imports).
+
+A part is a *reference* when its source is an embedding id, or when it has a
+uuid and no source at all (OpenAI's "payload null + uuid" form): references
+are looked up, never fetched and never encoded.
+"""
+
+from __future__ import annotations
+
+from mmserve.common.v1 import media_pb2
+
+#: Prefix of content-derived embedding ids ("mmemb-<64 hex>"); client uuids may not use it.
+CONTENT_ID_PREFIX = "mmemb-"
+
+MODALITY_NAMES: dict[int, str] = {
+    media_pb2.MODALITY_IMAGE: "image",
+    media_pb2.MODALITY_VIDEO: "video",
+    media_pb2.MODALITY_AUDIO: "audio",
+    media_pb2.MODALITY_TIME_SERIES: "time_series",
+}
+MODALITY_BY_NAME: dict[str, int] = {name: value for value, name in MODALITY_NAMES.items()}
+
+
+def source_kind(item: media_pb2.MediaInput) -> str | None:
+    return item.source.WhichOneof("kind") if item.HasField("source") else None
+
+
+def is_reference(item: media_pb2.MediaInput) -> bool:
+    kind = source_kind(item)
+    return kind == "embedding_id" or (kind is None and bool(item.uuid))
+
+
+def reference_of(item: media_pb2.MediaInput) -> str:
+    """The stored id a reference names."""
+    return item.source.embedding_id if source_kind(item) == "embedding_id" else item.uuid

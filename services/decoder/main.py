@@ -1,0 +1,59 @@
+"""Run the decoder service: `mmserve decoder` (configured by MMSERVE_* env vars)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from mmserve.config import Settings
+from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
+from mmserve.log import setup_logging
+from mmserve.metrics import record_rpc, serve_metrics
+from mmserve.models.loading import load_model
+from mmserve.rpc.server import start_server, wait_for_signal
+from mmserve.store import EmbeddingStore
+from services.decoder.engine import Engine
+from services.decoder.media import EncoderClient, MediaResolver
+from services.decoder.servicer import DecoderServicer
+from services.decoder.warmup import warmup
+
+log = logging.getLogger("mmserve.decoder")
+SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
+
+async def serve(settings: Settings) -> None:
+    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
+    serve_metrics(settings.metrics_port, settings.host)
+    store = EmbeddingStore.from_settings(settings)
+    encoder = EncoderClient(settings)
+    servicer = DecoderServicer(settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server)
+
+    server = await start_server(
+        settings, service="decoder", port=settings.decoder_port, register=register,
+        service_names=[SERVICE_NAME], on_done=record_rpc("decoder"),
+    )  # fmt: skip
+    model = await asyncio.to_thread(load_model, settings, part="decoder")
+    engine = Engine(model.family, settings)
+    await warmup(engine)
+    servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
+    await server.set_serving(True)
+    log.info("decoder SERVING %s on port %d", model.served_name, server.port)
+    try:
+        await wait_for_signal()
+        log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
+    finally:
+        await server.stop(settings.shutdown_grace_s)
+        engine.close()
+        await encoder.close()
+        await store.aclose()
+
+
+def main() -> None:
+    settings = Settings()
+    setup_logging("decoder", level=settings.log_level, json_logs=settings.log_json)
+    asyncio.run(serve(settings))
