@@ -109,7 +109,7 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
                 desc = embedding_pb2.EmbeddingDescriptor(
                     id=f"bench-{size}-{i}", modality=media_pb2.MODALITY_IMAGE, model="bench", model_fingerprint="bench",
                     token_count=rows, content_sha256=f"{i:064x}", client_uuid=True, options_json="{}",
-                )  # fmt: skip
+                )
                 tensor = RawTensor("embeddings", 1, (rows, hidden), data)
                 t = time.perf_counter()
                 await store.put(desc, [tensor], tenant="bench")
@@ -152,7 +152,7 @@ def main() -> None:
         env = {
             "MMSERVE_MODEL": ns.model, "MMSERVE_CACHE_DIR": str(ns.cache_dir), "MMSERVE_REDIS_URL": redis_server.url,
             "MMSERVE_ENCODER_PORT": str(port), "MMSERVE_LOG_LEVEL": "WARNING",
-        }  # fmt: skip
+        }
         log = Path(tempfile.mkdtemp(prefix="mmserve-bench-")) / "encoder.log"
         encoder = ServiceProcess("encoder", env, log_path=log).start()
         try:
@@ -171,7 +171,7 @@ def main() -> None:
             "ratio": round(service / direct, 3),
         },
         "store": store,
-    }))  # fmt: skip
+    }))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import error_body, error_response, http_status, mm_error_response
+from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
+from gateway.translate import to_generate_request
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
@@ -39,10 +42,6 @@ from mmserve.metrics import REQUEST_SECONDS, REQUESTS
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
 from mmserve.rpc.server import message_size_options
 
-from gateway.errors import error_body, error_response, http_status, mm_error_response
-from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
-from gateway.translate import to_generate_request
-
 log = logging.getLogger("mmserve.gateway")
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -50,7 +49,12 @@ KEEPALIVE_S = 15.0
 
 
 class BodyLimit:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
+    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked.
+
+    A body without Content-Length (chunked) is read here, up to the limit, before
+    the app sees it: FastAPI's body parser turns any exception raised while it
+    reads the body into a 400, so the limit cannot be enforced from inside it.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -60,32 +64,37 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server delivers exactly Content-Length bytes
             return
-        seen = 0
-
-        async def counting() -> Message:
-            nonlocal seen
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counting, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # e.g. http.disconnect, for streaming responses
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(f"request body exceeds {self.limit} bytes", status=413, code="body_too_large")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Gateway:
@@ -157,7 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
             REQUEST_SECONDS.labels("gateway", path).observe(seconds)
             log.info("%s %s %d", request.method, path, response.status_code,
                      extra={"fields": {"service": "gateway", "route": path, "status": response.status_code,
-                                       "duration_ms": round(seconds * 1000, 1)}})  # fmt: skip
+                                       "duration_ms": round(seconds * 1000, 1)}})
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -168,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
         for part in loc:
             param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
         return error_response(f"{param or 'body'}: {first.get('msg')}", status=400, param=param or None,
-                              code="invalid_request", request_id=request.state.request_id)  # fmt: skip
+                              code="invalid_request", request_id=request.state.request_id)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -202,7 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(call, first, completion_id, created, model, include_usage, rid)
             return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"x-request-id": rid, "cache-control": "no-cache"})  # fmt: skip
+                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
         try:
             return JSONResponse(await collect(call, first, completion_id, created, model), headers={"x-request-id": rid})
         except grpc.RpcError as exc:
@@ -224,7 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
             ModelObject(
                 id=m.id, created=m.created, owned_by=m.owned_by, random_weights=m.random_weights, family=m.family,
                 modalities=[MODALITY_NAMES[x] for x in m.modalities if x in MODALITY_NAMES], max_model_len=m.max_model_len,
-            )  # fmt: skip
+            )
             for m in reply.models
         ]
         return JSONResponse(ModelList(data=data).model_dump())
@@ -271,7 +280,7 @@ async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, cre
 
 
 async def sse_events(call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str,
-                     include_usage: bool, request_id: str) -> AsyncIterator[str]:  # fmt: skip
+                     include_usage: bool, request_id: str) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:

@@ -40,7 +40,7 @@ ERROR_TYPE = {
 
 _PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?)")
 _SAMPLING = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
-             "sampling.seed": "seed", "sampling.stop": "stop", "sampling.n": "n", "sampling.max_tokens": "max_completion_tokens"}  # fmt: skip
+             "sampling.seed": "seed", "sampling.stop": "stop", "sampling.n": "n", "sampling.max_tokens": "max_completion_tokens"}
 
 
 def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_tokens") -> str | None:
@@ -80,4 +80,4 @@ def mm_error_response(err: MmserveError, *, request_id: str | None, max_tokens_n
     return error_response(
         message, status=status, param=rest_param(err.field, max_tokens_name=max_tokens_name),
         code=err.reason.lower(), request_id=request_id,
-    )  # fmt: skip
+    )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uvicorn
 
+from gateway.app import create_app
 from mmserve.config import Settings
 from mmserve.log import setup_logging
-from gateway.app import create_app
 
 
 def main() -> None:
@@ -15,4 +15,4 @@ def main() -> None:
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.gateway_port,
         log_config=None, access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )  # fmt: skip
+    )

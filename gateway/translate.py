@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from gateway.schemas import ChatCompletionRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 from mmserve.mediainput import CONTENT_ID_PREFIX
-
-from gateway.schemas import ChatCompletionRequest
 
 log = logging.getLogger("mmserve.gateway")
 

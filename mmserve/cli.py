@@ -4,6 +4,7 @@
     mmserve encoder     the encoder gRPC service
     mmserve decoder     the decoder gRPC service
     mmserve gateway     the OpenAI-compatible REST gateway
+    mmserve encode      precompute embeddings of files or URLs, print their ids
     mmserve tiny        build the tiny random-weight checkpoints (offline)
     mmserve health      check a gRPC service's health (used by container healthchecks)
 
@@ -16,6 +17,7 @@ never imports torch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -40,18 +42,6 @@ def _gateway(_: argparse.Namespace) -> int:
     return 0
 
 
-def _up(ns: argparse.Namespace) -> int:
-    from mmserve.stack import main
-
-    return main(ns.rest)
-
-
-def _tiny(ns: argparse.Namespace) -> int:
-    from mmserve.models.tiny import main
-
-    return main(ns.rest)
-
-
 def _health(ns: argparse.Namespace) -> int:
     from mmserve.rpc.health import check
 
@@ -61,15 +51,12 @@ def _health(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Serve multimodal LLMs with shared embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run the whole stack on this machine", add_help=False)
-    up.add_argument("rest", nargs=argparse.REMAINDER)
-    up.set_defaults(run=_up)
+    sub.add_parser("up", help="run the whole stack on this machine (see mmserve up --help)")
     sub.add_parser("encoder", help="run the encoder gRPC service").set_defaults(run=_encoder)
     sub.add_parser("decoder", help="run the decoder gRPC service").set_defaults(run=_decoder)
     sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway").set_defaults(run=_gateway)
-    tiny = sub.add_parser("tiny", help="build tiny random-weight checkpoints", add_help=False)
-    tiny.add_argument("rest", nargs=argparse.REMAINDER)
-    tiny.set_defaults(run=_tiny)
+    sub.add_parser("encode", help="precompute embeddings of files or URLs, print their ids (see mmserve encode --help)")
+    sub.add_parser("tiny", help="build the tiny random-weight checkpoints (see mmserve tiny --help)")
     health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING")
     health.add_argument("target", help="host:port of the service")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
@@ -78,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Subcommands with their own argument parsers: everything after the name is theirs.
+PASSTHROUGH = {"up": "mmserve.stack", "encode": "mmserve.precompute", "tiny": "mmserve.models.tiny"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        module = importlib.import_module(PASSTHROUGH[argv[0]])
+        return int(module.main(argv[1:]))
     ns = build_parser().parse_args(argv)
     return int(ns.run(ns))
 

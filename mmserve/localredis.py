@@ -50,7 +50,7 @@ class LocalRedis:
             "--dir", str(self.workdir),
             "--maxmemory", self.maxmemory,
             "--maxmemory-policy", self.policy,
-        ]  # fmt: skip
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -42,7 +42,7 @@ RUNNING = Gauge("mmserve_num_requests_running", "Requests generating now.")
 WAITING = Gauge("mmserve_num_requests_waiting", "Requests waiting for a slot.")
 
 
-def record_rpc(service: str) -> "RpcRecorder":
+def record_rpc(service: str) -> RpcRecorder:
     """A callback for the gRPC interceptor that counts and times every RPC."""
     return RpcRecorder(service)
 

@@ -20,6 +20,7 @@ from mmserve.config import Settings
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving
+from mmserve.stack import wait_http_ok
 
 TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
@@ -77,7 +78,15 @@ class RunningService:
 
     @property
     def metrics_url(self) -> str:
+        """/metrics of a gRPC service (its own port) or of the gateway (its HTTP port)."""
+        if self.process.role == "gateway":
+            return f"http://127.0.0.1:{self.port}/metrics"
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's OpenAI base URL."""
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def stop(self) -> int | None:
         return self.process.stop()
@@ -91,7 +100,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
     """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING."""
     started: list[RunningService] = []
 
-    def start(role: str, *, redis_url: str, timeout: float = 180.0, **env: str) -> RunningService:
+    def start(role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, **env: str) -> RunningService:
         port, metrics_port = free_port(), free_port()
         full_env = {
             "MMSERVE_MODEL": "tiny",
@@ -107,7 +116,10 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
         service = RunningService(proc, port, metrics_port)
         started.append(service)
         try:
-            wait_serving(service.target, timeout=timeout, alive=proc.alive)
+            if role == "gateway":
+                wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=timeout, alive=proc.alive)
+            else:
+                wait_serving(service.target, timeout=timeout, alive=proc.alive)
         except (TimeoutError, RuntimeError) as exc:
             proc.stop()
             raise RuntimeError(f"{role} did not start: {exc}\n--- log ---\n{proc.log_text()[-4000:]}") from exc
@@ -172,3 +184,32 @@ def media_server() -> Iterator[MediaServer]:
     server = MediaServer()
     yield server
     server.close()
+
+
+@dataclass
+class Stack:
+    """Encoder, decoder and gateway processes against one Redis."""
+
+    encoder: RunningService
+    decoder: RunningService
+    gateway: RunningService
+    redis_url: str
+
+    def client(self, **kwargs: object):  # noqa: ANN201 - openai.OpenAI
+        import openai
+
+        return openai.OpenAI(base_url=self.gateway.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+
+def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stack:
+    """The three services wired together, as `mmserve up` does (loopback fetches allowed for the media server)."""
+    encoder = start_service("encoder", redis_url=redis_url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", **env)
+    decoder = start_service("decoder", redis_url=redis_url, MMSERVE_ENCODER_TARGET=encoder.target, **env)
+    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target, **env)
+    return Stack(encoder, decoder, gateway, redis_url)
+
+
+@pytest.fixture(scope="session")
+def stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
+    """The shared stack on the session Redis."""
+    return start_stack(start_service, redis_server.url)

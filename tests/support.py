@@ -71,3 +71,38 @@ def scrape(metrics_url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
+
+
+def data_url(png: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(png).decode()}"
+
+
+class Reference:
+    """The monolithic transformers model: what the split path must reproduce token for token."""
+
+    def __init__(self, path: object) -> None:
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
+
+        config = AutoConfig.from_pretrained(path)
+        cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[config.model_type]
+        self.model = cls.from_pretrained(path).eval()
+        self.processor = AutoProcessor.from_pretrained(path)
+
+    def generate(self, conversation: list[dict], images: list[bytes] = (), max_new_tokens: int = 24) -> tuple[list[int], str]:  # type: ignore[assignment]
+        """Greedy `model.generate(**processor(...), do_sample=False)`: (new token ids without EOS, decoded text)."""
+        import torch
+
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        pil = [Image.open(io.BytesIO(p)).convert("RGB") for p in images]
+        inputs = self.processor(text=[text], images=pil or None, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos)
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        return ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True)

@@ -198,7 +198,7 @@ def test_uuid_held_by_another_model_is_never_served(encoder: RunningService, red
     other = embedding_pb2.EmbeddingDescriptor(
         id="shared", modality=media_pb2.MODALITY_IMAGE, model="other", model_fingerprint="other-model-0000",
         token_count=1, content_sha256="0" * 64, client_uuid=True, options_json="{}",
-    )  # fmt: skip
+    )
 
     async def plant() -> None:
         async with EmbeddingStore(redis_url, ttl_s=60) as store:
@@ -309,7 +309,7 @@ def test_remote_404_is_a_remote_fetch_failure(encoder: RunningService, redis_url
     expect_refused(
         encoder.target, redis_url, image_item(url=media_server.url("/missing.png")),
         grpc.StatusCode.FAILED_PRECONDITION, "items[1].source.url", "404",
-    )  # fmt: skip
+    )
 
 
 def test_oversize_remote_body_refused(encoder: RunningService, redis_url: str, media_server: MediaServer) -> None:
@@ -348,7 +348,7 @@ def test_file_url_under_root_and_dotdot_escape(strict_encoder: RunningService, r
     ],
     ids=["bad-base64", "truncated-png", "decompression-bomb", "not-an-image", "unknown-scheme", "oversize-body",
          "bad-color", "no-modality", "reserved-uuid"],
-)  # fmt: skip
+)
 def test_bad_input_is_invalid_argument(strict_encoder: RunningService, redis_url: str, item: media_pb2.MediaInput, field: str, words: str) -> None:
     expect_refused(strict_encoder.target, redis_url, item, grpc.StatusCode.INVALID_ARGUMENT, field, words)
 

@@ -77,7 +77,7 @@ def make_descriptor(
         d.id = content_id(
             modality=modality, content_sha256=d.content_sha256, model_fingerprint=fingerprint, dtype=F32,
             options_json=options,
-        )  # fmt: skip
+        )
     else:
         d.id, d.client_uuid = uuid, True
     return d
@@ -129,7 +129,7 @@ async def test_round_trip_several_tensors_byte_for_byte(store: EmbeddingStore) -
     g = got.descriptor
     assert (g.id, g.client_uuid, g.modality, g.model, g.model_fingerprint, g.token_count) == (
         d.id, False, IMAGE, "tiny-qwen", "fp-model-a", 4,
-    )  # fmt: skip
+    )
     assert g.content_sha256 == sha(b"a cat") and g.options_json == '{"max_pixels":1000}'
     assert list(g.image.grid_thw) == [1, 8, 2] and g.image.spatial_merge_size == 2
     assert list(g.tensors) == list(d.tensors) and g.nbytes == d.nbytes

@@ -69,5 +69,5 @@ def load_model(settings: Settings, *, part: str) -> LoadedModel:
     log.info(
         "loaded %s (%s, %s) for the %s in %.1fs; fingerprint %s",
         settings.model, family_cls.name, dtype_name(family.dtype), part, time.perf_counter() - start, fingerprint,
-    )  # fmt: skip
+    )
     return LoadedModel(family, source, served, fingerprint, time.time())

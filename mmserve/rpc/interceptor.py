@@ -94,7 +94,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             try:
                 response = await behavior(request, context)
-            except BaseException as exc:  # noqa: BLE001 - every exception must end as a status
+            except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
             self._done(name, "OK", start)
@@ -109,7 +109,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for item in behavior(request, context):
                     yield item
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
             self._done(name, "OK", start)
@@ -141,6 +141,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             outcome,
             extra={"fields": {"service": self._service, "rpc": name, "outcome": outcome,
                               "duration_ms": round(seconds * 1000, 1), **noted, **fields}},
-        )  # fmt: skip
+        )
         if self._on_done is not None:
             self._on_done(name, outcome, seconds)

@@ -36,7 +36,7 @@ async def serve(settings: Settings) -> None:
     server = await start_server(
         settings, service="decoder", port=settings.decoder_port, register=register,
         service_names=[SERVICE_NAME], on_done=record_rpc("decoder"),
-    )  # fmt: skip
+    )
     model = await asyncio.to_thread(load_model, settings, part="decoder")
     engine = Engine(model.family, settings)
     await warmup(engine)

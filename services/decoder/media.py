@@ -17,8 +17,8 @@ from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
-from mmserve.mediainput import is_reference, reference_of
 from mmserve.errors import FailedPrecondition, MmserveError, NotFound, Unavailable, from_rpc_error
+from mmserve.mediainput import is_reference, reference_of
 from mmserve.rpc.metadata import outgoing_metadata
 from mmserve.rpc.server import message_size_options
 from mmserve.store import EmbeddingStore, StoredEmbedding

@@ -113,7 +113,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                     out[-1].usage.CopyFrom(pb.Usage(
                         prompt_tokens=prompt_tokens, completion_tokens=completion,
                         total_tokens=prompt_tokens + completion, cached_media=media.cached,
-                    ))  # fmt: skip
+                    ))
                 for response in out:
                     yield response
                 if done:
@@ -147,7 +147,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     def _check_item_limits(self, conversation: Conversation) -> None:
         s = self.settings
         limits = {"image": s.max_images_per_request, "video": s.max_videos_per_request,
-                  "audio": s.max_audios_per_request, "time_series": s.max_time_series_per_request}  # fmt: skip
+                  "audio": s.max_audios_per_request, "time_series": s.max_time_series_per_request}
         tally = Tally(MODALITY_NAMES[p.item.modality] for p in conversation.media)
         for name, count in tally.items():
             if count > limits[name]:

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import ENCODE_SECONDS, ENCODED_ITEMS
 from mmserve.models.families import EncodedItem, PreparedItem
-from mmserve.mediainput import MODALITY_NAMES
 
 log = logging.getLogger("mmserve.encoder.batcher")
 
@@ -77,7 +77,7 @@ class Batcher:
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._run, modality, items)
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiter
+            except Exception as exc:
                 log.exception("tower failed on a batch of %d %s items", len(items), name)
                 for _, fut in batch:
                     if not fut.done():

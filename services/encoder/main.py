@@ -35,7 +35,7 @@ async def serve(settings: Settings) -> None:
     server = await start_server(
         settings, service="encoder", port=settings.encoder_port, register=register,
         service_names=[SERVICE_NAME], on_done=record_rpc("encoder"),
-    )  # fmt: skip
+    )
     model = await asyncio.to_thread(load_model, settings, part="encoder")
     await asyncio.to_thread(model.family.warmup)
     pipeline = EncoderPipeline(settings, model, store, fetcher)

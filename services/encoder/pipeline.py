@@ -28,9 +28,9 @@ from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
+from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, STORE_BYTES
 from mmserve.models.families import EncodedItem
-from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of
 from mmserve.models.loading import LoadedModel
 from mmserve.store import EmbeddingStore, RawTensor, canonical_options_json, content_id, validate_uuid
 from services.encoder.batcher import Batcher
@@ -221,7 +221,7 @@ class EncoderPipeline:
                 desc = stored.descriptor
                 if (desc.content_sha256, desc.options_json, desc.model_fingerprint, desc.modality) != (
                     job.content_sha256, job.options_json, self.model.fingerprint, job.modality,
-                ):  # fmt: skip
+                ):
                     raise Conflict(
                         f"uuid {job.item.uuid!r} is already bound to other content or another model; "
                         "use a new uuid or delete the old embedding",

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from mmserve.common.v1 import media_pb2
+from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
-from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, MediaTooLarge, NotFound, Unavailable
 from mmserve.rpc.metadata import tenant_var
 from mmserve.store import EmbeddingStore

@@ -15,7 +15,6 @@ from mmserve.mediainput import MODALITY_NAMES
 from mmserve.store import RawTensor
 
 
-
 @dataclass
 class PreparedItem:
     """One media item turned into model inputs, ready to be batched into a tower."""
@@ -80,7 +79,7 @@ class Family(ABC):
     @classmethod
     @abstractmethod
     def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
-        """Load the checkpoint; `part` is "encoder" (towers only) or "decoder" (the LLM)."""
+        """Load the checkpoint; `part` is "encoder" (towers only), "decoder" (the LLM) or "full"."""
 
     # --- encoder half ----------------------------------------------------------
     @abstractmethod

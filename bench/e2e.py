@@ -1,0 +1,180 @@
+"""End-to-end latency through the whole stack, as ratios against baselines in the same run.
+
+    python bench/e2e.py [--models tiny,tiny:qwen2_5_vl-mid] [--tokens 32] [--repeats 3]
+
+For each model, starts Redis, an encoder, a decoder and the gateway (the same
+commands as `mmserve up`), loads the same checkpoint in this process, and
+measures with the official OpenAI SDK:
+
+- overhead: end-to-end latency of a chat completion with one image (a fresh
+  image each time, so it is really fetched from a data URL and encoded)
+  through the gateway, against the monolithic in-process
+  `model.generate(**processor(...))` on the same images, same number of
+  tokens (EOS ignored on both sides); ratio service / monolithic;
+- reuse: time to first token when the image is already stored (referenced by
+  uuid) against sending it as a data URL (fresh each time); ratio.
+
+Prints one JSON line. Medians over `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from mmserve.common.v1 import media_pb2
+from mmserve.config import Settings
+from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
+from mmserve.launcher import ServiceProcess
+from mmserve.localredis import LocalRedis, free_port
+from mmserve.rpc.health import wait_serving
+from mmserve.stack import wait_http_ok
+
+PROMPT = "Describe this picture in detail."
+
+
+def make_png(size: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+class Stack:
+    """Redis + encoder + decoder + gateway for one model."""
+
+    def __init__(self, model: str, cache_dir: Path) -> None:
+        self.redis = LocalRedis(maxmemory="2gb").start()
+        ports = {role: free_port() for role in ("encoder", "decoder", "gateway")}
+        env = {
+            "MMSERVE_MODEL": model, "MMSERVE_CACHE_DIR": str(cache_dir), "MMSERVE_REDIS_URL": self.redis.url,
+            "MMSERVE_ENCODER_PORT": str(ports["encoder"]), "MMSERVE_DECODER_PORT": str(ports["decoder"]),
+            "MMSERVE_GATEWAY_PORT": str(ports["gateway"]), "MMSERVE_ENCODER_TARGET": f"127.0.0.1:{ports['encoder']}",
+            "MMSERVE_DECODER_TARGET": f"127.0.0.1:{ports['decoder']}", "MMSERVE_LOG_LEVEL": "WARNING",
+        }
+        logs = Path(tempfile.mkdtemp(prefix="mmserve-bench-"))
+        self.services = [ServiceProcess(r, env, log_path=logs / f"{r}.log").start() for r in ("encoder", "decoder")]
+        for service, role in zip(self.services, ("encoder", "decoder"), strict=True):
+            wait_serving(f"127.0.0.1:{ports[role]}", timeout=900, alive=service.alive)
+        self.services.append(ServiceProcess("gateway", env, log_path=logs / "gateway.log").start())
+        wait_http_ok(f"http://127.0.0.1:{ports['gateway']}/health", timeout=60, alive=self.services[-1].alive)
+        self.base_url = f"http://127.0.0.1:{ports['gateway']}/v1"
+        self.encoder_target = f"127.0.0.1:{ports['encoder']}"
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.redis.stop()
+
+
+def monolithic_seconds(model: str, cache_dir: Path, pngs: list[bytes], tokens: int) -> float:
+    """Median seconds of processor + generate for one image prompt, in this process."""
+    import torch
+    from transformers import AutoProcessor
+
+    from mmserve.models.loading import load_model
+    from mmserve.models.source import resolve_model
+
+    source = resolve_model(model, revision=None, cache_dir=cache_dir)
+    family = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family
+    hf_model, processor = family.model, AutoProcessor.from_pretrained(source.path)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    times = []
+    for i, png in enumerate([pngs[0], *pngs]):  # the first run warms up
+        start = time.perf_counter()
+        inputs = processor(text=[text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt")
+        with torch.inference_mode():
+            out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+        assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def service_seconds(client: object, pngs: list[bytes], tokens: int) -> float:
+    times = []
+    for png in pngs:
+        start = time.perf_counter()
+        reply = client.chat.completions.create(  # type: ignore[attr-defined]
+            model="", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": PROMPT}]}],
+            temperature=0, max_completion_tokens=tokens, extra_body={"ignore_eos": True},
+        )
+        times.append(time.perf_counter() - start)
+        assert reply.usage.completion_tokens == tokens
+    return statistics.median(times)
+
+
+def ttft_seconds(client: object, image_part: dict) -> float:
+    start = time.perf_counter()
+    stream = client.chat.completions.create(  # type: ignore[attr-defined]
+        model="", messages=[{"role": "user", "content": [image_part, {"type": "text", "text": PROMPT}]}],
+        temperature=0, max_completion_tokens=8, stream=True, extra_body={"ignore_eos": True},
+    )
+    first = None
+    for chunk in stream:
+        if first is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: int, seed: int) -> dict[str, object]:
+    import openai
+
+    stack = Stack(model, cache_dir)
+    try:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="bench", max_retries=0, timeout=600)
+        service_seconds(client, [make_png(size, seed - 1)], tokens)  # warm the request path
+        fresh = [make_png(size, seed + i) for i in range(repeats)]
+        e2e_service = service_seconds(client, fresh, tokens)
+
+        stored = make_png(size, seed + 1000)
+        item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid="bench-image", source=media_pb2.MediaSource(data=stored))
+        with grpc.insecure_channel(stack.encoder_target) as channel:
+            enc_grpc.EncoderServiceStub(channel).Encode(enc_pb.EncodeRequest(items=[item]))
+        by_uuid = statistics.median(ttft_seconds(client, {"type": "image_url", "image_url": None, "uuid": "bench-image"}) for _ in range(repeats))
+        by_url = statistics.median(
+            ttft_seconds(client, {"type": "image_url", "image_url": {"url": data_url(make_png(size, seed + 2000 + i))}}) for i in range(repeats)
+        )
+    finally:
+        stack.close()
+    e2e_mono = monolithic_seconds(model, cache_dir, fresh, tokens)
+    return {
+        "model": model, "image_size": size, "tokens": tokens,
+        "e2e_service_s": round(e2e_service, 4), "e2e_monolithic_s": round(e2e_mono, 4),
+        "overhead_ratio": round(e2e_service / e2e_mono, 3),
+        "ttft_stored_uuid_s": round(by_uuid, 4), "ttft_data_url_s": round(by_url, 4),
+        "ttft_ratio_uuid_vs_data_url": round(by_uuid / by_url, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,tiny:qwen2_5_vl-mid", help="comma-separated models to run")
+    parser.add_argument("--size", type=int, default=448, help="image side in pixels")
+    parser.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
+    ns = parser.parse_args()
+    runs = [bench_model(m, ns.cache_dir, ns.size, ns.tokens, ns.repeats, seed=17) for m in ns.models.split(",")]
+    print(json.dumps({"bench": "e2e", "cpus": os.cpu_count(), "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
