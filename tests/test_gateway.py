@@ -1,0 +1,532 @@
+"""The OpenAI-compatible gateway, driven with the official `openai` SDK against real processes.
+
+Media by reference (never fetched, never encoded), every error in the OpenAI
+shape with the right status and `param`, sampling options, the streaming
+protocol, request ids across services, auth and body limits, disconnects that
+free the decoder slot, and dependency outages (Redis, encoder) as 503.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.localredis import LocalRedis
+from tests.conftest import MediaServer, RunningService, Stack, StartService, start_stack
+from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
+
+MODEL = "mmserve-tiny-random"
+ENCODE_OK = 'mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}'
+RUNNING = "mmserve_num_requests_running"
+SUPPORTED = ("text", "image_url", "video_url", "audio_url", "input_audio", "time_series_url")
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def text(value: str) -> dict[str, Any]:
+    return {"type": "text", "text": value}
+
+
+def image(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}, **extra}
+
+
+def by_ref(uuid: str) -> dict[str, Any]:
+    """A media part with a null payload: a reference to a stored embedding."""
+    return {"type": "image_url", "image_url": None, "uuid": uuid}
+
+
+def chat(client: openai.OpenAI, content: Any, **kwargs: Any) -> Any:
+    """One greedy user turn (16 tokens unless told otherwise)."""
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_completion_tokens", 16)
+    kwargs.setdefault("model", MODEL)
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def answer(client: openai.OpenAI, content: Any, **kwargs: Any) -> str:
+    return chat(client, content, **kwargs).choices[0].message.content or ""
+
+
+def api_error(call: Callable[[], Any], status: int) -> tuple[dict[str, Any], Any]:
+    """Run an SDK call that must fail with `status`; check the OpenAI error shape; return (error, headers)."""
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    exc = info.value
+    body = exc.response.json()
+    assert exc.status_code == status, body
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in err["message"] and "/work/" not in err["message"]
+    assert exc.response.headers["content-type"].startswith("application/json")
+    return err, exc.response.headers
+
+
+def encode_count(stack: Stack) -> float:
+    return scrape(stack.encoder.metrics_url).get(ENCODE_OK, 0.0)
+
+
+def running(decoder: RunningService) -> float:
+    return scrape(decoder.metrics_url)[RUNNING]
+
+
+def wait_running(decoder: RunningService, value: float, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running(decoder) == value:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{RUNNING} is {running(decoder)}, not {value}, after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return stack.client()
+
+
+# --- media by reference -------------------------------------------------------------------
+
+
+def test_image_by_uuid_or_content_id_equals_data_url_and_never_encodes(
+    stack: Stack, client: openai.OpenAI, media_server: MediaServer
+) -> None:
+    png = png_bytes(120, 80, seed=501)
+    url = media_server.add("/gw/ref-501.png", png, content_type="image/png")
+    with encoder_stub(stack.encoder.target) as enc:
+        by_uuid = enc.Encode(enc_pb.EncodeRequest(items=[image_item(url=url, uuid="gw-ref-501")])).results[0].embedding
+        by_content = enc.Encode(enc_pb.EncodeRequest(items=[image_item(url=url)])).results[0].embedding
+    assert by_uuid.id == "gw-ref-501" and by_content.id.startswith("mmemb-")
+    assert len(media_server.hits) > 0
+
+    question = text("What is in this picture?")
+    want = chat(client, [question, image(data_url(png))])
+    other = answer(client, [question, image(data_url(png_bytes(120, 80, seed=502)))])
+    assert other != want.choices[0].message.content, "the answer does not depend on the image: the test could not fail"
+
+    hits, encodes = len(media_server.hits), encode_count(stack)
+    for ref in ("gw-ref-501", by_content.id):
+        got = chat(client, [question, by_ref(ref)])
+        assert got.choices[0].message.content == want.choices[0].message.content, ref
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    stream = chat(client, [question, by_ref("gw-ref-501")], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.choices[0].message.content
+    assert encode_count(stack) == encodes, "the encoder was called for a request by reference"
+    assert len(media_server.hits) == hits, "the media was fetched again for a request by reference"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_uuid_is_404_naming_it(client: openai.OpenAI) -> None:
+    err, headers = api_error(lambda: chat(client, [text("Look:"), by_ref("gw-no-such-uuid")]), 404)
+    assert "gw-no-such-uuid" in err["message"]
+    assert err["type"] == "not_found_error" and err["param"] == "messages[0].content[1]"
+    assert headers["x-should-retry"] == "false"
+
+
+def test_two_unknown_uuids_are_both_named(client: openai.OpenAI) -> None:
+    fake = "mmemb-" + "cd" * 32
+    err, _ = api_error(lambda: chat(client, [by_ref("gw-missing-a"), text("and"), by_ref(fake)]), 404)
+    assert "gw-missing-a" in err["message"] and fake in err["message"]
+    assert err["param"] == "messages[0].content[0]"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "data:image/png;base64,iVBOR*not-base64*",
+        "ftp://example.com/a.png",
+    ],
+)
+def test_bad_image_url_is_400_naming_the_part(stack: Stack, client: openai.OpenAI, url: str) -> None:
+    err, headers = api_error(lambda: chat(client, [text("Look:"), image(url)]), 400)
+    assert err["param"] == "messages[0].content[1]" and err["type"] == "invalid_request_error"
+    assert headers["x-should-retry"] == "false"
+
+
+def test_unknown_content_type_is_400_listing_the_supported_ones(client: openai.OpenAI) -> None:
+    err, headers = api_error(lambda: chat(client, [text("Look:"), {"type": "hologram_url", "hologram_url": {"url": "x"}}]), 400)
+    assert "hologram_url" in err["message"] and all(kind in err["message"] for kind in SUPPORTED)
+    assert err["param"] == "messages[0].content[1]" and headers["x-should-retry"] == "false"
+
+
+def test_media_io_kwargs_with_an_unknown_key_is_400_naming_it(client: openai.OpenAI) -> None:
+    content = [text("Look:"), image(data_url(png_bytes(seed=503)))]
+    err, _ = api_error(lambda: chat(client, content, extra_body={"media_io_kwargs": {"image": {"frobnicate": 1}}}), 400)
+    assert "frobnicate" in err["message"] and err["param"] == "media_io_kwargs.image.frobnicate"
+    # an allowed key passes
+    assert answer(client, content, extra_body={"media_io_kwargs": {"image": {"rgba_background_color": "#000000"}}})
+
+
+def test_remote_404_is_422(client: openai.OpenAI, media_server: MediaServer) -> None:
+    err, headers = api_error(lambda: chat(client, [text("Look:"), image(media_server.url("/gw/not-there.png"))]), 422)
+    assert err["param"] == "messages[0].content[1]" and err["code"] == "remote_fetch_failed"
+    assert "404" in err["message"] and headers["x-should-retry"] == "false"
+    assert "/gw/not-there.png" in media_server.hits
+
+
+def test_max_tokens_over_the_context_names_the_field_that_was_sent(client: openai.OpenAI) -> None:
+    err, _ = api_error(lambda: chat(client, "Hi", max_completion_tokens=None, max_tokens=40000), 400)
+    assert err["param"] == "max_tokens"
+    err, _ = api_error(lambda: chat(client, "Hi", max_completion_tokens=40000), 400)
+    assert err["param"] == "max_completion_tokens"
+
+
+def test_gateway_side_validation_errors(client: openai.OpenAI) -> None:
+    err, _ = api_error(lambda: chat(client, "Hi", temperature=3), 400)
+    assert err["param"] == "temperature"
+    err, _ = api_error(lambda: client.chat.completions.create(model=MODEL, messages=[]), 400)
+    assert err["param"] == "messages"
+    err, _ = api_error(lambda: chat(client, "Hi", model="gpt-7"), 404)
+    assert "gpt-7" in err["message"] and err["param"] == "model"
+
+
+def test_error_before_the_first_token_of_a_stream_is_a_real_http_error(stack: Stack, client: openai.OpenAI) -> None:
+    err, headers = api_error(lambda: chat(client, [text("Look:"), by_ref("gw-stream-missing")], stream=True), 404)
+    assert "gw-stream-missing" in err["message"] and "text/event-stream" not in headers["content-type"]
+    err, _ = api_error(lambda: chat(client, [text("Look:"), image("http://10.0.0.1/x.png")], stream=True), 400)
+    assert err["param"] == "messages[0].content[1]"
+
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": [by_ref("gw-stream-missing")]}]}
+    with httpx.stream("POST", f"{stack.gateway.base_url}/chat/completions", json=body, timeout=30) as response:
+        response.read()
+    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    assert "data:" not in response.text
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client: openai.OpenAI) -> None:
+    def tokens(**kwargs: Any) -> int:
+        kwargs.setdefault("max_completion_tokens", None)
+        return chat(client, "Count to ten.", extra_body={"ignore_eos": True}, **kwargs).usage.completion_tokens
+
+    assert tokens(max_completion_tokens=3, max_tokens=7) == 3
+    assert tokens(max_completion_tokens=7, max_tokens=3) == 7
+    assert tokens(max_tokens=5) == 5
+
+
+def test_n_choices_greedy_and_seeded(client: openai.OpenAI) -> None:
+    greedy = chat(client, "Tell me a story.", n=2)
+    assert [c.index for c in greedy.choices] == [0, 1]
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content != ""
+
+    def sampled() -> list[str]:
+        reply = chat(client, "Tell me a story.", n=2, temperature=1, seed=1234)
+        assert len(reply.choices) == 2
+        return [c.message.content or "" for c in reply.choices]
+
+    first = sampled()
+    assert sampled() == first
+    assert first[0] != first[1], "both sampled choices are the same sequence"
+
+    stream = chat(client, "Tell me a story.", n=2, temperature=1, seed=1234, stream=True)
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == first
+
+
+def test_seed_reproducibility(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return answer(client, "Tell me a story.", temperature=1, seed=seed, max_completion_tokens=24, extra_body={"ignore_eos": True})
+
+    a = sample(11)
+    assert sample(11) == a
+    assert sample(12) != a
+
+
+def test_stop_string_cuts_the_answer_in_full_and_streamed(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {"max_completion_tokens": 32, "extra_body": {"ignore_eos": True}}
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, "Tell me a story.", stream=True, **kwargs) if c.choices]
+    full = "".join(pieces)
+    assert full == answer(client, "Tell me a story.", **kwargs) and len(full) > 12
+    # a stop string across the boundary of two streamed pieces (tokens), near the middle
+    k = next(
+        k for k in range(len(pieces) // 2, len(pieces) - 1)
+        if pieces[k].strip() and pieces[k + 1].strip() and "\ufffd" not in pieces[k] + pieces[k + 1]
+    )  # fmt: skip
+    boundary = len("".join(pieces[: k + 1]))
+    stop = full[boundary - 2 : boundary + 2]
+    want = full[: full.index(stop)]
+    assert want, "the stop string occurs at the very start: pick another"
+
+    reply = chat(client, "Tell me a story.", stop=stop, **kwargs)
+    assert reply.choices[0].message.content == want and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 32
+
+    chunks = list(chat(client, "Tell me a story.", stop=[stop, "\x00never"], stream=True, **kwargs))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == want
+    assert not any(stop in d for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+# --- protocol -----------------------------------------------------------------------------
+
+
+def test_models_list_shape(stack: Stack, client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    model = models.data[0]
+    assert model.object == "model" and model.owned_by == "mmserve" and abs(model.created - time.time()) < 24 * 3600
+
+    raw = httpx.get(f"{stack.gateway.base_url}/models", timeout=10).json()
+    assert raw["object"] == "list"
+    entry = raw["data"][0]
+    assert {"id", "object", "created", "owned_by"} <= set(entry)
+    assert entry["random_weights"] is True and entry["family"] == "qwen2_5_vl" and "image" in entry["modalities"]
+    assert set(entry["modalities"]) <= {"image", "video", "audio", "time_series"}
+
+
+def test_health(stack: Stack) -> None:
+    response = httpx.get(f"http://127.0.0.1:{stack.gateway.port}/health", timeout=10)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_unknown_top_level_fields_are_accepted(client: openai.OpenAI) -> None:
+    plain = chat(client, "Hello there")
+    extra = chat(client, "Hello there", extra_body={"frobnicate": True, "future_option": {"a": [1, 2]}})
+    assert extra.choices[0].message.content == plain.choices[0].message.content != ""
+
+
+def test_response_shape(client: openai.OpenAI) -> None:
+    reply = chat(client, "Hello there", max_completion_tokens=5, extra_body={"ignore_eos": True})
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == MODEL
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason == "length"
+    u = reply.usage
+    assert u.completion_tokens == 5 and u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + 5
+
+
+def test_request_id_is_echoed_and_logged_by_every_service(stack: Stack, client: openai.OpenAI) -> None:
+    rid = f"test-rid-{time.time_ns()}"
+    messages: list[Any] = [{"role": "user", "content": [text("Look:"), image(data_url(png_bytes(seed=504)))]}]
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages,
+        max_completion_tokens=4, extra_headers={"X-Request-Id": rid},
+    )  # fmt: skip
+    assert raw.headers["x-request-id"] == rid
+    assert raw.parse().choices[0].message.content is not None
+    for service in (stack.decoder, stack.encoder, stack.gateway):
+        deadline = time.monotonic() + 5
+        while rid not in service.process.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = [line for line in service.process.log_text().splitlines() if rid in line]
+        assert lines, f"{service.process.role} did not log request {rid}"
+    decoder_lines = [line for line in stack.decoder.process.log_text().splitlines() if rid in line]
+    assert any("Generate OK" in line for line in decoder_lines)
+    encoder_lines = [line for line in stack.encoder.process.log_text().splitlines() if rid in line]
+    assert any("Encode OK" in line for line in encoder_lines)
+
+    # errors carry it too, and streaming responses
+    missing: list[Any] = [{"role": "user", "content": [by_ref("gw-rid-missing")]}]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model=MODEL, messages=missing, extra_headers={"X-Request-Id": rid + "-err"})
+    assert info.value.response.headers["x-request-id"] == rid + "-err"
+    with client.chat.completions.with_streaming_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=2, stream=True,
+        extra_headers={"X-Request-Id": rid + "-stream"},
+    ) as streamed:  # fmt: skip
+        assert streamed.headers["x-request-id"] == rid + "-stream"
+
+
+def test_request_id_is_generated_when_none_is_sent(stack: Stack) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    ids = []
+    for _ in range(2):
+        response = httpx.post(f"{stack.gateway.base_url}/chat/completions", json=body, timeout=30)
+        assert response.status_code == 200
+        ids.append(response.headers["x-request-id"])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1]
+    assert ids[0] in stack.decoder.process.log_text()
+
+
+def test_stream_protocol_on_the_wire(stack: Stack) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{stack.gateway.base_url}/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"][0]["finish_reason"]] == ["length"]
+
+
+# --- auth and body limits ------------------------------------------------------------------
+
+API_KEY = "sk-test-0123456789"
+BODY_LIMIT = 20_000
+
+
+@pytest.fixture(scope="module")
+def secured(start_service: StartService, stack: Stack) -> RunningService:
+    """A second gateway in front of the session decoder, with an API key and a 20 kB body limit."""
+    return start_service(
+        "gateway", MMSERVE_DECODER_TARGET=stack.decoder.target, MMSERVE_API_KEY=API_KEY, MMSERVE_MAX_BODY_BYTES=str(BODY_LIMIT)
+    )
+
+
+def test_api_key_is_required(secured: RunningService) -> None:
+    url = f"{secured.base_url}/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    response = httpx.post(url, json=body, timeout=30)
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert response.headers["x-should-retry"] == "false"
+
+    wrong = openai.OpenAI(base_url=secured.base_url, api_key="sk-wrong", max_retries=0)
+    err, _ = api_error(lambda: chat(wrong, "Hi"), 401)
+    assert err["code"] == "invalid_api_key"
+    err, _ = api_error(lambda: wrong.models.list(), 401)
+
+    right = openai.OpenAI(base_url=secured.base_url, api_key=API_KEY, max_retries=0)
+    assert chat(right, "Hi", max_completion_tokens=2).usage.completion_tokens >= 1
+    assert [m.id for m in right.models.list().data] == [MODEL]
+    assert httpx.get(f"http://127.0.0.1:{secured.port}/health", timeout=10).status_code == 200
+
+
+def _body_of(size: int) -> bytes:
+    """A valid chat request of exactly `size` bytes (padded with an unknown top-level field)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "padding": ""}
+    base = len(json.dumps(body).encode())
+    body["padding"] = "x" * (size - base)
+    data = json.dumps(body).encode()
+    assert len(data) == size
+    return data
+
+
+def test_body_over_the_limit_is_413(secured: RunningService) -> None:
+    url = f"{secured.base_url}/chat/completions"
+    headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    big = _body_of(BODY_LIMIT + 1)
+
+    announced = httpx.post(url, content=big, headers=headers, timeout=30)
+    assert announced.status_code == 413
+    error = announced.json()["error"]
+    assert error["code"] == "body_too_large" and str(BODY_LIMIT) in error["message"] and error["type"] == "invalid_request_error"
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for i in range(0, len(data), 4096):
+            yield data[i : i + 4096]
+
+    chunked = httpx.post(url, content=chunks(big), headers=headers, timeout=30)
+    assert chunked.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in chunked.request.headers
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
+
+    # exactly at the limit, announced or chunked, is served
+    fits = _body_of(BODY_LIMIT)
+    for content in (fits, chunks(fits)):
+        response = httpx.post(url, content=content, headers=headers, timeout=60)
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] is not None
+
+
+# --- disconnects and admission ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_slot(start_service: StartService, stack: Stack) -> Stack:
+    """A decoder with one running slot and no queue (on the session encoder), and its own gateway."""
+    decoder = start_service(
+        "decoder", redis_url=stack.redis_url, MMSERVE_ENCODER_TARGET=stack.encoder.target,
+        MMSERVE_MAX_RUNNING_REQUESTS="1", MMSERVE_MAX_WAITING_REQUESTS="0",
+    )  # fmt: skip
+    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target)
+    return Stack(stack.encoder, decoder, gateway, stack.redis_url)
+
+
+def long_stream(client: openai.OpenAI) -> Any:
+    return chat(client, "Write a long story.", max_completion_tokens=4000, stream=True, extra_body={"ignore_eos": True})
+
+
+def test_client_disconnect_mid_stream_frees_the_decoder_slot(single_slot: Stack) -> None:
+    client = single_slot.client()
+    wait_running(single_slot.decoder, 0)
+    stream = long_stream(client)
+    received = [next(iter(stream)) for _ in range(5)]
+    assert len(received) == 5 and running(single_slot.decoder) == 1
+    stream.close()
+    wait_running(single_slot.decoder, 0, timeout=5)
+    assert chat(client, "Hi", max_completion_tokens=3, extra_body={"ignore_eos": True}).usage.completion_tokens == 3
+
+
+def test_second_concurrent_request_is_429(single_slot: Stack) -> None:
+    client = single_slot.client()
+    wait_running(single_slot.decoder, 0)
+    stream = long_stream(client)
+    try:
+        next(iter(stream))
+        err, headers = api_error(lambda: chat(client, "Hi"), 429)
+        assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+        assert headers.get("x-should-retry") != "false"
+        err, _ = api_error(lambda: chat(client, "Hi", stream=True), 429)
+    finally:
+        stream.close()
+    wait_running(single_slot.decoder, 0)
+    assert answer(client, "Hi", max_completion_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def short_deadline(start_service: StartService, single_slot: Stack) -> RunningService:
+    """A gateway whose requests to the decoder have a 2 s deadline."""
+    return start_service("gateway", MMSERVE_DECODER_TARGET=single_slot.decoder.target, MMSERVE_GATEWAY_REQUEST_TIMEOUT_S="2")
+
+
+def test_error_after_the_stream_started_is_an_sse_error_event(short_deadline: RunningService, single_slot: Stack) -> None:
+    """The deadline runs out mid-stream: a `data: {"error": ...}` event, then [DONE]; the decoder slot is freed."""
+    wait_running(single_slot.decoder, 0)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{short_deadline.base_url}/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        events = [e for e in response.read().decode().split("\n\n") if e and not e.startswith(":")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: ") :])
+    assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["code"] == "deadline_exceeded"
+    contents = [json.loads(e[len("data: ") :])["choices"][0]["delta"].get("content", "") for e in events[1:-2]]
+    assert len(contents) > 5 and all(contents)
+    wait_running(single_slot.decoder, 0)
+
+
+# --- dependency outages --------------------------------------------------------------------
+
+
+def test_redis_down_then_encoder_down_are_503(start_service: StartService, own_redis: LocalRedis) -> None:
+    fragile = start_stack(start_service, own_redis.url)
+    client = fragile.client()
+    assert answer(client, [text("Look:"), image(data_url(png_bytes(seed=601)))])
+
+    own_redis.stop()
+    start = time.monotonic()
+    err, headers = api_error(lambda: chat(client, [text("Look:"), image(data_url(png_bytes(seed=602)))]), 503)
+    assert time.monotonic() - start < 20
+    assert err["type"] == "server_error" and "store" in err["message"].lower() and "redis://" not in err["message"]
+    assert headers.get("x-should-retry") != "false"
+
+    own_redis.start()  # same port: the services reconnect by themselves
+    stored = chat(client, [text("Look:"), image(data_url(png_bytes(seed=603)), uuid="frag-603")])
+    assert stored.choices[0].message.content
+
+    assert fragile.encoder.stop() == 0
+    err, headers = api_error(lambda: chat(client, [text("Look:"), image(data_url(png_bytes(seed=604)))]), 503)
+    assert "encoder" in err["message"] and headers.get("x-should-retry") != "false"
+    assert answer(client, "Text only still works.")
+    # a stored embedding needs no encoder
+    assert answer(client, [text("Look:"), by_ref("frag-603")]) == stored.choices[0].message.content
