@@ -58,7 +58,7 @@ def settings(redis_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
-    """The tiny Qwen2.5-VL checkpoint the services load for `MMSERVE_MODEL=tiny` (built once, cached)."""
+    """The tiny Qwen2.5-VL checkpoint most service tests run (built once, cached; `mmserve up` defaults to the Omni one)."""
     from mmserve.models.tiny import ensure_checkpoint
 
     return ensure_checkpoint(TINY, CACHE_DIR)
@@ -103,7 +103,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
     def start(role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, **env: str) -> RunningService:
         port, metrics_port = free_port(), free_port()
         full_env = {
-            "MMSERVE_MODEL": "tiny",
+            "MMSERVE_MODEL": f"tiny:{TINY}",
             "MMSERVE_CACHE_DIR": str(CACHE_DIR),
             "MMSERVE_REDIS_URL": redis_url,
             f"MMSERVE_{role.upper()}_PORT": str(port),

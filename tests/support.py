@@ -87,7 +87,12 @@ class Reference:
         from transformers import AutoConfig, AutoProcessor
 
         config = AutoConfig.from_pretrained(path)
-        cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[config.model_type]
+        self.family = config.model_type
+        cls = {
+            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+            "qwen2_5_omni": transformers.Qwen2_5OmniThinkerForConditionalGeneration,
+        }[config.model_type]
         self.model = cls.from_pretrained(path).eval()
         self.processor = AutoProcessor.from_pretrained(path)
 

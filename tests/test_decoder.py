@@ -125,7 +125,7 @@ def test_list_models_card(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> 
     assert len(models) == 1
     card = models[0]
     assert card.id == "mmserve-tiny-random"
-    assert card.owned_by == "mmserve" and card.source == "tiny" and card.family == "qwen2_5_vl"
+    assert card.owned_by == "mmserve" and card.source == "tiny:qwen2_5_vl-tiny" and card.family == "qwen2_5_vl"
     assert abs(card.created - time.time()) < 24 * 3600
     assert IMAGE in card.modalities and media_pb2.MODALITY_UNSPECIFIED not in card.modalities
     assert card.max_model_len == 32768

@@ -386,7 +386,8 @@ def test_health_reflection_and_model_info(encoder: RunningService) -> None:
     with encoder_stub(encoder.target) as stub:
         info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.family == "qwen2_5_vl" and info.random_weights
-    assert list(info.modalities) == [media_pb2.MODALITY_IMAGE]
+    # Qwen2.5-VL takes images and video; the tiny checkpoint also carries the time-series adapter.
+    assert list(info.modalities) == [media_pb2.MODALITY_IMAGE, media_pb2.MODALITY_VIDEO, media_pb2.MODALITY_TIME_SERIES]
     assert info.model_fingerprint.startswith("qwen2_5_vl-")
 
 

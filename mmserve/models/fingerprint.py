@@ -43,4 +43,9 @@ def model_fingerprint(folder: Path, *, family: str, dtype: str, revision: str | 
     digest.update(f"\nrevision={revision}\ndtype={dtype}\n".encode())
     for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
         _hash_weights(weights, digest)
+    adapter = folder / "time_series"  # an attached adapter makes time-series embeddings: it is part of the model
+    if (adapter / "config.json").exists():
+        digest.update(b"\ntime_series:" + (adapter / "config.json").read_bytes())
+        for weights in sorted(adapter.glob("*.safetensors")):
+            _hash_weights(weights, digest)
     return f"{family}-{digest.hexdigest()[:32]}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from mmserve.errors import FailedPrecondition
 
 #: What `--model tiny` serves: the built-in random-weight demo checkpoint.
-DEFAULT_TINY = "qwen2_5_vl-tiny"
+DEFAULT_TINY = "qwen2_5_omni-tiny"
 MARKER_FILE = "mmserve_checkpoint.json"
 
 

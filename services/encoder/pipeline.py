@@ -17,7 +17,6 @@ leaves the store as it found it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import Counter as Tally
@@ -34,10 +33,10 @@ from mmserve.models.families import EncodedItem
 from mmserve.models.loading import LoadedModel
 from mmserve.store import EmbeddingStore, RawTensor, canonical_options_json, content_id, validate_uuid
 from services.encoder.batcher import Batcher
+from services.encoder.media.acquire import Acquired, acquire
 from services.encoder.media.budget import RequestBudget
 from services.encoder.media.decode import decode_media, media_options
 from services.encoder.media.fetch import GuardedFetcher
-from services.encoder.media.sources import load_source_bytes
 
 log = logging.getLogger("mmserve.encoder")
 
@@ -54,7 +53,7 @@ class _Job:
     index: int
     field: str
     item: media_pb2.MediaInput
-    data: bytes | None = None
+    acquired: Acquired | None = None
     content_sha256: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     options_json: str = ""
@@ -178,25 +177,18 @@ class EncoderPipeline:
     async def _acquire(self, job: _Job, budget: RequestBudget, preloaded: bytes | None) -> None:
         start = time.perf_counter()
         try:
-            if preloaded is not None:
-                job.data = preloaded
-            else:
-                job.data = await load_source_bytes(
-                    job.item.source,
-                    modality=MODALITY_NAMES[job.modality],
-                    settings=self.settings,
-                    budget=budget,
-                    fetcher=self.fetcher,
-                    field="source",
-                )
+            job.acquired = await acquire(
+                job.item, modality=MODALITY_NAMES[job.modality], settings=self.settings,
+                budget=budget, fetcher=self.fetcher, preloaded=preloaded,
+            )
         except MmserveError as err:
             raise err.at(job.field) from None
         FETCH_SECONDS.labels(MODALITY_NAMES[job.modality]).observe(time.perf_counter() - start)
-        job.content_sha256 = hashlib.sha256(job.data).hexdigest()
+        job.content_sha256 = job.acquired.sha256
 
     def _identify(self, job: _Job) -> None:
         try:
-            job.options = {**media_options(job.item), **self.family.effective_options(job.item)}
+            job.options = {**media_options(job.item, self.settings), **self.family.effective_options(job.item)}
         except MmserveError as err:
             raise err.at(job.field) from None
         job.options_json = canonical_options_json(job.options)
@@ -253,7 +245,8 @@ class EncoderPipeline:
 
         async def prepare(job: _Job) -> Any:
             try:
-                media = await asyncio.to_thread(decode_media, job.modality, job.data or b"", job.options, self.settings, budget)
+                assert job.acquired is not None
+                media = await asyncio.to_thread(decode_media, job.modality, job.acquired, job.options, self.settings, budget)
                 return await asyncio.to_thread(self.family.prepare, job.modality, media, job.options)
             except MmserveError as err:
                 raise err.at(job.field) from None

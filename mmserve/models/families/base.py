@@ -50,8 +50,8 @@ class Family(ABC):
 
     #: `config.model_type` of checkpoints of this family.
     name: ClassVar[str]
-    #: Media this family's model accepts (media_pb2.Modality values).
-    modalities: ClassVar[frozenset[int]]
+    #: Media this instance's model accepts (media_pb2.Modality values).
+    modalities: frozenset[int]
 
     def __init__(self, model: torch.nn.Module, processor: Any, config: Any) -> None:
         self.model = model

@@ -23,6 +23,7 @@ from transformers import (
 from mmserve.models.tiny.chat_templates import load_chat_template
 from mmserve.models.tiny.random_weights import random_model
 from mmserve.models.tiny.registry import CheckpointSpec, TowerSize
+from mmserve.models.tiny.time_series import attach_time_series_adapter
 from mmserve.models.tiny.tokenizer import EOS_TOKEN, MAX_LENGTH, PAD_TOKEN, build_tokenizer, special_token_id
 
 FAMILY = "qwen2_5_vl"
@@ -139,3 +140,4 @@ def build(spec: CheckpointSpec, out_dir: Path) -> None:
         raise RuntimeError(f"{spec.name}: expected fp32 weights")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    attach_time_series_adapter(spec, out_dir, llm_hidden_size=spec.text.hidden)

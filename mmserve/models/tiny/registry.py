@@ -4,10 +4,11 @@ Kept free of torch/transformers imports so listing checkpoints (the CLI's
 `--help`, config validation) stays instant; the family module that knows how to
 build a spec is imported only when a build is needed.
 
-Adding a family (e.g. `qwen3_vl`, `qwen2_5_omni`, a time-series adapter) is:
-a module here with `build(spec, out_dir)`, one line in `FAMILY_MODULES`, its
-chat template under `templates/<family>.jinja`, and its entries in
-`CHECKPOINTS`. Tokens it needs are already reserved in `tokenizer.SPECIAL_TOKENS`.
+Adding a family is: a module here with `build(spec, out_dir)` (ending with
+`time_series.attach_time_series_adapter`, so every checkpoint carries the
+time-series adapter in `time_series/`), one line in `FAMILY_MODULES`, its chat
+template under `templates/<family>.jinja`, and its entries in `CHECKPOINTS`. A
+special token it needs takes the next reserved slot of `tokenizer.SPECIAL_TOKENS`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class FamilyBuilder(Protocol):
 FAMILY_MODULES: Mapping[str, str] = MappingProxyType(
     {
         "qwen2_5_vl": "mmserve.models.tiny.qwen2_5_vl",
+        "qwen3_vl": "mmserve.models.tiny.qwen3_vl",
+        "qwen2_5_omni": "mmserve.models.tiny.qwen2_5_omni",
     }
 )
 
@@ -88,7 +91,41 @@ _SPECS = (
         family="qwen2_5_vl",
         text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
         vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376),
+        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
         description="~120 M params; realistic CPU timings for benchmarks.",
+    ),
+    CheckpointSpec(
+        name="qwen3_vl-tiny",
+        family="qwen3_vl",
+        text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
+        vision=TowerSize(hidden=64, layers=3, heads=4, intermediate=128),  # DeepStack taps blocks 0 and 1
+        description="~1 M params; builds in seconds; for tests and the offline demo.",
+    ),
+    CheckpointSpec(
+        name="qwen3_vl-mid",
+        family="qwen3_vl",
+        text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
+        # Narrower than qwen2_5_vl-mid's tower: each of the 3 DeepStack mergers is (4*hidden)^2 wide.
+        vision=TowerSize(hidden=384, layers=8, heads=6, intermediate=1536),
+        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
+        description="~120 M params; realistic CPU timings for benchmarks.",
+    ),
+    CheckpointSpec(
+        name="qwen2_5_omni-tiny",
+        family="qwen2_5_omni",
+        text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
+        vision=TowerSize(hidden=64, layers=2, heads=4, intermediate=128),
+        audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=128),
+        description="Qwen2.5-Omni thinker, ~1 M params; builds in seconds; for tests and the offline demo.",
+    ),
+    CheckpointSpec(
+        name="qwen2_5_omni-mid",
+        family="qwen2_5_omni",
+        text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
+        vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376),
+        audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536),
+        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
+        description="Qwen2.5-Omni thinker, ~130 M params; realistic CPU timings for benchmarks.",
     ),
 )
 

@@ -33,8 +33,14 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|vision_eos|>",  # 11
     "<|audio_bos|>",  # 12
     "<|audio_eos|>",  # 13
+    "<|time_series|>",  # 14: mmserve time-series adapter (any family)
+    "<|ts_start|>",  # 15
+    "<|ts_end|>",  # 16
 )
 SPECIAL_BLOCK_SIZE = 32  # ids below this are special; unused ones are <|reserved_special_token_N|>
+# Reserved tokens are named by id (id i is <|reserved_special_token_{i - FIRST_RESERVED_ID}|>), so
+# naming a slot leaves every other token string on the id it always had.
+FIRST_RESERVED_ID = 14
 VOCAB_SIZE = 2048  # special block + 256 byte symbols + merges learned from the corpus
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -47,7 +53,9 @@ def special_block() -> list[str]:
     """The special tokens in id order, padded with reserved tokens to `SPECIAL_BLOCK_SIZE`."""
     if len(SPECIAL_TOKENS) > SPECIAL_BLOCK_SIZE:
         raise ValueError("SPECIAL_TOKENS outgrew SPECIAL_BLOCK_SIZE")
-    reserved = [f"<|reserved_special_token_{i}|>" for i in range(SPECIAL_BLOCK_SIZE - len(SPECIAL_TOKENS))]
+    if len(SPECIAL_TOKENS) < FIRST_RESERVED_ID:
+        raise ValueError("a special token was removed: ids would move")
+    reserved = [f"<|reserved_special_token_{i - FIRST_RESERVED_ID}|>" for i in range(len(SPECIAL_TOKENS), SPECIAL_BLOCK_SIZE)]
     return [*SPECIAL_TOKENS, *reserved]
 
 

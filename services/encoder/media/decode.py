@@ -1,8 +1,9 @@
-"""Per-modality decoding: encoded bytes -> what a family's `prepare` takes.
+"""Per-modality decoding: acquired material -> what a family's `prepare` takes.
 
-Also the media-level options (how to decode, as opposed to how the model's
-processor resizes), validated here because they are part of an embedding's
-identity and must be known before anything is fetched or decoded.
+Also the media-level options (how to load, as opposed to how the model's
+processor resizes), validated and given their defaults here because they are
+part of an embedding's identity and must be known before anything is fetched
+or decoded.
 """
 
 from __future__ import annotations
@@ -12,22 +13,81 @@ from typing import Any
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
+from services.encoder.media.acquire import Acquired
+from services.encoder.media.audio import audio_from_array, decode_audio
 from services.encoder.media.budget import RequestBudget
 from services.encoder.media.image import decode_image, parse_color
+from services.encoder.media.timeseries import load_time_series, series_from_array
+from services.encoder.media.video import decode_video, frames_from_images, resolve_sampling
+
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+SERIES_FORMATS = ("npy", "csv", "wav", "flac")
 
 
-def media_options(item: media_pb2.MediaInput) -> dict[str, Any]:
-    """Decoding options of an item, defaults filled in, canonical values."""
+def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, Any]:
+    """Loading options of an item, defaults filled in, canonical values; errors name the field."""
+    kind = item.source.WhichOneof("kind") if item.HasField("source") else None
     if item.modality == media_pb2.MODALITY_IMAGE:
-        color = item.image.rgba_background_color if item.image.HasField("rgba_background_color") else "#ffffff"
+        opts = item.image
+        color = opts.rgba_background_color if opts.HasField("rgba_background_color") else "#ffffff"
         r, g, b = parse_color(color, "image.rgba_background_color")
         return {"background": f"#{r:02x}{g:02x}{b:02x}"}
+    if item.modality == media_pb2.MODALITY_VIDEO:
+        if kind == "frames":
+            fps = item.source.frames.fps
+            if not fps > 0:
+                raise InvalidArgument("frames.fps must be > 0", field="source.frames.fps")
+            return {"frames_fps": float(fps)}
+        opts = item.video
+        fps, num_frames = resolve_sampling(
+            settings, opts.fps if opts.HasField("fps") else None, opts.num_frames if opts.HasField("num_frames") else None
+        )
+        return {"fps": fps, "num_frames": num_frames}
+    if item.modality == media_pb2.MODALITY_AUDIO:
+        opts = item.audio
+        out: dict[str, Any] = {}
+        if opts.HasField("format"):
+            if opts.format not in AUDIO_FORMATS:
+                raise InvalidArgument(f"format must be one of {', '.join(AUDIO_FORMATS)}", field="audio.format")
+            out["format"] = opts.format
+        if kind == "array":
+            if not opts.HasField("sampling_rate") or not opts.sampling_rate > 0:
+                raise InvalidArgument("sampling_rate (Hz, > 0) is required for raw audio arrays", field="audio.sampling_rate")
+            out["sampling_rate"] = float(opts.sampling_rate)
+        return out
+    if item.modality == media_pb2.MODALITY_TIME_SERIES:
+        opts = item.time_series
+        if not opts.HasField("sampling_rate") or not opts.sampling_rate > 0:
+            raise InvalidArgument("sampling_rate (Hz, > 0) is required for time series", field="time_series.sampling_rate")
+        out = {"sampling_rate": float(opts.sampling_rate)}
+        if opts.HasField("format"):
+            if opts.format not in SERIES_FORMATS:
+                raise InvalidArgument(f"format must be one of {', '.join(SERIES_FORMATS)}", field="time_series.format")
+            out["format"] = opts.format
+        return out
     return {}
 
 
-def decode_media(modality: int, data: bytes, options: dict[str, Any], settings: Settings, budget: RequestBudget) -> Any:
-    """Decode one item's bytes (CPU-bound: call from a worker thread)."""
+def decode_media(modality: int, acquired: Acquired, options: dict[str, Any], settings: Settings, budget: RequestBudget) -> Any:
+    """Decode one item (CPU-bound: call from a worker thread)."""
     if modality == media_pb2.MODALITY_IMAGE:
         background = parse_color(options["background"], "image.rgba_background_color")
-        return decode_image(data, settings=settings, budget=budget, background=background, field="source")
-    raise InvalidArgument("this modality is not supported by the encoder yet", field="modality")
+        return decode_image(acquired.data or b"", settings=settings, budget=budget, background=background, field="source")
+    if modality == media_pb2.MODALITY_VIDEO:
+        if acquired.kind == "frames":
+            return frames_from_images(acquired.frames, acquired.frames_fps, settings=settings, budget=budget)
+        return decode_video(acquired.data or b"", settings=settings, budget=budget, fps=options["fps"], num_frames=options["num_frames"])
+    if modality == media_pb2.MODALITY_AUDIO:
+        if acquired.kind == "array":
+            assert acquired.array is not None
+            return audio_from_array(acquired.array, options["sampling_rate"], settings=settings, target_rate=options["target_rate"])
+        return decode_audio(acquired.data or b"", settings=settings, budget=budget, target_rate=options["target_rate"], format=options.get("format"))
+    if modality == media_pb2.MODALITY_TIME_SERIES:
+        if acquired.kind == "array":
+            assert acquired.array is not None
+            return series_from_array(acquired.array, options["sampling_rate"], settings=settings)
+        return load_time_series(
+            acquired.data or b"", settings=settings, sampling_rate=options["sampling_rate"],
+            format=options.get("format"), mime=acquired.mime or None,
+        )
+    raise InvalidArgument("unsupported modality", field="modality")

@@ -1,0 +1,269 @@
+"""What Qwen2.5-VL, Qwen3-VL and the Qwen2.5-Omni thinker share, written once.
+
+All three are `model.model.{visual, audio_tower?, language_model}` + `lm_head`
+with M-RoPE positions from `model.model.get_rope_index`. Subclasses say what
+differs: the model class, the media they take, how positions are computed,
+and (Qwen3-VL) deepstack features and timestamp text; Omni adds audio.
+
+Encoder half: the checkpoint's own processors (so preprocessing is the
+reference's, byte for byte), then `get_*_features(...)`, whose pooled output
+is already in the LLM's hidden space; one tensor [tokens, hidden] per item
+(plus model-specific extras), and the placement metadata (grids, timing)
+that fixes both the placeholder count and the positions.
+
+Decoder half: render the chat template with one pad token per item, expand
+each pad exactly as the processor would (so the ids equal the reference's),
+scatter the stored embeddings over the pads, compute M-RoPE positions from
+the stored metadata, and run the language model with explicit positions
+(never the model's mutable `rope_deltas`, which concurrent requests would
+share).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.errors import InvalidArgument
+from mmserve.models.families.base import EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.time_series import TimeSeriesSupport
+from mmserve.models.tensors import from_raw, to_raw
+
+IMAGE, VIDEO, AUDIO, TIME_SERIES = (
+    media_pb2.MODALITY_IMAGE,
+    media_pb2.MODALITY_VIDEO,
+    media_pb2.MODALITY_AUDIO,
+    media_pb2.MODALITY_TIME_SERIES,
+)
+#: mm_token_type_ids values used by the Qwen-VL rope index.
+TYPE_IDS = {IMAGE: 1, VIDEO: 2}
+
+
+def placement_of(stored: Any) -> Any:
+    desc = stored.descriptor
+    return getattr(desc, desc.WhichOneof("placement"))
+
+
+class QwenFamily(Family):
+    """Shared implementation; see the module docstring."""
+
+    model_class: ClassVar[str]
+    base_modalities: ClassVar[frozenset[int]] = frozenset({IMAGE, VIDEO})
+    towers: ClassVar[tuple[str, ...]] = ("visual",)
+    #: config attributes holding token ids a user's text may not contain
+    reserved_id_attrs: ClassVar[tuple[str, ...]] = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+    def __init__(self, model: torch.nn.Module, processor: Any, config: Any, time_series: TimeSeriesSupport | None) -> None:
+        super().__init__(model, processor, config)
+        self.time_series = time_series
+        self.modalities = self.base_modalities | ({TIME_SERIES} if time_series else frozenset())
+
+    @classmethod
+    def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
+        import transformers
+        from transformers import AutoProcessor
+
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device).eval()
+        if part == "encoder":  # the encoder never runs the LLM: free its weights
+            model.model.language_model = None
+            model.lm_head = None
+        elif part == "decoder":  # the decoder never runs the towers: positions come from config + stored metadata
+            for tower in cls.towers:
+                setattr(model.model, tower, None)
+        processor = AutoProcessor.from_pretrained(path)
+        time_series = TimeSeriesSupport.load(
+            path, processor.tokenizer, model.config.text_config.hidden_size, dtype=model.dtype, device=device
+        )
+        return cls(model, processor, model.config, time_series)
+
+    @property
+    def text_config(self) -> Any:
+        return self.config.text_config
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.text_config, "max_position_embeddings", 32768))
+
+    # --- encoder half ------------------------------------------------------------------
+    @property
+    def _factor(self) -> int:
+        """Pixels per side of one merged token (patch size x spatial merge)."""
+        vision = self.config.vision_config
+        return int(vision.patch_size * vision.spatial_merge_size)
+
+    def _pixel_bounds(self, processor: Any, opts: Any) -> dict[str, int]:
+        """min/max pixels from the item's options, clamped to [one token, the processor's default maximum]."""
+        size = processor.size
+        default_min, default_max = int(size["shortest_edge"]), int(size["longest_edge"])
+        floor = self._factor**2
+        max_pixels = min(max(int(opts.max_pixels), floor), default_max) if opts.HasField("max_pixels") else default_max
+        min_pixels = max(int(opts.min_pixels), floor) if opts.HasField("min_pixels") else default_min
+        return {"min_pixels": min(min_pixels, max_pixels), "max_pixels": max_pixels}
+
+    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
+        if item.modality == IMAGE:
+            return self._pixel_bounds(self.processor.image_processor, item.image)
+        if item.modality == VIDEO:
+            return self._pixel_bounds(self.processor.video_processor, item.video)
+        return {}
+
+    def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:
+        if modality == IMAGE:
+            return self._prepare_image(media, options)
+        if modality == VIDEO:
+            return self._prepare_video(media, options)
+        if modality == TIME_SERIES and self.time_series is not None:
+            return self.time_series.prepare(media)
+        raise InvalidArgument("unsupported modality", field="modality")
+
+    def _size(self, options: dict[str, Any]) -> dict[str, int]:
+        return {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}
+
+    def _prepare_image(self, image: Image.Image, options: dict[str, Any]) -> PreparedItem:
+        batch = self.processor.image_processor(images=[image], size=self._size(options), return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        placement = embedding_pb2.ImagePlacement(
+            grid_thw=[int(v) for v in grid[0]],
+            spatial_merge_size=int(self.config.vision_config.spatial_merge_size),
+            source_size=[image.width, image.height],
+        )
+        return PreparedItem(IMAGE, {"pixel_values": batch["pixel_values"], "grid_thw": grid}, placement)
+
+    def _video_processor_kwargs(self, video: Any) -> dict[str, Any]:
+        return {}
+
+    def _prepare_video(self, video: Any, options: dict[str, Any]) -> PreparedItem:
+        batch = self.processor.video_processor(
+            videos=[video.frames], size=self._size(options), return_tensors="pt", **self._video_processor_kwargs(video)
+        )
+        grid = batch["video_grid_thw"]
+        temporal = int(self.config.vision_config.temporal_patch_size)
+        placement = embedding_pb2.VideoPlacement(
+            grid_thw=[int(v) for v in grid[0]],
+            spatial_merge_size=int(self.config.vision_config.spatial_merge_size),
+            second_per_grid=temporal / video.sampled_fps,
+            sampled_fps=video.sampled_fps,
+            frame_timestamps=[float(t) for t in video.timestamps],
+            duration_s=float(video.duration_s),
+            temporal_patch_size=temporal,
+        )
+        return PreparedItem(VIDEO, {"pixel_values": batch["pixel_values_videos"], "grid_thw": grid}, placement)
+
+    def _item_tensors(self, output: Any, index: int) -> list[Any]:
+        """The tensors stored for item `index` of a tower output (Qwen3-VL adds deepstack)."""
+        return [to_raw("embeddings", output.pooler_output[index])]
+
+    @torch.inference_mode()
+    def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        if modality == TIME_SERIES and self.time_series is not None:
+            return self.time_series.encode(batch)
+        if modality in (IMAGE, VIDEO):
+            pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
+            grid = torch.cat([p.inputs["grid_thw"] for p in batch]).to(self.device)
+            features = self.model.get_image_features if modality == IMAGE else self.model.get_video_features
+            output = features(pixels, grid)
+            return [
+                EncodedItem(self._item_tensors(output, i), int(output.pooler_output[i].shape[0]), item.placement)
+                for i, item in enumerate(batch)
+            ]
+        return self._encode_other(modality, batch)
+
+    def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        raise InvalidArgument("unsupported modality", field="modality")
+
+    def warmup(self) -> None:
+        image = Image.new("RGB", (self._factor * 2, self._factor * 2), (127, 127, 127))
+        options = self.effective_options(media_pb2.MediaInput(modality=IMAGE))
+        self.encode(IMAGE, [self.prepare(IMAGE, image, options)])
+
+    # --- decoder half --------------------------------------------------------------------
+    def pad_token(self, modality: int) -> str:
+        if modality == TIME_SERIES and self.time_series is not None:
+            return self.time_series.tokens[1]
+        return {IMAGE: self.processor.image_token, VIDEO: self.processor.video_token}[modality]
+
+    def chat_part(self, modality: int) -> dict[str, Any]:
+        if modality == TIME_SERIES and self.time_series is not None:
+            return {"type": "text", "text": "".join(self.time_series.tokens)}
+        return {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}[modality]
+
+    def reserved_strings(self) -> tuple[str, ...]:
+        ids = [getattr(self.config, attr) for attr in self.reserved_id_attrs if getattr(self.config, attr, None) is not None]
+        tokens = list(self.tokenizer.convert_ids_to_tokens(ids))
+        if self.time_series is not None:
+            tokens.extend(self.time_series.tokens)
+        return tuple(tokens)
+
+    def placeholder_text(self, stored: Any) -> str:
+        """What one item's pad token becomes in the prompt text (the processor's expansion)."""
+        return self.pad_token(stored.descriptor.modality) * int(stored.descriptor.token_count)
+
+    def _expand(self, text: str, media: list[Any]) -> str:
+        out: list[str] = []
+        pos = 0
+        for stored in media:
+            pad = self.pad_token(stored.descriptor.modality)
+            found = text.find(pad, pos)
+            if found < 0:
+                raise InvalidArgument("the chat template dropped a media placeholder", field="messages")
+            out += [text[pos:found], self.placeholder_text(stored)]
+            pos = found + len(pad)
+        out.append(text[pos:])
+        return "".join(out)
+
+    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer([self._expand(text, media)], return_tensors="pt")["input_ids"].to(self.device)
+        embeds = self.embed_tokens(ids)
+        by_modality: dict[int, list[Any]] = defaultdict(list)
+        for stored in media:
+            by_modality[stored.descriptor.modality].append(stored)
+        masks: dict[int, torch.Tensor] = {}
+        for modality, items in by_modality.items():
+            mask = ids == self.tokenizer.convert_tokens_to_ids(self.pad_token(modality))
+            feats = torch.cat([from_raw(m.tensor("embeddings"), self.device) for m in items]).to(embeds.dtype)
+            if int(mask.sum()) != feats.shape[0]:
+                raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), feats)
+            masks[modality] = mask
+        positions, delta = self.rope_index(ids, by_modality)
+        return PrefillInputs(ids, embeds, positions, delta, self.prefill_extra(ids, by_modality, masks, embeds))
+
+    def _grid(self, items: list[Any]) -> torch.Tensor | None:
+        return torch.tensor([list(placement_of(m).grid_thw) for m in items], device=self.device) if items else None
+
+    def _types(self, ids: torch.Tensor) -> torch.Tensor:
+        types = torch.zeros_like(ids, dtype=torch.int)
+        for modality, value in TYPE_IDS.items():
+            types[ids == self.tokenizer.convert_tokens_to_ids(self.pad_token(modality))] = value
+        return types
+
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions [3, 1, L] and the decode-time delta (family-specific)."""
+        raise NotImplementedError
+
+    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[Any]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
+        """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
+        return {}
+
+    def decode_positions(self, seen: int, rope_delta: int, batch: int) -> torch.Tensor:
+        return torch.full((3, batch, 1), seen + rope_delta, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
+        out = self.model.model.language_model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True, **extra
+        )
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.text_config)

@@ -1,0 +1,100 @@
+"""Qwen2.5-Omni (the thinker: the part that produces text): image, video and audio.
+
+Loaded with `Qwen2_5OmniThinkerForConditionalGeneration`, which reads the
+thinker weights of a full Omni checkpoint (the talker and vocoder produce
+speech, not text, and are never loaded). Media pads are <|IMAGE|>, <|VIDEO|>
+and <|AUDIO|>, each wrapped in bos/eos tokens by the chat template;
+`get_rope_index` finds items by those bos tokens and places audio by its mel
+feature length, which is stored with the embedding.
+
+Audio longer than the feature extractor's window (`n_samples`, 300 s for
+the real checkpoints) is refused, never silently cut.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mmserve.common.v1 import embedding_pb2
+from mmserve.errors import InvalidArgument
+from mmserve.models.families.base import EncodedItem, PreparedItem
+from mmserve.models.families.qwen import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.tensors import to_raw
+
+
+class Qwen2_5_Omni(QwenFamily):
+    name = "qwen2_5_omni"
+    model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
+    base_modalities = frozenset({IMAGE, VIDEO, AUDIO})
+    towers = ("visual", "audio_tower")
+    reserved_id_attrs = (
+        "image_token_index", "video_token_index", "audio_token_index", "vision_start_token_id",
+        "vision_end_token_id", "audio_start_token_id", "audio_end_token_id",
+    )
+
+    def pad_token(self, modality: int) -> str:
+        if modality == AUDIO:
+            return str(self.processor.audio_token)
+        return super().pad_token(modality)
+
+    # --- encoder half: audio ----------------------------------------------------------
+    def effective_options(self, item: Any) -> dict[str, Any]:
+        if item.modality == AUDIO:
+            return {"target_rate": int(self.processor.feature_extractor.sampling_rate)}
+        return super().effective_options(item)
+
+    def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:
+        if modality == AUDIO:
+            return self._prepare_audio(media)
+        return super().prepare(modality, media, options)
+
+    def _prepare_audio(self, audio: Any) -> PreparedItem:
+        extractor = self.processor.feature_extractor
+        samples = audio.samples
+        window = extractor.n_samples
+        if samples.shape[0] > window:
+            raise InvalidArgument(
+                f"audio is {samples.shape[0] / extractor.sampling_rate:.1f} s long; this model takes at most "
+                f"{window / extractor.sampling_rate:.0f} s in one item: split it into several audio parts",
+                field="source",
+            )
+        # Padding to the hop grid (plus one FFT window) gives the same valid frames as padding to the
+        # whole window, at a fraction of the cost; only valid frames reach the tower.
+        padded = min(window, math.ceil(samples.shape[0] / extractor.hop_length) * extractor.hop_length + extractor.n_fft)
+        features = extractor(
+            [samples], sampling_rate=extractor.sampling_rate, padding="max_length", max_length=padded,
+            truncation=True, return_attention_mask=True, return_tensors="pt",
+        )
+        mask = features["attention_mask"]
+        length = int(mask.sum())
+        placement = embedding_pb2.AudioPlacement(
+            feature_length=length, num_samples=int(samples.shape[0]), sampling_rate=int(extractor.sampling_rate),
+            chunk_feature_lengths=[length],
+        )
+        return PreparedItem(AUDIO, {"input_features": features["input_features"], "mask": mask}, placement)
+
+    @torch.inference_mode()
+    def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        if modality != AUDIO:
+            return super()._encode_other(modality, batch)
+        out = []
+        for item in batch:
+            hidden = self.model.get_audio_features(
+                item.inputs["input_features"].to(self.device, self.dtype), feature_attention_mask=item.inputs["mask"].to(self.device)
+            ).last_hidden_state
+            out.append(EncodedItem([to_raw("embeddings", hidden)], int(hidden.shape[0]), item.placement))
+        return out
+
+    # --- decoder half -------------------------------------------------------------------
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+        videos, audios = media.get(VIDEO, []), media.get(AUDIO, [])
+        seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
+        lengths = torch.tensor([placement_of(a).feature_length for a in audios], device=self.device) if audios else None
+        positions, deltas = self.model.model.get_rope_index(
+            ids, image_grid_thw=self._grid(media.get(IMAGE, [])), video_grid_thw=self._grid(videos),
+            attention_mask=torch.ones_like(ids), use_audio_in_video=False, audio_seqlens=lengths, second_per_grids=seconds,
+        )
+        return positions, int(deltas.view(-1)[0])

@@ -1,0 +1,282 @@
+"""The correctness bar for every family and modality, through the OpenAI SDK.
+
+For Qwen2.5-VL, Qwen3-VL and the Qwen2.5-Omni thinker, greedy output of the
+split path (gateway -> decoder -> encoder -> Redis -> decoder) for video,
+audio and time-series prompts, and for a mixed two-turn conversation, must
+equal the monolithic transformers model on the same inputs, text for text:
+`model.generate(**processor(...), do_sample=False)` for the media transformers
+knows, and for time series (no transformers reference exists) the adapter's
+own in-process forward spliced into `model.generate(inputs_embeds=...)`.
+
+"The same inputs": the reference is given the frames, waveform and series that
+mmserve's loaders produced from the same files (decoding is tested on its own
+in test_*_decode.py); what is compared here is the model computation split
+across services against the monolithic one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mmserve.config import Settings
+from mmserve.localredis import LocalRedis
+from services.encoder.media.audio import decode_audio
+from services.encoder.media.budget import RequestBudget
+from services.encoder.media.timeseries import load_time_series
+from services.encoder.media.video import DecodedVideo, decode_video
+from tests.conftest import CACHE_DIR, Stack, StartService, start_stack
+from tests.support import Reference, data_url, png_bytes
+
+MAX_TOKENS = 16
+FAMILIES = {"qwen2_5_vl": "qwen2_5_vl-tiny", "qwen3_vl": "qwen3_vl-tiny", "qwen2_5_omni": "qwen2_5_omni-tiny"}
+SETTINGS = Settings()
+VIDEO_IO = {"video": {"fps": 2, "num_frames": 8}}
+
+
+def mp4_bytes(frames: int = 8, fps: int = 4, width: int = 96, height: int = 64, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        rng = np.random.default_rng(seed)
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.random.default_rng(seed).standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def npy_bytes(samples: int = 600, channels: int = 2, seed: int = 0) -> bytes:
+    t = np.arange(samples)[:, None] / 100.0
+    values = np.sin(2 * np.pi * t * np.array([[1.0, 3.0]])[:, :channels]) + 0.2 * np.random.default_rng(seed).standard_normal((samples, channels))
+    buf = io.BytesIO()
+    np.save(buf, values.astype(np.float32))
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+VIDEO, AUDIO, SERIES, IMAGE = mp4_bytes(), wav_bytes(), npy_bytes(), png_bytes(128, 96, seed=11)
+
+
+def decoded_video(data: bytes = VIDEO) -> DecodedVideo:
+    return decode_video(data, settings=SETTINGS, budget=RequestBudget.from_settings(SETTINGS), fps=2.0, num_frames=8)
+
+
+class FamilyReference(Reference):
+    """The monolithic model of one family, fed what mmserve's loaders made of the same files."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def media_kwargs(self, images: list[bytes] = (), videos: list[bytes] = (), audios: list[bytes] = ()) -> dict:  # type: ignore[assignment]
+        from PIL import Image
+        from transformers.video_utils import VideoMetadata
+
+        kwargs: dict = {}
+        if images:
+            kwargs["images"] = [Image.open(io.BytesIO(p)).convert("RGB") for p in images]
+        if videos:
+            decoded = [decoded_video(v) for v in videos]
+            kwargs["videos"] = [d.frames for d in decoded]
+            if self.family == "qwen2_5_omni":
+                kwargs["fps"] = decoded[0].sampled_fps
+            else:
+                kwargs["do_sample_frames"] = False
+                kwargs["video_metadata"] = [
+                    VideoMetadata(
+                        total_num_frames=round(d.duration_s * d.source_fps), fps=d.source_fps,
+                        frames_indices=[round(t * d.source_fps) for t in d.timestamps],
+                    )
+                    for d in decoded
+                ]
+        if audios:
+            rate = self.processor.feature_extractor.sampling_rate
+            kwargs["audio"] = [
+                decode_audio(a, settings=SETTINGS, budget=RequestBudget.from_settings(SETTINGS), target_rate=rate, format=None).samples
+                for a in audios
+            ]
+        return kwargs
+
+    def generate_media(self, conversation: list[dict], **media: list[bytes]) -> str:
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], return_tensors="pt", **self.media_kwargs(**media))
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+        return self._text(out[0, inputs["input_ids"].shape[1] :].tolist())
+
+    def generate_series(self, question: str, series: bytes, rate: float) -> str:
+        """Time series: the adapter's own forward on the raw series, spliced into the prompt embeddings."""
+        from mmserve.models.time_series_adapter import TimeSeriesAdapter
+
+        adapter = TimeSeriesAdapter.from_pretrained(self.path / "time_series").eval()
+        c = adapter.config
+        loaded = load_time_series(series, settings=SETTINGS, sampling_rate=rate, format=None, mime=None)
+        with torch.inference_mode():
+            feats = adapter(torch.from_numpy(loaded.values), rate)
+        marker = c.start_token + c.placeholder_token + c.end_token
+        conversation = [{"role": "user", "content": [{"type": "text", "text": marker}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = text.replace(c.placeholder_token, c.placeholder_token * feats.shape[0])
+        ids = self.processor.tokenizer([text], return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(ids)
+            mask = ids == self.processor.tokenizer.convert_tokens_to_ids(c.placeholder_token)
+            embeds[mask] = feats.to(embeds.dtype)
+            out = self.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS)
+        return self._text(out[0].tolist())
+
+    def _text(self, ids: list[int]) -> str:
+        eos = self.model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos)
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def family_redis() -> Iterator[LocalRedis]:
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stacks(start_service: StartService, family_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+    """One stack per family (started on first use), all on one Redis: fingerprints keep them apart."""
+    started: dict[str, Stack] = {}
+
+    class Lazy(dict):
+        def __missing__(self, family: str) -> Stack:
+            started[family] = start_stack(start_service, family_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+            return started[family]
+
+    yield Lazy()
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, FamilyReference]:
+    from mmserve.models.tiny import ensure_checkpoint
+
+    class Lazy(dict):
+        def __missing__(self, family: str) -> FamilyReference:
+            self[family] = FamilyReference(ensure_checkpoint(FAMILIES[family], CACHE_DIR))
+            return self[family]
+
+    return Lazy()
+
+
+def ask(stack: Stack, content: list[dict], **extra: object) -> str:
+    reply = stack.client().chat.completions.create(
+        model="", messages=[{"role": "user", "content": content}], temperature=0, max_completion_tokens=MAX_TOKENS, extra_body=extra or None
+    )
+    return reply.choices[0].message.content or ""
+
+
+def assert_informative(text: str) -> None:
+    assert len(set(text)) > 5, f"degenerate output {text!r}: the comparison could not fail"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_image(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
+    want = references[family].generate_media(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}], images=[IMAGE]
+    )
+    assert_informative(want)
+    got = ask(stacks[family], [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}, {"type": "text", "text": "What is this?"}])
+    assert got == want
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_video(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
+    want = references[family].generate_media(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}], videos=[VIDEO]
+    )
+    assert_informative(want)
+    got = ask(
+        stacks[family],
+        [{"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(VIDEO)}"}}, {"type": "text", "text": "What happens?"}],
+        media_io_kwargs=VIDEO_IO,
+    )
+    assert got == want
+
+
+def test_audio(stacks: dict[str, Stack], references: dict[str, FamilyReference]) -> None:
+    want = references["qwen2_5_omni"].generate_media(
+        [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is said?"}]}], audios=[AUDIO]
+    )
+    assert_informative(want)
+    via_input_audio = ask(
+        stacks["qwen2_5_omni"], [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}, {"type": "text", "text": "What is said?"}]
+    )
+    via_url = ask(
+        stacks["qwen2_5_omni"], [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}}, {"type": "text", "text": "What is said?"}]
+    )
+    assert via_input_audio == via_url == want
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_time_series(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
+    want = references[family].generate_series("Describe the trend.", SERIES, 100.0)
+    assert_informative(want)
+    got = ask(
+        stacks[family],
+        [{"type": "time_series_url", "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100}},
+         {"type": "text", "text": "Describe the trend."}],
+    )
+    assert got == want
+
+
+def test_mixed_two_turn_conversation(stacks: dict[str, Stack], references: dict[str, FamilyReference]) -> None:
+    """Image, video, audio and text interleaved, two user turns with an assistant turn between."""
+    image2 = png_bytes(120, 80, seed=8)
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "First:"}, {"type": "image"}, {"type": "text", "text": "then"},
+                                     {"type": "video"}, {"type": "text", "text": "and listen"}, {"type": "audio"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I saw and heard them."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this the same as the first?"}]},
+    ]
+    want = references["qwen2_5_omni"].generate_media(conversation, images=[IMAGE, image2], videos=[VIDEO], audios=[AUDIO])
+    assert_informative(want)
+    messages = [
+        {"role": "user", "content": [
+            {"type": "text", "text": "First:"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}},
+            {"type": "text", "text": "then"}, {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(VIDEO)}"}},
+            {"type": "text", "text": "and listen"}, {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}},
+        ]},
+        {"role": "assistant", "content": "I saw and heard them."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image2)}}, {"type": "text", "text": "Is this the same as the first?"}]},
+    ]
+    reply = stacks["qwen2_5_omni"].client().chat.completions.create(
+        model="", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS, extra_body={"media_io_kwargs": VIDEO_IO}
+    )
+    assert reply.choices[0].message.content == want
+
+
+def test_a_modality_the_model_cannot_take_is_a_clear_400(stacks: dict[str, Stack]) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(stacks["qwen2_5_vl"], [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}])
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "messages[0].content[0]"
+    assert "does not accept audio" in error["message"] and "image" in error["message"]
