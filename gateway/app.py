@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import error_body, error_response, http_status, mm_error_response
@@ -45,7 +46,6 @@ from mmserve.rpc.server import message_size_options
 log = logging.getLogger("mmserve.gateway")
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-KEEPALIVE_S = 15.0
 
 
 class BodyLimit:
@@ -172,12 +172,24 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json",
+                                  request_id=request.state.request_id)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ""
         for part in loc:
             param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
         return error_response(f"{param or 'body'}: {first.get('msg')}", status=400, param=param or None,
                               code="invalid_request", request_id=request.state.request_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods get the OpenAI error shape too."""
+        response = error_response(str(exc.detail), status=exc.status_code, code=str(exc.detail).lower().replace(" ", "_"),
+                                  request_id=getattr(request.state, "request_id", None))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -209,7 +221,7 @@ def create_app(settings: Settings) -> FastAPI:
         model = body.model or await g.served_model()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = sse_events(call, first, completion_id, created, model, include_usage, rid)
+            events = sse_events(call, first, completion_id, created, model, include_usage, settings.sse_keepalive_s)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"x-request-id": rid, "cache-control": "no-cache"})
         try:
@@ -280,7 +292,7 @@ async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, cre
 
 
 async def sse_events(call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str,
-                     include_usage: bool, request_id: str) -> AsyncIterator[str]:
+                     include_usage: bool, keepalive_s: float) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -305,7 +317,7 @@ async def sse_events(call: Any, first: pb.GenerateResponse, completion_id: str, 
                 usage = _usage(message.usage)
             pending = asyncio.ensure_future(call.read())
             while True:
-                done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
                 if done:
                     break
                 yield ": keep-alive\n\n"

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")
     max_body_bytes: int = Field(64 * MiB, description="Largest request body the gateway accepts (413 above).")
     gateway_request_timeout_s: float = Field(600.0, description="Deadline of one chat request, passed to the decoder.")
+    sse_keepalive_s: float = Field(15.0, description="Seconds of silence in a stream before a `: keep-alive` comment.")
     served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: the model).")
 
     # --- observability ---------------------------------------------------

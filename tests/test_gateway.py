@@ -530,3 +530,19 @@ def test_redis_down_then_encoder_down_are_503(start_service: StartService, own_r
     assert answer(client, "Text only still works.")
     # a stored embedding needs no encoder
     assert answer(client, [text("Look:"), by_ref("frag-603")]) == stored.choices[0].message.content
+
+
+def test_unknown_routes_and_methods_use_the_openai_error_shape(stack: Stack) -> None:
+    base = stack.gateway.base_url
+    missing = httpx.get(f"{base}/nope", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error" and "x-request-id" in missing.headers
+    wrong_method = httpx.get(f"{base}/chat/completions", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_invalid_json_is_a_400_without_a_meaningless_param(stack: Stack) -> None:
+    reply = httpx.post(f"{stack.gateway.base_url}/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}, timeout=10)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_json" and error["param"] is None and "JSON" in error["message"]

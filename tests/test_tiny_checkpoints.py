@@ -490,10 +490,13 @@ def test_time_series_adapter_is_attached(family: Loaded) -> None:
     assert torch.isfinite(embeds).all()
 
 
-@pytest.mark.parametrize("modality", ["text", "image", "video", "audio"])
-def test_monolithic_generate_is_not_degenerate(family: Loaded, modality: str) -> None:
-    if modality not in FAMILIES[family.name][3]:
-        pytest.skip(f"{family.name} takes no {modality}")
+@pytest.mark.parametrize(
+    ("name", "modality"), [(name, modality) for name in TINIES for modality in FAMILIES[name][3]]
+)
+def test_monolithic_generate_is_not_degenerate(loaded: dict[str, Loaded], cache_root: Path, name: str, modality: str) -> None:
+    if name not in loaded:
+        loaded[name] = Loaded(name, cache_root)
+    family = loaded[name]
     inputs = _inputs(family, modality)
     tokens = _greedy(family.model, inputs)
     assert len(tokens) >= 20 and len(set(tokens)) >= 10, tokens
