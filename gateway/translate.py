@@ -72,6 +72,14 @@ def _number(value: Any, field: str, kind: type) -> Any:
     return kind(value)
 
 
+def _set(opts: Any, key: str, value: Any, field: str) -> None:
+    """Set one option; a value the wire type cannot hold (e.g. num_frames beyond int32) is a 400, not a 500."""
+    try:
+        setattr(opts, key, value)
+    except ValueError:
+        raise InvalidArgument(f"{key} is out of range", field=field) from None
+
+
 def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]], proc_kwargs: dict[str, dict[str, Any]]) -> None:
     """Set the request-level options of the item's modality on the item."""
     name = OPTION_FIELD[item.modality]
@@ -83,14 +91,16 @@ def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]
     elif item.modality == media_pb2.MODALITY_VIDEO:
         opts = item.video
         if "fps" in io:
-            opts.fps = _number(io["fps"], "media_io_kwargs.video.fps", float)
+            _set(opts, "fps", _number(io["fps"], "media_io_kwargs.video.fps", float), "media_io_kwargs.video.fps")
         if "num_frames" in io:
-            opts.num_frames = _number(io["num_frames"], "media_io_kwargs.video.num_frames", int)
+            field = "media_io_kwargs.video.num_frames"
+            _set(opts, "num_frames", _number(io["num_frames"], field, int), field)
     else:
         return
     for key in ("min_pixels", "max_pixels"):
         if key in proc:
-            setattr(opts, key, _number(proc[key], f"mm_processor_kwargs.{name}.{key}", int))
+            field = f"mm_processor_kwargs.{name}.{key}"
+            _set(opts, key, _number(proc[key], field, int), field)
     if not opts.ListFields():
         item.ClearField(name)
 

@@ -43,6 +43,14 @@ def _gateway(_: argparse.Namespace) -> int:
 
 
 def _health(ns: argparse.Namespace) -> int:
+    if ns.target.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(ns.target, timeout=ns.timeout) as response:
+                return 0 if response.status == 200 else 1
+        except OSError:
+            return 1
     from mmserve.rpc.health import check
 
     return 0 if check(ns.target, ns.service, timeout=ns.timeout) else 1
@@ -57,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway").set_defaults(run=_gateway)
     sub.add_parser("encode", help="precompute embeddings of files or URLs, print their ids (see mmserve encode --help)")
     sub.add_parser("tiny", help="build the tiny random-weight checkpoints (see mmserve tiny --help)")
-    health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING")
-    health.add_argument("target", help="host:port of the service")
+    health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING (or an HTTP URL answers 200)")
+    health.add_argument("target", help="host:port of a gRPC service, or an http(s):// URL")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(run=_health)

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
+    @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`VAR=` (as compose writes `${VAR:-}`) means unset, not an empty value."""
+        return None if value == "" else value
+
     @field_validator("fetch_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

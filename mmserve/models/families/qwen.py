@@ -95,8 +95,11 @@ class QwenFamily(Family):
         vision = self.config.vision_config
         return int(vision.patch_size * vision.spatial_merge_size)
 
-    def _pixel_bounds(self, processor: Any, opts: Any) -> dict[str, int]:
+    def _pixel_bounds(self, processor: Any, opts: Any, name: str) -> dict[str, int]:
         """min/max pixels from the item's options, clamped to [one token, the processor's default maximum]."""
+        for key in ("min_pixels", "max_pixels"):
+            if opts.HasField(key) and getattr(opts, key) <= 0:  # nonsense, not a value to clamp
+                raise InvalidArgument(f"{key} must be a positive number of pixels", field=f"{name}.{key}")
         size = processor.size
         default_min, default_max = int(size["shortest_edge"]), int(size["longest_edge"])
         floor = self._factor**2
@@ -106,9 +109,9 @@ class QwenFamily(Family):
 
     def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
         if item.modality == IMAGE:
-            return self._pixel_bounds(self.processor.image_processor, item.image)
+            return self._pixel_bounds(self.processor.image_processor, item.image, "image")
         if item.modality == VIDEO:
-            return self._pixel_bounds(self.processor.video_processor, item.video)
+            return self._pixel_bounds(self.processor.video_processor, item.video, "video")
         return {}
 
     def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:

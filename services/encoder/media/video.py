@@ -116,13 +116,13 @@ def resolve_sampling(settings: Settings, fps: float | None, num_frames: int | No
     if fps is None:
         fps = settings.video_default_fps
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0:
-        raise InvalidArgument("must be a finite number of frames per second > 0", field="video.fps")
+        raise InvalidArgument("fps must be a finite number of frames per second > 0", field="video.fps")
     cap = settings.video_max_num_frames
     if num_frames is None:
         num_frames = min(settings.video_default_num_frames, cap)
     if isinstance(num_frames, bool) or not isinstance(num_frames, int | np.integer) or not 0 < num_frames <= cap:
         raise InvalidArgument(
-            f"must be between 1 and {cap}",
+            f"num_frames must be between 1 and {cap}",
             field="video.num_frames",
             metadata={"limit": str(cap), "setting": "video_max_num_frames"},
         )
