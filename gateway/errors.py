@@ -38,7 +38,7 @@ ERROR_TYPE = {
     429: "rate_limit_error",
 }
 
-_PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?)")
+_PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?|content\[\d+\])")
 _SAMPLING = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
              "sampling.seed": "seed", "sampling.stop": "stop", "sampling.n": "n", "sampling.max_tokens": "max_completion_tokens"}
 

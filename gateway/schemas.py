@@ -70,3 +70,45 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class EncodeRequest(BaseModel):
+    """POST /v1/mm/encode body: media parts to embed and store for later requests."""
+
+    model_config = ConfigDict(extra="allow")
+
+    content: list[dict[str, Any]] = Field(
+        ...,
+        min_length=1,
+        description=(
+            "Media parts, with the same shapes as chat content parts (image_url, video_url, audio_url, input_audio, "
+            "time_series_url), each optionally with a `uuid` to name the stored embedding."
+        ),
+    )
+    media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="As in chat completions.")
+    mm_processor_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="As in chat completions.")
+
+
+class EmbeddingObject(BaseModel):
+    """A stored embedding: refer to it in chat as a media part with a null payload and `uuid` = `id`."""
+
+    id: str = Field(..., description="The client uuid, or the content id `mmemb-<hex>`.")
+    object: Literal["mm.embedding"] = "mm.embedding"
+    modality: str
+    tokens: int = Field(..., description="LLM positions the embedding fills in a prompt.")
+    model: str
+    cached: bool | None = Field(None, description="True if it was already stored (nothing was encoded); encode only.")
+    created_at: int = Field(..., description="Unix time it was stored.")
+    expires_at: int | None = Field(None, description="Unix time it expires; null if it does not.")
+    content_sha256: str
+
+
+class EncodeResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+
+
+class DeletedEmbedding(BaseModel):
+    id: str
+    object: Literal["mm.embedding.deleted"] = "mm.embedding.deleted"
+    deleted: bool

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gateway.schemas import ChatCompletionRequest
+from gateway.schemas import ChatCompletionRequest, EncodeRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
@@ -189,3 +189,20 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
         sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     sampling.ignore_eos = body.ignore_eos
     return request
+
+
+def to_encode_items(body: EncodeRequest) -> list[media_pb2.MediaInput]:
+    """Media parts of a precompute request -> MediaInput items (fields named `content[i]`)."""
+    io_kwargs = _check_kwargs(body.media_io_kwargs, MEDIA_IO_KEYS, "media_io_kwargs")
+    proc_kwargs = _check_kwargs(body.mm_processor_kwargs, PROCESSOR_KEYS, "mm_processor_kwargs")
+    items = []
+    for i, part in enumerate(body.content):
+        field = f"content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in MEDIA_PARTS:
+            raise InvalidArgument(f"only media parts can be encoded; supported: {', '.join(MEDIA_PARTS)}", field=field)
+        item = media_part(part, kind, field)
+        if item.HasField("source"):
+            item_options(item, io_kwargs, proc_kwargs)
+        items.append(item)
+    return items

@@ -135,6 +135,13 @@ class Unimplemented(MmserveError):
     default_reason = "UNIMPLEMENTED"
 
 
+class Unauthenticated(MmserveError):
+    """Missing or wrong credentials (HTTP 401)."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "INVALID_API_KEY"
+
+
 class Internal(MmserveError):
     """A bug; the message is generic, details are in the server log only."""
 
@@ -154,6 +161,7 @@ for _cls in (
     DeadlineExceeded,
     Cancelled,
     Unimplemented,
+    Unauthenticated,
     Internal,
 ):
     _BY_REASON.setdefault(_cls.default_reason, _cls)

@@ -17,6 +17,7 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 REQUESTS = Counter("mmserve_requests", "Requests served, by service, rpc/route and outcome.", ["service", "rpc", "outcome"])
+IN_FLIGHT = Gauge("mmserve_requests_in_flight", "Requests being served now, by service.", ["service"])
 REQUEST_SECONDS = Histogram(
     "mmserve_request_duration_seconds", "Time to serve a request.", ["service", "rpc"], buckets=_LATENCY
 )
@@ -42,16 +43,17 @@ RUNNING = Gauge("mmserve_num_requests_running", "Requests generating now.")
 WAITING = Gauge("mmserve_num_requests_waiting", "Requests waiting for a slot.")
 
 
-def record_rpc(service: str) -> RpcRecorder:
-    """A callback for the gRPC interceptor that counts and times every RPC."""
-    return RpcRecorder(service)
-
-
 class RpcRecorder:
+    """Counts, times and tracks in-flight RPCs of one gRPC service (driven by its interceptor)."""
+
     def __init__(self, service: str) -> None:
         self.service = service
 
+    def started(self) -> None:
+        IN_FLIGHT.labels(self.service).inc()
+
     def __call__(self, rpc: str, outcome: str, seconds: float) -> None:
+        IN_FLIGHT.labels(self.service).dec()
         REQUESTS.labels(self.service, rpc, outcome).inc()
         REQUEST_SECONDS.labels(self.service, rpc).observe(seconds)
 

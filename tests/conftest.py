@@ -205,7 +205,7 @@ def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stac
     """The three services wired together, as `mmserve up` does (loopback fetches allowed for the media server)."""
     encoder = start_service("encoder", redis_url=redis_url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", **env)
     decoder = start_service("decoder", redis_url=redis_url, MMSERVE_ENCODER_TARGET=encoder.target, **env)
-    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target, **env)
+    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target, MMSERVE_ENCODER_TARGET=encoder.target, **env)
     return Stack(encoder, decoder, gateway, redis_url)
 
 

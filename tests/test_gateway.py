@@ -546,3 +546,67 @@ def test_invalid_json_is_a_400_without_a_meaningless_param(stack: Stack) -> None
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["code"] == "invalid_json" and error["param"] is None and "JSON" in error["message"]
+
+
+# --- REST precompute --------------------------------------------------------------------------
+
+
+def test_rest_precompute_encode_get_delete(stack: Stack, client: openai.OpenAI) -> None:
+    base = stack.gateway.base_url
+    png = png_bytes(seed=701)
+    body = {"content": [{"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "rest-701"},
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=702))}}]}
+    reply = httpx.post(f"{base}/mm/encode", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [d["id"] for d in data][0] == "rest-701" and data[1]["id"].startswith("mmemb-")
+    assert all(d["object"] == "mm.embedding" and d["modality"] == "image" and d["tokens"] == 6 and not d["cached"] for d in data)
+    assert data[0]["expires_at"] - data[0]["created_at"] == pytest.approx(7 * 24 * 3600, abs=2)
+
+    again = httpx.post(f"{base}/mm/encode", json=body, timeout=60).json()["data"]
+    assert [d["cached"] for d in again] == [True, True]
+    by_uuid = answer(client, [text("Look:"), by_ref("rest-701")])
+    by_content_id = answer(client, [text("Look:"), by_ref(data[1]["id"])])
+    assert by_uuid == answer(client, [text("Look:"), image(data_url(png))]) and by_content_id
+
+    described = httpx.get(f"{base}/mm/embeddings/rest-701", timeout=30).json()
+    assert described["id"] == "rest-701" and described["tokens"] == 6 and described["content_sha256"] == data[0]["content_sha256"]
+    deleted = httpx.delete(f"{base}/mm/embeddings/rest-701", timeout=30)
+    assert deleted.status_code == 200 and deleted.json() == {"id": "rest-701", "object": "mm.embedding.deleted", "deleted": True}
+    assert httpx.delete(f"{base}/mm/embeddings/rest-701", timeout=30).json()["deleted"] is False
+    gone = httpx.get(f"{base}/mm/embeddings/rest-701", timeout=30)
+    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
+    err, _ = api_error(lambda: chat(client, [text("Look:"), by_ref("rest-701")]), 404)
+    assert "rest-701" in err["message"]
+
+
+def test_rest_precompute_errors_name_the_part(stack: Stack) -> None:
+    base = stack.gateway.base_url
+    text_part = httpx.post(f"{base}/mm/encode", json={"content": [{"type": "text", "text": "hi"}]}, timeout=30)
+    assert text_part.status_code == 400 and text_part.json()["error"]["param"] == "content[0]"
+    bad_url = httpx.post(f"{base}/mm/encode", json={"content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=703))}},
+        {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}]}, timeout=30)
+    assert bad_url.status_code == 400 and bad_url.json()["error"]["param"] == "content[1]"
+    assert "private" in bad_url.json()["error"]["message"]
+    conflict = httpx.post(f"{base}/mm/encode", json={"content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=704))}, "uuid": "rest-704"}]}, timeout=30)
+    assert conflict.status_code == 200
+    rebound = httpx.post(f"{base}/mm/encode", json={"content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=705))}, "uuid": "rest-704"}]}, timeout=30)
+    assert rebound.status_code == 409 and rebound.json()["error"]["param"] == "content[0]"
+    assert rebound.headers["x-should-retry"] == "false"
+
+
+def test_openapi_document_describes_every_endpoint_and_extension(stack: Stack) -> None:
+    doc = httpx.get(f"http://127.0.0.1:{stack.gateway.port}/openapi.json", timeout=30).json()
+    paths = doc["paths"]
+    for path, method in [("/v1/chat/completions", "post"), ("/v1/models", "get"), ("/v1/mm/encode", "post"),
+                         ("/v1/mm/embeddings/{embedding_id}", "get"), ("/v1/mm/embeddings/{embedding_id}", "delete"),
+                         ("/health", "get"), ("/metrics", "get")]:
+        assert method in paths[path], (path, method)
+    chat_schema = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for extension in ("media_io_kwargs", "mm_processor_kwargs", "top_k", "ignore_eos", "max_completion_tokens", "stream_options"):
+        assert chat_schema[extension].get("description") or extension in ("stream_options",), extension
+    assert "time_series_url" in doc["components"]["schemas"]["ChatMessage"]["properties"]["content"]["description"]
+    assert {"id", "tokens", "expires_at", "cached"} <= set(doc["components"]["schemas"]["EmbeddingObject"]["properties"])

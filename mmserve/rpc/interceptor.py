@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from mmserve.errors import Internal, MmserveError, from_rpc_error, to_rpc_status
 from mmserve.log import request_fields_var, request_id_var
+from mmserve.metrics import RpcRecorder
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY, new_request_id, read_metadata, tenant_var
 
 log = logging.getLogger("mmserve.rpc")
@@ -28,7 +29,6 @@ log = logging.getLogger("mmserve.rpc")
 #: Infrastructure RPCs that are neither logged per call nor counted.
 _QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
-Outcome = Callable[[str, str, float], None]
 
 
 def as_mmserve_error(exc: BaseException) -> MmserveError:
@@ -43,10 +43,10 @@ def as_mmserve_error(exc: BaseException) -> MmserveError:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request context, error mapping and per-request logging for one service."""
 
-    def __init__(self, service: str, *, default_tenant: str, on_done: Outcome | None = None) -> None:
+    def __init__(self, service: str, *, default_tenant: str, metrics: RpcRecorder | None = None) -> None:
         self._service = service
         self._default_tenant = default_tenant
-        self._on_done = on_done
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -87,6 +87,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
         tenant_var.set(md.get(TENANT_KEY) or self._default_tenant)
         request_fields_var.set({})
+        if self._metrics is not None:
+            self._metrics.started()
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -142,5 +144,5 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             extra={"fields": {"service": self._service, "rpc": name, "outcome": outcome,
                               "duration_ms": round(seconds * 1000, 1), **noted, **fields}},
         )
-        if self._on_done is not None:
-            self._on_done(name, outcome, seconds)
+        if self._metrics is not None:
+            self._metrics(name, outcome, seconds)

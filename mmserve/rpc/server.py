@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmserve.config import Settings
-from mmserve.rpc.interceptor import Outcome, ServiceInterceptor
+from mmserve.metrics import RpcRecorder
+from mmserve.rpc.interceptor import ServiceInterceptor
 
 log = logging.getLogger("mmserve.rpc")
 
@@ -58,11 +59,11 @@ async def start_server(
     port: int,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
-    on_done: Outcome | None = None,
+    metrics: RpcRecorder | None = None,
 ) -> GrpcServer:
     """Create and start a server on `port` (0 picks a free one), health NOT_SERVING."""
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(service, default_tenant=settings.tenant, on_done=on_done)],
+        interceptors=[ServiceInterceptor(service, default_tenant=settings.tenant, metrics=metrics)],
         options=message_size_options(settings),
     )
     register(server)

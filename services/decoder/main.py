@@ -10,7 +10,7 @@ import grpc
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.log import setup_logging
-from mmserve.metrics import record_rpc, serve_metrics
+from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import start_server, wait_for_signal
 from mmserve.store import EmbeddingStore
@@ -35,7 +35,7 @@ async def serve(settings: Settings) -> None:
 
     server = await start_server(
         settings, service="decoder", port=settings.decoder_port, register=register,
-        service_names=[SERVICE_NAME], on_done=record_rpc("decoder"),
+        service_names=[SERVICE_NAME], metrics=RpcRecorder("decoder"),
     )
     model = await asyncio.to_thread(load_model, settings, part="decoder")
     engine = Engine(model.family, settings)

@@ -10,7 +10,7 @@ import grpc
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.log import setup_logging
-from mmserve.metrics import record_rpc, serve_metrics
+from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import start_server, wait_for_signal
 from mmserve.store import EmbeddingStore
@@ -34,7 +34,7 @@ async def serve(settings: Settings) -> None:
 
     server = await start_server(
         settings, service="encoder", port=settings.encoder_port, register=register,
-        service_names=[SERVICE_NAME], on_done=record_rpc("encoder"),
+        service_names=[SERVICE_NAME], metrics=RpcRecorder("encoder"),
     )
     model = await asyncio.to_thread(load_model, settings, part="encoder")
     await asyncio.to_thread(model.family.warmup)

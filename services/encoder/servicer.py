@@ -11,7 +11,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
-from mmserve.errors import InvalidArgument, MediaTooLarge, NotFound, Unavailable
+from mmserve.errors import InvalidArgument, MediaTooLarge, MmserveError, NotFound, Unavailable
 from mmserve.rpc.metadata import tenant_var
 from mmserve.store import EmbeddingStore
 from services.encoder.pipeline import EncoderPipeline
@@ -81,7 +81,13 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             item.source.data = b""  # marks the item as carrying bytes; the real bytes are preloaded
             spool.seek(0)
             data = spool.read()
-        results = await self.pipeline.encode([item], tenant=self._tenant, prefix="header.item", preloaded={0: data})
+        try:
+            results = await self.pipeline.encode([item], tenant=self._tenant, prefix="header.item", preloaded={0: data})
+        except MmserveError as err:
+            # The pipeline names items "<prefix>[i]"; an upload has one item, at header.item.
+            if err.field and err.field.startswith("header.item[0]"):
+                err.field = "header.item" + err.field[len("header.item[0]") :]
+            raise
         return pb.EncodeUploadResponse(result=results[0])
 
     async def GetEmbedding(self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext) -> pb.GetEmbeddingResponse:

@@ -1,0 +1,164 @@
+"""POST /v1/chat/completions and GET /v1/models.
+
+Streaming: the gRPC call is started and its first message awaited *before*
+the HTTP response begins, so every media or validation error (decided by the
+decoder before its first message) is a real HTTP error. After that, SSE
+chunks follow the OpenAI format; an error mid-stream becomes an
+`data: {"error": ...}` event; long silences get `: keep-alive` comments; a
+client that disconnects cancels the gRPC call, which frees the decoder slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.errors import error_body, http_status, rest_param
+from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
+from gateway.state import Gateway, call_metadata, gateway, tenant
+from gateway.translate import to_generate_request
+from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.errors import MmserveError, from_rpc_error
+from mmserve.mediainput import MODALITY_NAMES
+
+log = logging.getLogger("mmserve.gateway")
+router = APIRouter()
+
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class ChatError(Exception):
+    """An error with the request's own name for max tokens (max_tokens or max_completion_tokens)."""
+
+    def __init__(self, error: MmserveError, max_tokens_name: str) -> None:
+        self.error, self.max_tokens_name = error, max_tokens_name
+
+
+@router.post("/v1/chat/completions", response_model=None, tags=["chat"])
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)
+) -> Response:
+    """OpenAI chat completions, streamed (SSE) or not, over the decoder's Generate RPC."""
+    if body.model_extra:
+        log.info("ignoring unknown fields: %s", ", ".join(sorted(body.model_extra)))
+    max_tokens_name = "max_tokens" if body.max_tokens is not None and body.max_completion_tokens is None else "max_completion_tokens"
+    try:
+        grpc_request = to_generate_request(body)
+    except MmserveError as err:
+        raise ChatError(err, max_tokens_name) from None
+    call = gw.decoder.Generate(grpc_request, metadata=call_metadata(request, caller), timeout=gw.settings.gateway_request_timeout_s)
+    try:
+        first = await call.read()
+    except grpc.RpcError as exc:
+        raise ChatError(from_rpc_error(exc), max_tokens_name) from None
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    if first is grpc.aio.EOF:
+        raise ChatError(MmserveError("the decoder ended the stream without a result"), max_tokens_name)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    model = body.model or await gw.served_model()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = sse_events(call, first, completion_id, created, model, include_usage, gw.settings.sse_keepalive_s)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    try:
+        return JSONResponse(await collect(call, first, completion_id, created, model))
+    except grpc.RpcError as exc:
+        raise ChatError(from_rpc_error(exc), max_tokens_name) from None
+    finally:
+        call.cancel()  # no-op when finished; frees the decoder slot if the client went away
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)) -> JSONResponse:
+    """The served model(s), with mmserve's extra fields (modalities, random_weights, ...)."""
+    try:
+        reply = await gw.decoder.ListModels(pb.ListModelsRequest(), timeout=10, metadata=call_metadata(request, caller))
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
+    data = [
+        ModelObject(
+            id=m.id, created=m.created, owned_by=m.owned_by, random_weights=m.random_weights, family=m.family,
+            modalities=[MODALITY_NAMES[x] for x in m.modalities if x in MODALITY_NAMES], max_model_len=m.max_model_len,
+        )
+        for m in reply.models
+    ]
+    return JSONResponse(ModelList(data=data).model_dump())
+
+
+def _usage(usage: pb.Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}
+
+
+async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """A whole (non-streamed) completion."""
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
+    usage: dict[str, int] = {}
+    message: Any = first
+    while message is not grpc.aio.EOF:
+        texts.setdefault(message.index, []).append(message.text)
+        if message.finish_reason:
+            finish[message.index] = FINISH.get(message.finish_reason, "stop")
+        if message.HasField("usage"):
+            usage = _usage(message.usage)
+        message = await call.read()
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])}, "finish_reason": finish.get(i, "stop")}
+        for i in sorted(texts)
+    ]
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage}
+
+
+async def sse_events(
+    call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str, include_usage: bool, keepalive_s: float
+) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    started: set[int] = set()
+    usage: dict[str, int] | None = None
+    message: Any = first
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while message is not grpc.aio.EOF:
+            if message.index not in started:
+                started.add(message.index)
+                yield chunk([{"index": message.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            if message.text or message.finish_reason:
+                delta = {"content": message.text} if message.text else {}
+                yield chunk([{"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}])
+            if message.HasField("usage"):
+                usage = _usage(message.usage)
+            pending = asyncio.ensure_future(call.read())
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
+                if done:
+                    break
+                yield ": keep-alive\n\n"
+            message, pending = pending.result(), None
+        if include_usage and usage is not None:
+            yield chunk([], usage)
+    except grpc.RpcError as exc:
+        err = from_rpc_error(exc)
+        yield f"data: {json.dumps(error_body(err.message, status=http_status(err), param=rest_param(err.field), code=err.reason.lower()))}\n\n"
+    finally:
+        if pending is not None:
+            pending.cancel()
+        call.cancel()  # the client went away (or we are done): free the decoder slot
+    yield "data: [DONE]\n\n"

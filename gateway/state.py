@@ -1,0 +1,72 @@
+"""What the gateway's routes share: gRPC channels to the decoders and encoders, and who is calling.
+
+Channels are created lazily, on the event loop that serves requests, and use
+round-robin over every address their target resolves to (several decoder or
+encoder replicas behind one DNS name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import grpc
+from fastapi import Depends, Request
+from grpc_health.v1 import health_pb2_grpc
+
+from mmserve.config import Settings
+from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
+from mmserve.errors import Unauthenticated
+from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
+from mmserve.rpc.server import message_size_options
+
+
+class Gateway:
+    """Settings and the gRPC stubs of one gateway process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
+        self._decoder_channel = grpc.aio.insecure_channel(settings.decoder_target, options=options)
+        self._encoder_channel = grpc.aio.insecure_channel(settings.encoder_target, options=options)
+        self.decoder = pb_grpc.DecoderServiceStub(self._decoder_channel)
+        self.encoder = enc_grpc.EncoderServiceStub(self._encoder_channel)
+        self.health = health_pb2_grpc.HealthStub(self._decoder_channel)
+        self._model_id: str | None = None
+
+    async def served_model(self) -> str:
+        """The decoder's model id (asked once), for responses to requests that named none."""
+        if self._model_id is None:
+            reply = await self.decoder.ListModels(pb.ListModelsRequest(), timeout=10)
+            self._model_id = reply.models[0].id if reply.models else "unknown"
+        return self._model_id
+
+    async def close(self) -> None:
+        await self._decoder_channel.close()
+        await self._encoder_channel.close()
+
+
+def gateway(request: Request) -> Gateway:
+    """The app's Gateway (FastAPI dependency)."""
+    state = request.app.state
+    if getattr(state, "gateway", None) is None:
+        state.gateway = Gateway(state.settings)
+    return state.gateway  # type: ignore[no-any-return]
+
+
+def tenant(request: Request, gw: Gateway = Depends(gateway)) -> str:
+    """The caller's namespace for client uuids; checks the API key when one is configured."""
+    key = gw.settings.api_key
+    if not key:
+        return gw.settings.tenant
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthenticated("invalid or missing API key (Authorization: Bearer <key>)")
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def call_metadata(request: Request, caller: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for downstream calls: the request id and the tenant."""
+    return ((REQUEST_ID_KEY, request.state.request_id), (TENANT_KEY, caller))
