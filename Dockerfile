@@ -21,10 +21,10 @@ RUN python -m venv /opt/mmserve && /opt/mmserve/bin/pip install --no-cache-dir -
 FROM build-base AS build-services
 # CPU wheels of torch by default; pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 for CUDA.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN /opt/mmserve/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt '.[serve]'
+RUN /opt/mmserve/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt '.[serve,tracing]'
 
 FROM build-base AS build-gateway
-RUN /opt/mmserve/bin/pip install --no-cache-dir -c constraints.txt '.[gateway]'
+RUN /opt/mmserve/bin/pip install --no-cache-dir -c constraints.txt '.[gateway,tracing]'
 
 FROM python:${PYTHON_VERSION}-slim AS runtime-base
 RUN useradd --create-home --uid 10001 mmserve

@@ -28,6 +28,7 @@ from gateway import chat, precompute
 from gateway.errors import error_response, mm_error_response
 from gateway.limits import BodyLimit
 from gateway.state import gateway
+from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.log import request_id_var
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         if getattr(app.state, "gateway", None) is not None:
             await app.state.gateway.close()
+        tracing.shutdown()
 
     app = FastAPI(title="mmserve gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -57,6 +59,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(chat.router)
     app.include_router(precompute.router)
+    tracing.setup("gateway", settings)
+    tracing.instrument_app(app, settings)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Any) -> Response:

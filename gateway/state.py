@@ -14,6 +14,7 @@ import grpc
 from fastapi import Depends, Request
 from grpc_health.v1 import health_pb2_grpc
 
+from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
@@ -29,8 +30,9 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        self._decoder_channel = grpc.aio.insecure_channel(settings.decoder_target, options=options)
-        self._encoder_channel = grpc.aio.insecure_channel(settings.encoder_target, options=options)
+        interceptors = tracing.client_interceptors(settings)
+        self._decoder_channel = grpc.aio.insecure_channel(settings.decoder_target, options=options, interceptors=interceptors)
+        self._encoder_channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=interceptors)
         self.decoder = pb_grpc.DecoderServiceStub(self._decoder_channel)
         self.encoder = enc_grpc.EncoderServiceStub(self._encoder_channel)
         self.health = health_pb2_grpc.HealthStub(self._decoder_channel)

@@ -92,7 +92,7 @@ def test_dockerfile_final_images_are_non_root_and_without_build_tools() -> None:
         base = stages[final][0]
         assert "build" not in "\n".join(stages.get(base, [])), f"{final} must not inherit a build stage"
     gateway_build = "\n".join(stages["build-gateway"])
-    assert "'.[gateway]'" in gateway_build and "torch" not in gateway_build and "'.[serve]'" not in gateway_build
+    assert "'.[gateway," in gateway_build and "torch" not in gateway_build and "'.[serve]'" not in gateway_build
 
 
 def test_healthcheck_commands_work_against_real_services(stack: Stack) -> None:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.metrics import RpcRecorder
 from mmserve.rpc.interceptor import ServiceInterceptor
@@ -63,7 +64,7 @@ async def start_server(
 ) -> GrpcServer:
     """Create and start a server on `port` (0 picks a free one), health NOT_SERVING."""
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(service, default_tenant=settings.tenant, metrics=metrics)],
+        interceptors=[*tracing.server_interceptors(settings), ServiceInterceptor(service, default_tenant=settings.tenant, metrics=metrics)],
         options=message_size_options(settings),
     )
     register(server)

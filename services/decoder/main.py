@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.log import setup_logging
@@ -26,6 +27,7 @@ SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"]
 async def serve(settings: Settings) -> None:
     """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
     serve_metrics(settings.metrics_port, settings.host)
+    tracing.setup("decoder", settings)
     store = EmbeddingStore.from_settings(settings)
     encoder = EncoderClient(settings)
     servicer = DecoderServicer(settings)
@@ -51,6 +53,7 @@ async def serve(settings: Settings) -> None:
         engine.close()
         await encoder.close()
         await store.aclose()
+        tracing.shutdown()
 
 
 def main() -> None:

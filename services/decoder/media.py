@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from mmserve import tracing
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
@@ -40,7 +41,7 @@ class EncoderClient:
 
     def __init__(self, settings: Settings) -> None:
         options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        self._channel = grpc.aio.insecure_channel(settings.encoder_target, options=options)
+        self._channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=tracing.client_interceptors(settings))
         self.stub = enc_grpc.EncoderServiceStub(self._channel)
         self.calls = 0
 

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.log import setup_logging
@@ -25,6 +26,7 @@ SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"]
 async def serve(settings: Settings) -> None:
     """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
     serve_metrics(settings.metrics_port, settings.host)
+    tracing.setup("encoder", settings)
     store = EmbeddingStore.from_settings(settings)
     fetcher = GuardedFetcher(settings)
     servicer = EncoderServicer(settings, store)
@@ -50,6 +52,7 @@ async def serve(settings: Settings) -> None:
         await pipeline.close()
         await fetcher.aclose()
         await store.aclose()
+        tracing.shutdown()
 
 
 def main() -> None:

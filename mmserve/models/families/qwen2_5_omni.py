@@ -55,7 +55,7 @@ class Qwen2_5_Omni(QwenFamily):
         extractor = self.processor.feature_extractor
         samples = audio.samples
         window = extractor.n_samples
-        if samples.shape[0] > window * 2:
+        if samples.shape[0] > window:
             raise InvalidArgument(
                 f"audio is {samples.shape[0] / extractor.sampling_rate:.1f} s long; this model takes at most "
                 f"{window / extractor.sampling_rate:.0f} s in one item: split it into several audio parts",
