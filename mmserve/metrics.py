@@ -62,3 +62,29 @@ def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
     """Expose /metrics over HTTP on `port` (no-op when None)."""
     if port is not None:
         start_http_server(port, addr=host)
+
+
+class _StoreBytes:
+    """`mmserve_store_bytes`: Redis memory in use, read at scrape time (no cost per request)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._errors = (redis.RedisError, OSError)
+        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def collect(self):  # type: ignore[no-untyped-def] - prometheus_client collector protocol
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            used = float(self._client.info("memory")["used_memory"])
+        except self._errors:
+            return  # store down: no sample rather than a wrong one
+        yield GaugeMetricFamily("mmserve_store_bytes", "Bytes of memory used by the embedding store (Redis used_memory).", value=used)
+
+
+def register_store_size(redis_url: str) -> None:
+    """Expose the store's size from this process (the encoder does)."""
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(_StoreBytes(redis_url))

@@ -11,6 +11,7 @@ alone runs alone, which keeps "encoded alone" bit-exact with the reference.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -43,7 +44,10 @@ class Batcher:
         queue = self._queues.get(modality)
         if queue is None:
             queue = self._queues[modality] = asyncio.Queue()
-            self._workers[modality] = asyncio.create_task(self._work(modality, queue), name=f"batcher-{modality}")
+            # A fresh context: the worker serves many requests and must not log under the first one's id.
+            self._workers[modality] = asyncio.create_task(
+                self._work(modality, queue), name=f"batcher-{modality}", context=contextvars.Context()
+            )
         future: asyncio.Future[EncodedItem] = asyncio.get_running_loop().create_future()
         await queue.put((item, future))
         return await future

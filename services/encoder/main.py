@@ -11,7 +11,7 @@ from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.log import setup_logging
-from mmserve.metrics import RpcRecorder, serve_metrics
+from mmserve.metrics import RpcRecorder, register_store_size, serve_metrics
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import start_server, wait_for_signal
 from mmserve.store import EmbeddingStore
@@ -26,6 +26,7 @@ SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"]
 async def serve(settings: Settings) -> None:
     """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
     serve_metrics(settings.metrics_port, settings.host)
+    register_store_size(settings.redis_url)
     tracing.setup("encoder", settings)
     store = EmbeddingStore.from_settings(settings)
     fetcher = GuardedFetcher(settings)
