@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     # --- model -----------------------------------------------------------
     model: str = Field(
         "tiny",
-        description="Hub id, local folder, or `tiny` for the built-in random-weight demo checkpoint.",
+        description=(
+            "Hub id, local folder, `tiny` (the built-in random-weight demo: Qwen2.5-Omni thinker + time-series adapter) "
+            "or `tiny:<name>` (qwen2_5_vl-tiny, qwen3_vl-tiny, qwen2_5_omni-tiny, and -mid sizes)."
+        ),
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: str = Field("auto", description="auto (the checkpoint's dtype), float32, bfloat16 or float16.")
@@ -141,3 +144,19 @@ class Settings(BaseSettings):
     def fetch_timeout(self, modality: str) -> float:
         """Per-item total fetch deadline for a modality name (image, audio, video, time_series)."""
         return float(getattr(self, f"fetch_timeout_{modality}_s"))
+
+
+def markdown_table() -> str:
+    """The README's configuration reference: every setting, its env var, default and meaning."""
+    rows = ["| env var | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Path):
+            default = str(default).replace(str(Path.home()), "~")
+        shown = "unset" if default is None else ("empty" if default == [] else f"`{default}`")
+        rows.append(f"| `MMSERVE_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
