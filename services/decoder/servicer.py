@@ -72,6 +72,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             return family.chat_part(modality)
 
         conversation = parse_conversation(request, chat_part=chat_part, reserved=family.reserved_strings())
+        self._check_item_limits(conversation)
         media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
         inputs = await engine.run(family.prefill_inputs, conversation.messages, media.embeddings)
         prompt_tokens = int(inputs.input_ids.shape[1])
