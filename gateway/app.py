@@ -71,6 +71,9 @@ def create_app(settings: Settings) -> FastAPI:
         IN_FLIGHT.labels("gateway").inc()
         try:
             response = await call_next(request)
+        except Exception:  # a bug: still the OpenAI error shape, still one log line, no traceback to the client
+            log.exception("unhandled error")
+            response = error_response(f"internal error (request {rid})", status=500, code="internal", request_id=rid)
         finally:
             IN_FLIGHT.labels("gateway").dec()
         response.headers["x-request-id"] = rid

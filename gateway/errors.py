@@ -75,9 +75,18 @@ def http_status(err: MmserveError) -> int:
 def mm_error_response(err: MmserveError, *, request_id: str | None, max_tokens_name: str = "max_completion_tokens") -> JSONResponse:
     status = http_status(err)
     message = err.message
+    param = rest_param(err.field, max_tokens_name=max_tokens_name)
+    detail = _below_part(err.field, param)
+    if detail and not message.startswith(detail.rsplit(".", 1)[-1]):
+        message = f"{detail}: {message}"  # e.g. "video.num_frames: must be ...": param names only the part
     if status >= 500 and status not in (501, 503, 504):
         message = f"internal error (request {request_id})"
-    return error_response(
-        message, status=status, param=rest_param(err.field, max_tokens_name=max_tokens_name),
-        code=err.reason.lower(), request_id=request_id,
-    )
+    return error_response(message, status=status, param=param, code=err.reason.lower(), request_id=request_id)
+
+
+def _below_part(field: str | None, param: str | None) -> str:
+    """The option a gRPC field names below a content part (`video.fps`); '' for the part's payload itself."""
+    if not field or not param or not field.startswith(param):
+        return ""
+    rest = field[len(param) :].lstrip(".")
+    return "" if not rest or rest.startswith("source") else rest

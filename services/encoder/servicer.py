@@ -66,6 +66,8 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 if header is None:
                     raise InvalidArgument("the first message must be the header", field="header")
                 received += len(message.chunk)
+                if header.total_bytes and received > header.total_bytes:
+                    raise InvalidArgument(f"more than the {header.total_bytes} bytes the header announced", field="header.total_bytes")
                 if received > limit:
                     raise MediaTooLarge(f"upload exceeds the limit of {limit} bytes", field="chunk")
                 spool.write(message.chunk)

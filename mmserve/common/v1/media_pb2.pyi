@@ -152,7 +152,8 @@ Global___MediaSource: _TypeAlias = MediaSource  # noqa: Y015
 @_typing.final
 class ImageOptions(_message.Message):
     """Options for an image. Unset fields take the model's or the server's defaults;
-    values are clamped to server limits. They are part of the embedding's identity.
+    pixel bounds are clamped to the model's range; other values out of range are
+    INVALID_ARGUMENT. They are part of the embedding's identity.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -195,7 +196,8 @@ Global___ImageOptions: _TypeAlias = ImageOptions  # noqa: Y015
 @_typing.final
 class VideoOptions(_message.Message):
     """Options for a video. Unset fields take the server's defaults
-    (fps 2, num_frames 32); values are clamped to server limits.
+    (fps 2, num_frames 32); fps must be > 0 and num_frames within the server's cap
+    (768 by default), else INVALID_ARGUMENT; pixel bounds are clamped.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
