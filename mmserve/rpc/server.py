@@ -9,6 +9,7 @@ SIGINT health goes NOT_SERVING first (so load balancers stop sending), then
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve import tracing
 from mmserve.config import Settings
-from mmserve.metrics import RpcRecorder
+from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.rpc.interceptor import ServiceInterceptor
 
 log = logging.getLogger("mmserve.rpc")
@@ -52,6 +53,20 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
+    async def serve_until_signal(self, settings: Settings, cleanup: Sequence[Callable[[], object]]) -> None:
+        """Report SERVING, run until SIGTERM/SIGINT, stop gracefully, then run `cleanup` (sync or async) in order."""
+        await self.set_serving(True)
+        try:
+            await wait_for_signal()
+            log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
+        finally:
+            await self.stop(settings.shutdown_grace_s)
+            for step in cleanup:
+                result = step()
+                if inspect.isawaitable(result):
+                    await result
+            tracing.shutdown()
+
 
 async def start_server(
     settings: Settings,
@@ -60,11 +75,15 @@ async def start_server(
     port: int,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
-    metrics: RpcRecorder | None = None,
 ) -> GrpcServer:
-    """Create and start a server on `port` (0 picks a free one), health NOT_SERVING."""
+    """Start a service's server on `port` (0 picks a free one), health NOT_SERVING, with its metrics and tracing."""
+    serve_metrics(settings.metrics_port, settings.host)
+    tracing.setup(service, settings)
     server = grpc.aio.server(
-        interceptors=[*tracing.server_interceptors(settings), ServiceInterceptor(service, default_tenant=settings.tenant, metrics=metrics)],
+        interceptors=[
+            *tracing.server_interceptors(settings),
+            ServiceInterceptor(service, default_tenant=settings.tenant, metrics=RpcRecorder(service)),
+        ],
         options=message_size_options(settings),
     )
     register(server)

@@ -7,13 +7,11 @@ import logging
 
 import grpc
 
-from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.log import setup_logging
-from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import start_server, wait_for_signal
+from mmserve.rpc.server import start_server
 from mmserve.store import EmbeddingStore
 from services.decoder.engine import Engine
 from services.decoder.media import EncoderClient, MediaResolver
@@ -26,8 +24,6 @@ SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"]
 
 async def serve(settings: Settings) -> None:
     """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
-    serve_metrics(settings.metrics_port, settings.host)
-    tracing.setup("decoder", settings)
     store = EmbeddingStore.from_settings(settings)
     encoder = EncoderClient(settings)
     servicer = DecoderServicer(settings)
@@ -37,23 +33,14 @@ async def serve(settings: Settings) -> None:
 
     server = await start_server(
         settings, service="decoder", port=settings.decoder_port, register=register,
-        service_names=[SERVICE_NAME], metrics=RpcRecorder("decoder"),
+        service_names=[SERVICE_NAME],
     )
     model = await asyncio.to_thread(load_model, settings, part="decoder")
     engine = Engine(model.family, settings)
     await warmup(engine)
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
-    await server.set_serving(True)
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)
-    try:
-        await wait_for_signal()
-        log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
-    finally:
-        await server.stop(settings.shutdown_grace_s)
-        engine.close()
-        await encoder.close()
-        await store.aclose()
-        tracing.shutdown()
+    await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose])
 
 
 def main() -> None:

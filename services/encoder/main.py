@@ -7,13 +7,12 @@ import logging
 
 import grpc
 
-from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.log import setup_logging
-from mmserve.metrics import RpcRecorder, register_store_size, serve_metrics
+from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import start_server, wait_for_signal
+from mmserve.rpc.server import start_server
 from mmserve.store import EmbeddingStore
 from services.encoder.media.fetch import GuardedFetcher
 from services.encoder.pipeline import EncoderPipeline
@@ -25,9 +24,7 @@ SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"]
 
 async def serve(settings: Settings) -> None:
     """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
-    serve_metrics(settings.metrics_port, settings.host)
     register_store_size(settings.redis_url)
-    tracing.setup("encoder", settings)
     store = EmbeddingStore.from_settings(settings)
     fetcher = GuardedFetcher(settings)
     servicer = EncoderServicer(settings, store)
@@ -37,23 +34,14 @@ async def serve(settings: Settings) -> None:
 
     server = await start_server(
         settings, service="encoder", port=settings.encoder_port, register=register,
-        service_names=[SERVICE_NAME], metrics=RpcRecorder("encoder"),
+        service_names=[SERVICE_NAME],
     )
     model = await asyncio.to_thread(load_model, settings, part="encoder")
     await asyncio.to_thread(model.family.warmup)
     pipeline = EncoderPipeline(settings, model, store, fetcher)
     servicer.attach(pipeline)
-    await server.set_serving(True)
     log.info("encoder SERVING %s on port %d", model.served_name, server.port)
-    try:
-        await wait_for_signal()
-        log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
-    finally:
-        await server.stop(settings.shutdown_grace_s)
-        await pipeline.close()
-        await fetcher.aclose()
-        await store.aclose()
-        tracing.shutdown()
+    await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose])
 
 
 def main() -> None:
