@@ -142,7 +142,7 @@ class MediaServer:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 outer.hits.append(self.path)
                 status, headers, body = outer.routes.get(self.path, (404, {}, b"not found"))
                 self.send_response(status)
@@ -195,7 +195,7 @@ class Stack:
     gateway: RunningService
     redis_url: str
 
-    def client(self, **kwargs: object):  # noqa: ANN201 - openai.OpenAI
+    def client(self, **kwargs: object):
         import openai
 
         return openai.OpenAI(base_url=self.gateway.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)  # type: ignore[arg-type]
@@ -213,3 +213,17 @@ def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stac
 def stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
     """The shared stack on the session Redis."""
     return start_stack(start_service, redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[LocalRedis]:
+    """A redis-server for one test module's own stack."""
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def omni_stack(start_service: StartService) -> Iterator[Stack]:
+    """The default demo model (Omni thinker + time-series adapter: all four modalities) on its own Redis."""
+    with LocalRedis() as server:
+        yield start_stack(start_service, server.url, MMSERVE_MODEL="tiny:qwen2_5_omni-tiny")

@@ -55,14 +55,14 @@ def strict_encoder(start_service: StartService, redis_server: LocalRedis, file_r
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path):  # noqa: ANN201 - (model, processor)
+def reference(tiny_checkpoint: Path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     return model, AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
-def reference_embedding(reference, png: bytes) -> np.ndarray:  # noqa: ANN001
+def reference_embedding(reference, png: bytes) -> np.ndarray:
     """The monolithic path: processor -> get_image_features, as transformers does inside generate()."""
     model, processor = reference
     image = Image.open(io.BytesIO(png)).convert("RGB")
@@ -72,10 +72,10 @@ def reference_embedding(reference, png: bytes) -> np.ndarray:  # noqa: ANN001
     return out[0].numpy()
 
 
-def stored_embedding(redis_url: str, ref: str, tenant: str = "default"):  # noqa: ANN201 - StoredEmbedding
+def stored_embedding(redis_url: str, ref: str, tenant: str = "default"):
     """Read an embedding straight from Redis through the store (what a decoder does)."""
 
-    async def read():  # noqa: ANN202
+    async def read():
         async with EmbeddingStore(redis_url, ttl_s=0) as store:
             return await store.get(ref, tenant=tenant)
 
@@ -99,7 +99,7 @@ def as_array(raw: RawTensor) -> np.ndarray:
 # --- correctness --------------------------------------------------------------------
 
 
-def test_stored_embedding_equals_reference_bit_for_bit(encoder: RunningService, redis_url: str, reference) -> None:  # noqa: ANN001
+def test_stored_embedding_equals_reference_bit_for_bit(encoder: RunningService, redis_url: str, reference) -> None:
     png = png_bytes(seed=1)
     with encoder_stub(encoder.target) as stub:
         result = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0]
@@ -117,7 +117,7 @@ def test_stored_embedding_equals_reference_bit_for_bit(encoder: RunningService, 
     assert np.array_equal(got, want), f"max abs diff {np.abs(got - want).max()}"
 
 
-def test_batched_embeddings_match_reference_within_tolerance(encoder: RunningService, redis_url: str, reference) -> None:  # noqa: ANN001
+def test_batched_embeddings_match_reference_within_tolerance(encoder: RunningService, redis_url: str, reference) -> None:
     pngs = [png_bytes(64 + 28 * i, 56 + 14 * i, seed=10 + i) for i in range(4)]
     with encoder_stub(encoder.target) as stub:
         one_call = stub.Encode(pb.EncodeRequest(items=[image_item(p) for p in pngs[:2]])).results

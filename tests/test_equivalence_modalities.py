@@ -155,19 +155,13 @@ class FamilyReference(Reference):
 
 
 @pytest.fixture(scope="module")
-def family_redis() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stacks(start_service: StartService, family_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+def stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
     """One stack per family (started on first use), all on one Redis: fingerprints keep them apart."""
     started: dict[str, Stack] = {}
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
-            started[family] = start_stack(start_service, family_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+            started[family] = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
             return started[family]
 
     yield Lazy()

@@ -559,7 +559,7 @@ def test_rest_precompute_encode_get_delete(stack: Stack, client: openai.OpenAI) 
     reply = httpx.post(f"{base}/mm/encode", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     data = reply.json()["data"]
-    assert [d["id"] for d in data][0] == "rest-701" and data[1]["id"].startswith("mmemb-")
+    assert data[0]["id"] == "rest-701" and data[1]["id"].startswith("mmemb-")
     assert all(d["object"] == "mm.embedding" and d["modality"] == "image" and d["tokens"] == 6 and not d["cached"] for d in data)
     assert data[0]["expires_at"] - data[0]["created_at"] == pytest.approx(7 * 24 * 3600, abs=2)
 

@@ -10,7 +10,6 @@ counts; encoder: Encode).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,9 +20,8 @@ from tests.support import data_url, png_bytes
 
 
 @pytest.fixture(scope="module")
-def json_stack(start_service: StartService) -> Iterator[Stack]:
-    with LocalRedis() as redis_server:
-        yield start_stack(start_service, redis_server.url, MMSERVE_LOG_JSON="true")
+def json_stack(start_service: StartService, module_redis: LocalRedis) -> Stack:
+    return start_stack(start_service, module_redis.url, MMSERVE_LOG_JSON="true")
 
 
 def lines_for(service: RunningService, request_id: str) -> list[dict]:

@@ -17,7 +17,6 @@ import base64
 import io
 import itertools
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import av
@@ -44,15 +43,9 @@ _seeds = itertools.count(5000)
 
 
 @pytest.fixture(scope="module")
-def errors_redis() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stack(start_service: StartService, errors_redis: LocalRedis) -> Stack:
+def stack(start_service: StartService, module_redis: LocalRedis) -> Stack:
     """Encoder, decoder and gateway of the Omni thinker, audio capped at 320 s."""
-    return start_stack(start_service, errors_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_AUDIO_MAX_DURATION_S=str(AUDIO_CAP_S))
+    return start_stack(start_service, module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_AUDIO_MAX_DURATION_S=str(AUDIO_CAP_S))
 
 
 # --- media ---------------------------------------------------------------------------------------

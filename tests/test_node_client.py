@@ -30,8 +30,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as dpb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc
 from mmserve.encoder.v1 import encoder_service_pb2 as epb
-from mmserve.localredis import LocalRedis
-from tests.conftest import RunningService, Stack, StartService, start_stack
+from tests.conftest import RunningService, Stack
 from tests.support import encoder_stub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,15 +83,6 @@ def node_modules(node: str) -> Path:
         assert result.returncode == 0, f"`npm ci` in clients/node failed:\n{result.stdout}\n{result.stderr}"
         assert _installed_matches_lock(), "`npm ci` ran but node_modules does not hold the pinned @grpc packages"
     return CLIENT_DIR / "node_modules"
-
-
-@pytest.fixture(scope="module")
-def omni_stack(start_service: StartService, redis_server: LocalRedis) -> Iterator[Stack]:
-    """An Omni tiny stack (image, video, audio, time series) on the session Redis, stopped after this module."""
-    stack = start_stack(start_service, redis_server.url, MMSERVE_MODEL="tiny:qwen2_5_omni-tiny")
-    yield stack
-    for service in (stack.gateway, stack.decoder, stack.encoder):
-        service.stop()  # idempotent: start_service's own teardown then has nothing left to do
 
 
 def run_smoke(node: str, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], dict]:

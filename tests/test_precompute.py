@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ import pytest
 from mmserve.common.v1 import media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.launcher import resolve_command
-from mmserve.localredis import LocalRedis
-from tests.conftest import MediaServer, Stack, StartService, start_stack
+from tests.conftest import MediaServer, Stack
 from tests.support import encoder_stub, png_bytes, scrape
 from tests.test_equivalence_modalities import mp4_bytes, npy_bytes, wav_bytes
 
@@ -94,15 +92,9 @@ def ref_part(modality: str, ref: str, *, part_type: str | None = None) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def precompute_redis() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stack(start_service: StartService, precompute_redis: LocalRedis) -> Stack:
+def stack(omni_stack: Stack) -> Stack:
     """Encoder, decoder and gateway of the Omni thinker (+ time-series adapter)."""
-    return start_stack(start_service, precompute_redis.url, MMSERVE_MODEL=OMNI)
+    return omni_stack
 
 
 def encode_calls(stack: Stack) -> float:

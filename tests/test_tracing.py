@@ -30,7 +30,7 @@ class Collector:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 request = ExportTraceServiceRequest.FromString(body)
                 for resource_spans in request.resource_spans:
@@ -60,9 +60,8 @@ def collector() -> Iterator[Collector]:
 
 
 @pytest.fixture(scope="module")
-def traced(start_service: StartService, collector: Collector) -> Iterator[Stack]:
-    with LocalRedis() as redis_server:
-        yield start_stack(start_service, redis_server.url, MMSERVE_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+def traced(start_service: StartService, collector: Collector, module_redis: LocalRedis) -> Stack:
+    return start_stack(start_service, module_redis.url, MMSERVE_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
 
 
 def test_one_request_is_one_trace_across_three_services(traced: Stack, collector: Collector) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 from mmserve.common.v1 import media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
-from tests.conftest import RunningService, Stack, StartService, start_stack
+from tests.conftest import RunningService, Stack, StartService
 from tests.support import encoder_stub, png_bytes, redis_keys, rpc_error, scrape
 
 OMNI = "tiny:qwen2_5_omni-tiny"
@@ -42,21 +42,15 @@ ENCODED_VIDEOS = 'mmserve_encoder_items_encoded_total{modality="video"}'
 
 
 @pytest.fixture(scope="module")
-def upload_redis() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stack(start_service: StartService, upload_redis: LocalRedis) -> Stack:
+def stack(omni_stack: Stack) -> Stack:
     """Encoder, decoder and gateway of the Omni thinker, default upload limit (1 GiB)."""
-    return start_stack(start_service, upload_redis.url, MMSERVE_MODEL=OMNI)
+    return omni_stack
 
 
 @pytest.fixture(scope="module")
-def small_encoder(start_service: StartService, upload_redis: LocalRedis) -> RunningService:
+def small_encoder(start_service: StartService, module_redis: LocalRedis) -> RunningService:
     """A second encoder that takes uploads of at most 8 MiB."""
-    return start_service("encoder", redis_url=upload_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+    return start_service("encoder", redis_url=module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
 
 
 @pytest.fixture(scope="module")
@@ -238,11 +232,11 @@ def test_upload_that_is_not_a_video(stack: Stack) -> None:
 # --- MMSERVE_MAX_UPLOAD_BYTES -----------------------------------------------------------------------
 
 
-def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: RunningService, upload_redis: LocalRedis, big_video: bytes) -> None:
+def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: RunningService, module_redis: LocalRedis, big_video: bytes) -> None:
     """Size unknown in the header: refused once 8 MiB have arrived, long before the client has produced the ~100 chunks."""
     total = -(-len(big_video) // MiB)
     counted = upload_refused(
-        small_encoder.target, upload_redis.url,
+        small_encoder.target, module_redis.url,
         itertools.chain([video_header(0)], chunks(big_video, seed=7, low=MiB, high=MiB)),
         "chunk", ["exceeds the limit", str(UPLOAD_LIMIT)],
     )
@@ -250,19 +244,19 @@ def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: Running
 
 
 def test_upload_announced_over_the_limit_is_refused_at_the_header(
-    small_encoder: RunningService, upload_redis: LocalRedis, big_video: bytes
+    small_encoder: RunningService, module_redis: LocalRedis, big_video: bytes
 ) -> None:
     """header.total_bytes over the limit: refused from the header, before the chunks are needed."""
     total = -(-len(big_video) // MiB)
     counted = upload_refused(
-        small_encoder.target, upload_redis.url,
+        small_encoder.target, module_redis.url,
         itertools.chain([video_header(len(big_video))], chunks(big_video, seed=8, low=MiB, high=MiB)),
         "header.total_bytes", [str(len(big_video)), str(UPLOAD_LIMIT)],
     )
     assert counted.yielded - 1 < total // 3, f"{counted.yielded} of {total + 1} messages were produced before the refusal"
 
 
-def test_upload_at_the_limit_passes(small_encoder: RunningService, upload_redis: LocalRedis) -> None:
+def test_upload_at_the_limit_passes(small_encoder: RunningService, module_redis: LocalRedis) -> None:
     """An upload under the limit on the same encoder is accepted: the refusals above are about size."""
     data = small_video(9)
     assert len(data) < UPLOAD_LIMIT
