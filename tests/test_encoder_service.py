@@ -13,6 +13,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,7 +26,7 @@ from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
 from mmserve.rpc.metadata import TENANT_KEY
-from mmserve.store import EmbeddingStore, RawTensor, content_id
+from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, content_id
 from tests.conftest import MediaServer, RunningService, StartService
 from tests.support import encoder_stub, image_item, png_bytes, redis_keys, rpc_error, scrape
 
@@ -55,14 +56,15 @@ def strict_encoder(start_service: StartService, redis_server: LocalRedis, file_r
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path):
+def reference(tiny_checkpoint: Path) -> tuple[Any, Any]:
+    """(model, processor) of the tiny checkpoint, loaded in this process."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     return model, AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
-def reference_embedding(reference, png: bytes) -> np.ndarray:
+def reference_embedding(reference: tuple[Any, Any], png: bytes) -> np.ndarray:
     """The monolithic path: processor -> get_image_features, as transformers does inside generate()."""
     model, processor = reference
     image = Image.open(io.BytesIO(png)).convert("RGB")
@@ -72,10 +74,10 @@ def reference_embedding(reference, png: bytes) -> np.ndarray:
     return out[0].numpy()
 
 
-def stored_embedding(redis_url: str, ref: str, tenant: str = "default"):
+def stored_embedding(redis_url: str, ref: str, tenant: str = "default") -> StoredEmbedding | None:
     """Read an embedding straight from Redis through the store (what a decoder does)."""
 
-    async def read():
+    async def read() -> StoredEmbedding | None:
         async with EmbeddingStore(redis_url, ttl_s=0) as store:
             return await store.get(ref, tenant=tenant)
 
