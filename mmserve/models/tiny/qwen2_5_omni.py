@@ -19,8 +19,8 @@ real preprocessor_config.json, image pixel budget, 0.48/0.27 CLIP mean/std).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
 from transformers import (
     Qwen2_5OmniConfig,
     Qwen2_5OmniForConditionalGeneration,
@@ -30,18 +30,16 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from mmserve.models.tiny.chat_templates import load_chat_template
-from mmserve.models.tiny.qwen2_5_vl import full_attention_blocks, generation_config, mrope_section
+from mmserve.models.tiny import common
+from mmserve.models.tiny.qwen2_5_vl import full_attention_blocks
 from mmserve.models.tiny.random_weights import random_model
 from mmserve.models.tiny.registry import CheckpointSpec
-from mmserve.models.tiny.time_series import attach_time_series_adapter
-from mmserve.models.tiny.tokenizer import EOS_TOKEN, MAX_LENGTH, PAD_TOKEN, build_tokenizer, special_token_id
+from mmserve.models.tiny.tokenizer import special_token_id
 
 FAMILY = "qwen2_5_omni"
 ROPE_THETA = 1_000_000.0
-PATCH_SIZE = 14
-SPATIAL_MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
+MROPE_TEMPORAL_EIGHTHS = 2  # Qwen2.5-VL's 16:24:24 split of the rotary pairs over (t, h, w)
+PATCHING = common.Patching(patch_size=14, merge_size=2, temporal_patch_size=2)
 WINDOW_SIZE = 112
 POSITION_ID_PER_SECONDS = 25
 SECONDS_PER_CHUNK = 2
@@ -67,55 +65,28 @@ NAMED_TOKENS = {
 
 
 def build_thinker_config(spec: CheckpointSpec, vocab_size: int) -> dict[str, object]:
-    text = spec.text
-    vision, audio = spec.vision, spec.audio
-    if vision is None or audio is None:
-        raise ValueError(f"{spec.name}: a qwen2_5_omni checkpoint needs vision and audio tower sizes")
-    pad_id = special_token_id(PAD_TOKEN)
+    vision, audio = common.required_tower(spec, "vision"), common.required_tower(spec, "audio")
     return {
-        "text_config": {
-            "vocab_size": vocab_size,
-            "hidden_size": text.hidden,
-            "intermediate_size": text.intermediate,
-            "num_hidden_layers": text.layers,
-            "num_attention_heads": text.heads,
-            "num_key_value_heads": text.kv_heads or text.heads,
-            "max_position_embeddings": MAX_LENGTH,
-            "rms_norm_eps": 1e-6,
-            "initializer_range": spec.initializer_range,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": ROPE_THETA,
-                "mrope_section": mrope_section(text.head_dim),
-            },
-            "use_sliding_window": False,
-            "bos_token_id": pad_id,
-            "eos_token_id": special_token_id(EOS_TOKEN),
-            "pad_token_id": pad_id,
-            "tie_word_embeddings": False,
-            "dtype": "float32",
-        },
-        "vision_config": {
-            "depth": vision.layers,
-            "hidden_size": vision.hidden,
-            "intermediate_size": vision.intermediate,
-            "num_heads": vision.heads,
-            "out_hidden_size": text.hidden,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": SPATIAL_MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "window_size": WINDOW_SIZE,
-            "fullatt_block_indexes": full_attention_blocks(vision.layers),
-            "initializer_range": spec.initializer_range,
-            "dtype": "float32",
-        },
+        "text_config": common.text_config(
+            spec,
+            vocab_size,
+            rope_parameters=common.mrope_parameters(ROPE_THETA, common.mrope_section(spec.text.head_dim, MROPE_TEMPORAL_EIGHTHS)),
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+        ),
+        "vision_config": common.vision_config(
+            spec,
+            PATCHING,
+            window_size=WINDOW_SIZE,
+            fullatt_block_indexes=full_attention_blocks(vision.layers),
+        ),
         "audio_config": {
             "num_mel_bins": NUM_MEL_BINS,
             "encoder_layers": audio.layers,
             "encoder_attention_heads": audio.heads,
             "encoder_ffn_dim": audio.intermediate,
             "d_model": audio.hidden,
-            "output_dim": text.hidden,
+            "output_dim": spec.text.hidden,
             "max_source_positions": MAX_SOURCE_POSITIONS,
             "n_window": AUDIO_WINDOW,
             "initializer_range": spec.initializer_range,
@@ -152,23 +123,11 @@ def build_processor() -> Qwen2_5OmniProcessor:
     The video processor keeps its class defaults; `Qwen2_5OmniProcessor` itself supplies the real video
     pixel budget (128..768 merged tokens' worth of pixels per frame) and 2 fps for `video_second_per_grid`.
     """
-    chat_template = load_chat_template(FAMILY)
+    # Shared by the image and the video processor; only the image one gets a pixel budget here.
+    pixels: dict[str, Any] = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, **PATCHING.processor_kwargs()}
     return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            size=dict(IMAGE_SIZE),
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-            patch_size=PATCH_SIZE,
-            merge_size=SPATIAL_MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        ),
-        video_processor=Qwen2VLVideoProcessor(
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-            patch_size=PATCH_SIZE,
-            merge_size=SPATIAL_MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        ),
+        image_processor=Qwen2VLImageProcessor(size=dict(IMAGE_SIZE), **pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
         feature_extractor=WhisperFeatureExtractor(
             feature_size=NUM_MEL_BINS,
             sampling_rate=SAMPLING_RATE,
@@ -179,8 +138,7 @@ def build_processor() -> Qwen2_5OmniProcessor:
             padding_side="right",
             return_attention_mask=True,
         ),
-        tokenizer=build_tokenizer(chat_template, named_tokens=NAMED_TOKENS),
-        chat_template=chat_template,
+        **common.text_processing(FAMILY, named_tokens=NAMED_TOKENS),
     )
 
 
@@ -189,10 +147,5 @@ def build(spec: CheckpointSpec, out_dir: Path) -> None:
     processor = build_processor()
     config = build_config(spec, vocab_size=len(processor.tokenizer))
     model = random_model(Qwen2_5OmniForConditionalGeneration, config, seed=spec.seed)
-    model.thinker.generation_config = generation_config()
-    model.generation_config = generation_config()
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise RuntimeError(f"{spec.name}: expected fp32 weights")
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    attach_time_series_adapter(spec, out_dir, llm_hidden_size=spec.text.hidden)
+    model.thinker.generation_config = common.generation_config()  # save_checkpoint sets the outer model's
+    common.save_checkpoint(spec, out_dir, model, processor)

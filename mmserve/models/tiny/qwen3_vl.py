@@ -12,8 +12,8 @@ the prompt by `Qwen3VLProcessor`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
 from transformers import (
     Qwen2VLImageProcessor,
     Qwen3VLConfig,
@@ -22,31 +22,19 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from mmserve.models.tiny.chat_templates import load_chat_template
-from mmserve.models.tiny.qwen2_5_vl import generation_config
+from mmserve.models.tiny import common
 from mmserve.models.tiny.random_weights import random_model
 from mmserve.models.tiny.registry import CheckpointSpec
-from mmserve.models.tiny.time_series import attach_time_series_adapter
-from mmserve.models.tiny.tokenizer import EOS_TOKEN, MAX_LENGTH, PAD_TOKEN, build_tokenizer, special_token_id
 
 FAMILY = "qwen3_vl"
 ROPE_THETA = 5_000_000.0
-PATCH_SIZE = 16
-SPATIAL_MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
+MROPE_TEMPORAL_EIGHTHS = 3  # the real 24:20:20 split of the rotary pairs over (t, h, w)
+PATCHING = common.Patching(patch_size=16, merge_size=2, temporal_patch_size=2)
 NUM_POSITION_EMBEDDINGS = 2304  # 48 x 48 learned grid, bilinearly resampled to each image
 NORM_MEAN_STD = [0.5, 0.5, 0.5]
 # Processor budgets of the real checkpoints (preprocessor_config.json / video_preprocessor_config.json).
 IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}
 VIDEO_SIZE = {"shortest_edge": 4096, "longest_edge": 25165824}
-
-
-def mrope_section(head_dim: int) -> list[int]:
-    """head_dim/2 rotary pairs over (t, h, w) in the real 24:20:20 proportion (128 -> [24, 20, 20])."""
-    half = head_dim // 2
-    temporal = half * 3 // 8
-    height = (half - temporal) // 2
-    return [temporal, height, half - temporal - height]
 
 
 def deepstack_layers(depth: int) -> list[int]:
@@ -63,55 +51,27 @@ def deepstack_layers(depth: int) -> list[int]:
 
 def build_config(spec: CheckpointSpec, vocab_size: int) -> Qwen3VLConfig:
     text = spec.text
-    vision = spec.vision
-    if vision is None:
-        raise ValueError(f"{spec.name}: a qwen3_vl checkpoint needs a vision tower size")
-    pad_id = special_token_id(PAD_TOKEN)
+    vision = common.required_tower(spec, "vision")
     deepstack = deepstack_layers(vision.layers)
     if len(deepstack) > text.layers:
         raise ValueError(f"{spec.name}: {len(deepstack)} DeepStack layers need as many LLM layers")
     return Qwen3VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": text.hidden,
-            "intermediate_size": text.intermediate,
-            "num_hidden_layers": text.layers,
-            "num_attention_heads": text.heads,
-            "num_key_value_heads": text.kv_heads or text.heads,
-            "head_dim": text.head_dim,
-            "max_position_embeddings": MAX_LENGTH,
-            "rms_norm_eps": 1e-6,
-            "initializer_range": spec.initializer_range,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": ROPE_THETA,
-                "mrope_section": mrope_section(text.head_dim),
-                "mrope_interleaved": True,
-            },
-            "bos_token_id": pad_id,
-            "eos_token_id": special_token_id(EOS_TOKEN),
-            "pad_token_id": pad_id,
-            "dtype": "float32",
-        },
-        vision_config={
-            "depth": vision.layers,
-            "hidden_size": vision.hidden,
-            "intermediate_size": vision.intermediate,
-            "num_heads": vision.heads,
-            "out_hidden_size": text.hidden,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": SPATIAL_MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "num_position_embeddings": NUM_POSITION_EMBEDDINGS,
-            "deepstack_visual_indexes": deepstack,
-            "hidden_act": "gelu_pytorch_tanh",
-            "initializer_range": spec.initializer_range,
-            "dtype": "float32",
-        },
-        image_token_id=special_token_id("<|image_pad|>"),
-        video_token_id=special_token_id("<|video_pad|>"),
-        vision_start_token_id=special_token_id("<|vision_start|>"),
-        vision_end_token_id=special_token_id("<|vision_end|>"),
+        text_config=common.text_config(
+            spec,
+            vocab_size,
+            rope_parameters=common.mrope_parameters(
+                ROPE_THETA, common.mrope_section(text.head_dim, MROPE_TEMPORAL_EIGHTHS), mrope_interleaved=True
+            ),
+            head_dim=text.head_dim,
+        ),
+        vision_config=common.vision_config(
+            spec,
+            PATCHING,
+            num_position_embeddings=NUM_POSITION_EMBEDDINGS,
+            deepstack_visual_indexes=deepstack,
+            hidden_act="gelu_pytorch_tanh",
+        ),
+        **common.vl_token_ids(),
         tie_word_embeddings=False,
         dtype="float32",
     )
@@ -119,26 +79,12 @@ def build_config(spec: CheckpointSpec, vocab_size: int) -> Qwen3VLConfig:
 
 def build_processor() -> Qwen3VLProcessor:
     """The real processor classes with the real checkpoints' settings, the tiny tokenizer and the template."""
-    chat_template = load_chat_template(FAMILY)
+    # Shared by the image and the video processor; only their pixel budgets differ.
+    pixels: dict[str, Any] = {"image_mean": NORM_MEAN_STD, "image_std": NORM_MEAN_STD, **PATCHING.processor_kwargs()}
     return Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            size=dict(IMAGE_SIZE),
-            image_mean=NORM_MEAN_STD,
-            image_std=NORM_MEAN_STD,
-            patch_size=PATCH_SIZE,
-            merge_size=SPATIAL_MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        ),
-        video_processor=Qwen3VLVideoProcessor(
-            size=dict(VIDEO_SIZE),
-            image_mean=NORM_MEAN_STD,
-            image_std=NORM_MEAN_STD,
-            patch_size=PATCH_SIZE,
-            merge_size=SPATIAL_MERGE_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        ),
-        tokenizer=build_tokenizer(chat_template),
-        chat_template=chat_template,
+        image_processor=Qwen2VLImageProcessor(size=dict(IMAGE_SIZE), **pixels),
+        video_processor=Qwen3VLVideoProcessor(size=dict(VIDEO_SIZE), **pixels),
+        **common.text_processing(FAMILY),
     )
 
 
@@ -147,9 +93,4 @@ def build(spec: CheckpointSpec, out_dir: Path) -> None:
     processor = build_processor()
     config = build_config(spec, vocab_size=len(processor.tokenizer))
     model = random_model(Qwen3VLForConditionalGeneration, config, seed=spec.seed)
-    model.generation_config = generation_config()
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise RuntimeError(f"{spec.name}: expected fp32 weights")
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    attach_time_series_adapter(spec, out_dir, llm_hidden_size=spec.text.hidden)
+    common.save_checkpoint(spec, out_dir, model, processor)

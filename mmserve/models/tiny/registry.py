@@ -4,11 +4,12 @@ Kept free of torch/transformers imports so listing checkpoints (the CLI's
 `--help`, config validation) stays instant; the family module that knows how to
 build a spec is imported only when a build is needed.
 
-Adding a family is: a module here with `build(spec, out_dir)` (ending with
-`time_series.attach_time_series_adapter`, so every checkpoint carries the
-time-series adapter in `time_series/`), one line in `FAMILY_MODULES`, its chat
-template under `templates/<family>.jinja`, and its entries in `CHECKPOINTS`. A
-special token it needs takes the next reserved slot of `tokenizer.SPECIAL_TOKENS`.
+Adding a family is: a module here with `build(spec, out_dir)` (built from the
+shared pieces in `common`, ending with `common.save_checkpoint`, which also
+writes the time-series adapter every checkpoint carries in `time_series/`), one
+line in `FAMILY_MODULES`, its chat template under `templates/<family>.jinja`,
+and its `TINY.spec(...)` / `MID.spec(...)` entries in `_SPECS`. A special token
+it needs takes the next reserved slot of `tokenizer.SPECIAL_TOKENS`.
 """
 
 from __future__ import annotations
@@ -78,54 +79,56 @@ def family_builder(family: str) -> FamilyBuilder:
     return importlib.import_module(module_name)  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Tier:
+    """What a size tier fixes for every family: the LLM, the time-series adapter, the checkpoints' purpose."""
+
+    suffix: str  # the checkpoint is called `<family>-<suffix>`
+    text: TowerSize
+    time_series: TowerSize | None  # None: the adapter's default size (`time_series.DEFAULT_SIZE`)
+    purpose: str
+
+    def spec(self, family: str, params: str, *, vision: TowerSize, audio: TowerSize | None = None, what: str = "") -> CheckpointSpec:
+        """This tier's checkpoint of `family`, with the family's encoder sizes; `params` e.g. "~120 M"."""
+        return CheckpointSpec(
+            name=f"{family}-{self.suffix}",
+            family=family,
+            text=self.text,
+            vision=vision,
+            audio=audio,
+            time_series=self.time_series,
+            description=f"{what}{params} params; {self.purpose}",
+        )
+
+
+TINY = Tier(
+    suffix="tiny",
+    text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
+    time_series=None,
+    purpose="builds in seconds; for tests and the offline demo.",
+)
+MID = Tier(
+    suffix="mid",
+    text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
+    time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
+    purpose="realistic CPU timings for benchmarks.",
+)
+TINY_ENCODER = TowerSize(hidden=64, layers=2, heads=4, intermediate=128)
+OMNI_THINKER = "Qwen2.5-Omni thinker, "
+
 _SPECS = (
-    CheckpointSpec(
-        name="qwen2_5_vl-tiny",
-        family="qwen2_5_vl",
-        text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
-        vision=TowerSize(hidden=64, layers=2, heads=4, intermediate=128),
-        description="~1 M params; builds in seconds; for tests and the offline demo.",
-    ),
-    CheckpointSpec(
-        name="qwen2_5_vl-mid",
-        family="qwen2_5_vl",
-        text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
-        vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376),
-        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
-        description="~120 M params; realistic CPU timings for benchmarks.",
-    ),
-    CheckpointSpec(
-        name="qwen3_vl-tiny",
-        family="qwen3_vl",
-        text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
-        vision=TowerSize(hidden=64, layers=3, heads=4, intermediate=128),  # DeepStack taps blocks 0 and 1
-        description="~1 M params; builds in seconds; for tests and the offline demo.",
-    ),
-    CheckpointSpec(
-        name="qwen3_vl-mid",
-        family="qwen3_vl",
-        text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
-        # Narrower than qwen2_5_vl-mid's tower: each of the 3 DeepStack mergers is (4*hidden)^2 wide.
-        vision=TowerSize(hidden=384, layers=8, heads=6, intermediate=1536),
-        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
-        description="~120 M params; realistic CPU timings for benchmarks.",
-    ),
-    CheckpointSpec(
-        name="qwen2_5_omni-tiny",
-        family="qwen2_5_omni",
-        text=TowerSize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256),
-        vision=TowerSize(hidden=64, layers=2, heads=4, intermediate=128),
-        audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=128),
-        description="Qwen2.5-Omni thinker, ~1 M params; builds in seconds; for tests and the offline demo.",
-    ),
-    CheckpointSpec(
-        name="qwen2_5_omni-mid",
-        family="qwen2_5_omni",
-        text=TowerSize(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2560),
+    TINY.spec("qwen2_5_vl", "~1 M", vision=TINY_ENCODER),
+    MID.spec("qwen2_5_vl", "~120 M", vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376)),
+    TINY.spec("qwen3_vl", "~1 M", vision=TowerSize(hidden=64, layers=3, heads=4, intermediate=128)),  # DeepStack taps blocks 0 and 1
+    # Narrower than qwen2_5_vl-mid's tower: each of the 3 DeepStack mergers is (4*hidden)^2 wide.
+    MID.spec("qwen3_vl", "~120 M", vision=TowerSize(hidden=384, layers=8, heads=6, intermediate=1536)),
+    TINY.spec("qwen2_5_omni", "~1 M", vision=TINY_ENCODER, audio=TINY_ENCODER, what=OMNI_THINKER),
+    MID.spec(
+        "qwen2_5_omni",
+        "~130 M",
         vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376),
         audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536),
-        time_series=TowerSize(hidden=256, layers=4, heads=4, intermediate=1024),
-        description="Qwen2.5-Omni thinker, ~130 M params; realistic CPU timings for benchmarks.",
+        what=OMNI_THINKER,
     ),
 )
 
