@@ -141,6 +141,15 @@ class Settings(BaseSettings):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
 
+    def item_limits(self) -> dict[str, int]:
+        """Media items allowed per request, by modality name."""
+        return {
+            "image": self.max_images_per_request,
+            "video": self.max_videos_per_request,
+            "audio": self.max_audios_per_request,
+            "time_series": self.max_time_series_per_request,
+        }
+
     def fetch_timeout(self, modality: str) -> float:
         """Per-item total fetch deadline for a modality name (image, audio, video, time_series)."""
         return float(getattr(self, f"fetch_timeout_{modality}_s"))

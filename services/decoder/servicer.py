@@ -145,10 +145,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         return sampling.max_tokens
 
     def _check_item_limits(self, conversation: Conversation) -> None:
-        s = self.settings
-        limits = {"image": s.max_images_per_request, "video": s.max_videos_per_request,
-                  "audio": s.max_audios_per_request, "time_series": s.max_time_series_per_request}
         tally = Tally(MODALITY_NAMES[p.item.modality] for p in conversation.media)
-        for name, count in tally.items():
-            if count > limits[name]:
-                raise InvalidArgument(f"too many {name} items: {count} (limit {limits[name]} per request)", field="messages")
+        for name, limit in self.settings.item_limits().items():
+            if tally[name] > limit:
+                raise InvalidArgument(f"too many {name} items: {tally[name]} (limit {limit} per request)", field="messages")

@@ -89,15 +89,6 @@ class EncoderPipeline:
         await self.batcher.close()
 
     # --- validation --------------------------------------------------------------
-    def _limits(self) -> dict[int, int]:
-        s = self.settings
-        return {
-            media_pb2.MODALITY_IMAGE: s.max_images_per_request,
-            media_pb2.MODALITY_VIDEO: s.max_videos_per_request,
-            media_pb2.MODALITY_AUDIO: s.max_audios_per_request,
-            media_pb2.MODALITY_TIME_SERIES: s.max_time_series_per_request,
-        }
-
     def validate(self, jobs: list[_Job], *, count_field: str) -> None:
         """Check every item before any work; errors name the offending field."""
         for job in jobs:
@@ -114,13 +105,10 @@ class EncoderPipeline:
                 validate_uuid(item.uuid, f"{job.field}.uuid")
             if not is_reference(item) and not item.HasField("source"):
                 raise InvalidArgument("source is required (or a uuid to refer to a stored embedding)", field=f"{job.field}.source")
-        tally = Tally(job.modality for job in jobs)
-        for modality, limit in self._limits().items():
-            if tally[modality] > limit:
-                raise InvalidArgument(
-                    f"too many {MODALITY_NAMES[modality]} items: {tally[modality]} (limit {limit} per request)",
-                    field=count_field,
-                )
+        tally = Tally(MODALITY_NAMES[job.modality] for job in jobs)
+        for name, limit in self.settings.item_limits().items():
+            if tally[name] > limit:
+                raise InvalidArgument(f"too many {name} items: {tally[name]} (limit {limit} per request)", field=count_field)
 
     # --- the flow -------------------------------------------------------------------
     async def encode(
