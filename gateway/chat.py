@@ -22,6 +22,7 @@ import grpc
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.disconnect import ClientDisconnected, unless_disconnected
 from gateway.errors import error_body, http_status, rest_param
 from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
 from gateway.state import Gateway, call_metadata, gateway, tenant
@@ -29,6 +30,7 @@ from gateway.translate import to_generate_request
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.mediainput import MODALITY_NAMES
+from mmserve.promptsize import check_prompt_size
 
 log = logging.getLogger("mmserve.gateway")
 router = APIRouter()
@@ -55,14 +57,20 @@ async def chat_completions(
         grpc_request = to_generate_request(body)
     except MmserveError as err:
         raise ChatError(err, max_tokens_name) from None
+    card = await gw.model_card()
+    if card is not None:
+        try:
+            check_prompt_size(grpc_request, max_chars=card.max_prompt_chars, longest_token_chars=1)
+        except MmserveError as err:
+            raise ChatError(err, max_tokens_name) from None
     call = gw.decoder.Generate(grpc_request, metadata=call_metadata(request, caller), timeout=gw.settings.gateway_request_timeout_s)
     try:
-        first = await call.read()
+        first = await unless_disconnected(request, call.read())
     except grpc.RpcError as exc:
         raise ChatError(from_rpc_error(exc), max_tokens_name) from None
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ClientDisconnected):
         call.cancel()
-        raise
+        return _client_gone()
     if first is grpc.aio.EOF:
         raise ChatError(MmserveError("the decoder ended the stream without a result"), max_tokens_name)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -72,11 +80,19 @@ async def chat_completions(
         events = sse_events(call, first, completion_id, created, model, include_usage, gw.settings.sse_keepalive_s)
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     try:
-        return JSONResponse(await collect(call, first, completion_id, created, model))
+        return JSONResponse(await unless_disconnected(request, collect(call, first, completion_id, created, model)))
+    except ClientDisconnected:
+        return _client_gone()
     except grpc.RpcError as exc:
         raise ChatError(from_rpc_error(exc), max_tokens_name) from None
     finally:
         call.cancel()  # no-op when finished; frees the decoder slot if the client went away
+
+
+def _client_gone() -> Response:
+    """The client left: the decoder call is cancelled; nobody reads this (499, as nginx logs it)."""
+    log.info("client disconnected; generation cancelled")
+    return Response(status_code=499)
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
@@ -96,15 +112,18 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
     return JSONResponse(ModelList(data=data).model_dump())
 
 
-def _usage(usage: pb.Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}
+def _usage(usage: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    }
 
 
 async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str) -> dict[str, Any]:
     """A whole (non-streamed) completion."""
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
-    usage: dict[str, int] = {}
+    usage: dict[str, Any] = {}
     message: Any = first
     while message is not grpc.aio.EOF:
         texts.setdefault(message.index, []).append(message.text)
@@ -125,14 +144,14 @@ async def sse_events(
 ) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     started: set[int] = set()
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
     message: Any = first
     pending: asyncio.Future[Any] | None = None
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
 import grpc
 from fastapi import Depends, Request
@@ -24,6 +25,9 @@ from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
 from mmserve.rpc.server import message_size_options
 
 
+CARD_TTL_S = 30.0  # how long the gateway trusts a model card (limits) before asking again
+
+
 class Gateway:
     """Settings and the gRPC stubs of one gateway process."""
 
@@ -37,6 +41,7 @@ class Gateway:
         self.encoder = enc_grpc.EncoderServiceStub(self._encoder_channel)
         self.health = health_pb2_grpc.HealthStub(self._decoder_channel)
         self._model_id: str | None = None
+        self._card: tuple[float, pb.ModelCard] | None = None
 
     async def served_model(self) -> str:
         """The decoder's model id (asked once), for responses to requests that named none."""
@@ -44,6 +49,19 @@ class Gateway:
             reply = await self.decoder.ListModels(pb.ListModelsRequest(), timeout=10)
             self._model_id = reply.models[0].id if reply.models else "unknown"
         return self._model_id
+
+    async def model_card(self) -> pb.ModelCard | None:
+        """The decoder's model card (refreshed every 30 s), or None while no decoder answers."""
+        now = time.monotonic()
+        if self._card is None or now - self._card[0] > CARD_TTL_S:
+            try:
+                reply = await self.decoder.ListModels(pb.ListModelsRequest(), timeout=2)
+            except grpc.RpcError:
+                return self._card[1] if self._card else None
+            if not reply.models:
+                return None
+            self._card = (now, reply.models[0])
+        return self._card[1]
 
     async def close(self) -> None:
         await self._decoder_channel.close()

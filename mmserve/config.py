@@ -10,7 +10,7 @@ explicitly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -110,10 +110,25 @@ class Settings(BaseSettings):
     )
 
     # --- decoder ---------------------------------------------------------
-    max_running_requests: int = Field(8, description="Generate calls served at once by one decoder.")
+    decoder_engine: Literal["transformers"] = Field(
+        "transformers", description="What makes the tokens: `transformers` (built-in: continuous batching, KV budget, prefix cache)."
+    )
+    max_running_requests: int = Field(16, description="Requests one decoder batches together (decoding at once).")
     max_waiting_requests: int = Field(64, description="Generate calls queued beyond that before 429.")
     default_max_tokens: int = Field(256, description="Completion tokens when the request sets none.")
     max_model_len: int = Field(32768, description="Prompt plus completion tokens allowed per request.")
+    kv_cache_tokens: int | None = Field(
+        None, ge=1, description="KV cache budget of the built-in engine in tokens (default: from kv_cache_bytes, else from free memory)."
+    )
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache budget in bytes, if kv_cache_tokens is unset.")
+    kv_cache_memory_fraction: float = Field(
+        0.3, gt=0, le=0.95, description="Share of free memory (CPU: MemAvailable, CUDA: free device memory) for the KV cache when no budget is set."
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per engine iteration; longer prompts go in chunks between decode steps."
+    )
+    prefix_cache: bool = Field(True, description="Reuse the KV of earlier prompts that start the same way (same text, same media).")
+    prefix_cache_block_tokens: int = Field(16, ge=1, description="Tokens per prefix-cache block (the unit of reuse).")
 
     # --- gateway ---------------------------------------------------------
     api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")
@@ -128,7 +143,8 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
-    @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port", mode="before")
+    @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port",
+        "kv_cache_tokens", "kv_cache_bytes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`VAR=` (as compose writes `${VAR:-}`) means unset, not an empty value."""

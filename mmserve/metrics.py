@@ -39,8 +39,21 @@ E2E = Histogram("mmserve_e2e_request_latency_seconds", "Request latency end to e
 QUEUE_SECONDS = Histogram("mmserve_request_queue_time_seconds", "Time waiting for a decoder slot.", buckets=_LATENCY)
 PROMPT_TOKENS = Counter("mmserve_prompt_tokens", "Prompt tokens processed.")
 GENERATION_TOKENS = Counter("mmserve_generation_tokens", "Tokens generated.")
-RUNNING = Gauge("mmserve_num_requests_running", "Requests generating now.")
-WAITING = Gauge("mmserve_num_requests_waiting", "Requests waiting for a slot.")
+RUNNING = Gauge("mmserve_num_requests_running", "Requests in the engine's batch now (prefilling or decoding).")
+WAITING = Gauge("mmserve_num_requests_waiting", "Requests admitted but not yet in the batch (queued for a slot or for KV cache).")
+BATCH_SIZE = Histogram(
+    "mmserve_batch_size", "Sequences advanced together by one decode step.", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+)
+ENGINE_STEP_SECONDS = Histogram(
+    "mmserve_engine_step_seconds", "Time of one engine forward, by phase (prefill chunk or decode step).", ["phase"], buckets=_LATENCY
+)
+KV_CACHE_TOKENS = Gauge("mmserve_kv_cache_tokens", "KV cache tokens: `used` (reserved + prefix cache) and `total` (the budget).", ["state"])
+KV_CACHE_USAGE = Gauge("mmserve_kv_cache_usage_ratio", "Share of the KV cache budget in use (0..1).")
+PREEMPTIONS = Counter(
+    "mmserve_num_preemptions", "Requests preempted to free KV cache (0 by design: admission reserves the worst case)."
+)
+PREFIX_CACHE_QUERIES = Counter("mmserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+PREFIX_CACHE_HITS = Counter("mmserve_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.")
 
 
 class RpcRecorder:

@@ -1,4 +1,4 @@
-"""TextStream (services/decoder/textstream.py) with the tiny checkpoint's real byte-level BPE tokenizer.
+"""TextStream (services.decoder.engine.textstream.py) with the tiny checkpoint's real byte-level BPE tokenizer.
 
 Streaming detokenisation must never send half a character, must add up to
 exactly what a full `tokenizer.decode` gives, and must cut stop strings out
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.decoder.textstream import REPLACEMENT, TextStream
+from services.decoder.engine.textstream import REPLACEMENT, TextStream
 
 MULTIBYTE = "Café crème, déjà vu: 中文字符 and emoji 😀🎉 then naïve ü — fin. 日本語のテキスト 🚀"
 

@@ -13,10 +13,9 @@ from mmserve.log import setup_logging
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import start_server
 from mmserve.store import EmbeddingStore
-from services.decoder.engine import Engine
+from services.decoder.engine import make_engine
 from services.decoder.media import EncoderClient, MediaResolver
 from services.decoder.servicer import DecoderServicer
-from services.decoder.warmup import warmup
 
 log = logging.getLogger("mmserve.decoder")
 SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
@@ -36,8 +35,8 @@ async def serve(settings: Settings) -> None:
         service_names=[SERVICE_NAME],
     )
     model = await asyncio.to_thread(load_model, settings, part="decoder")
-    engine = Engine(model.family, settings)
-    await warmup(engine)
+    engine = make_engine(model.family, settings)
+    await engine.start()
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)
     await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose])

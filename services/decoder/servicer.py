@@ -1,8 +1,15 @@
-"""DecoderService over gRPC: validate, resolve media, build the prompt, stream the completion."""
+"""DecoderService over gRPC: validate, admit, resolve media, and map the engine's outputs to protobuf.
+
+Order matters: everything that costs nothing (parsing, item limits, the
+prompt-size guard, the queue limit) comes before anything that costs memory
+or time (the encoder, the store, tokenization); the engine reserves KV only
+for a request that fits. How tokens are made is the engine's business.
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,12 +24,13 @@ from mmserve.log import note
 from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import E2E, GENERATION_TOKENS, ITL, PROMPT_TOKENS, TTFT
 from mmserve.models.loading import LoadedModel
+from mmserve.promptsize import check_prompt_size, max_prompt_chars
 from mmserve.rpc.metadata import remaining_timeout, tenant_var
 from services.decoder.conversation import Conversation, SamplingConfig, parse_conversation, parse_sampling
-from services.decoder.engine import Engine
+from services.decoder.engine import Engine, EngineRequest, Finish, StepOutput
 from services.decoder.media import MediaResolver
-from services.decoder.sampling import Sampler
-from services.decoder.textstream import TextStream
+
+FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
 class DecoderServicer(pb_grpc.DecoderServiceServicer):
@@ -44,7 +52,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
 
     # --- ListModels -----------------------------------------------------------------
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        model, _, _ = self.parts
+        model, engine, _ = self.parts
         card = pb.ModelCard(
             id=model.served_name,
             created=int(model.loaded_at),
@@ -52,9 +60,10 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             source=model.source.requested,
             family=model.family.name,
             modalities=sorted(model.family.modalities),
-            max_model_len=self._context_limit(model),
+            max_model_len=engine.context_limit,
             random_weights=model.source.random_weights,
             model_fingerprint=model.fingerprint,
+            max_prompt_chars=self._max_prompt_chars(model, engine),
         )
         return pb.ListModelsResponse(models=[card])
 
@@ -66,6 +75,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         if request.model and request.model not in {model.served_name, model.source.requested}:
             raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason="MODEL_NOT_FOUND")
         sampling = parse_sampling(request.sampling)
+        check_prompt_size(request, max_chars=self._max_prompt_chars(model, engine), longest_token_chars=family.longest_token_chars)
 
         def chat_part(modality: int, field: str) -> dict[str, Any]:
             family.check_modality(modality, f"{field}.modality")
@@ -73,65 +83,51 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
 
         conversation = parse_conversation(request, chat_part=chat_part, reserved=family.reserved_strings())
         self._check_item_limits(conversation)
-        media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
-        inputs = await engine.run(family.prefill_inputs, conversation.messages, media.embeddings)
-        prompt_tokens = int(inputs.input_ids.shape[1])
-        max_tokens = self._max_tokens(model, sampling, prompt_tokens)
-        note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
-        PROMPT_TOKENS.inc(prompt_tokens)
-
-        sampler = Sampler(sampling, family.device)
-        async with engine.slot():
-            seqs, tokens = await engine.run(engine.prefill, inputs, sampler, sampling.n)
-            first = time.perf_counter()
-            TTFT.observe(first - start)
-            streams = [TextStream(family.tokenizer, sampling.stop) for _ in range(sampling.n)]
-            finished: list[int] = [pb.FINISH_REASON_UNSPECIFIED] * sampling.n
-            counts = [0] * sampling.n
-            eos = frozenset() if sampling.ignore_eos else family.eos_token_ids
-            last = first
-            while True:
-                out: list[pb.GenerateResponse] = []
-                for i, token in enumerate(tokens):
-                    if finished[i]:
-                        continue
-                    counts[i] += 1
-                    stream = streams[i]
-                    if token in eos:
-                        text, finished[i] = stream.finish(), pb.FINISH_REASON_STOP
-                    else:
-                        text = stream.push(token)
-                        if stream.stopped:
-                            finished[i] = pb.FINISH_REASON_STOP
-                        elif counts[i] >= max_tokens:
-                            text += stream.finish()
-                            finished[i] = pb.FINISH_REASON_LENGTH
-                    out.append(pb.GenerateResponse(index=i, text=text, token_ids=[token], finish_reason=finished[i]))
-                done = all(finished)
-                if done:
-                    completion = sum(counts)
-                    out[-1].usage.CopyFrom(pb.Usage(
-                        prompt_tokens=prompt_tokens, completion_tokens=completion,
-                        total_tokens=prompt_tokens + completion, cached_media=media.cached,
-                    ))
-                for response in out:
-                    yield response
-                if done:
-                    break
-                tokens = await engine.run(engine.step, seqs, tokens)
+        async with engine.admission.slot():
+            media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
+            prompt = await engine.prepare(conversation.messages, media.embeddings)
+            prompt_tokens = int(prompt.num_tokens)
+            max_tokens = self._max_tokens(engine, sampling, prompt_tokens)
+            engine.check_capacity(prompt_tokens, max_tokens, sampling.n)
+            note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
+            PROMPT_TOKENS.inc(prompt_tokens)
+            completion = 0
+            first = last = 0.0
+            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens)):
                 now = time.perf_counter()
-                ITL.observe(now - last)
+                if not first:
+                    first = now
+                    TTFT.observe(first - start)
+                elif out.index == 0:
+                    ITL.observe(now - last)
                 last = now
-        GENERATION_TOKENS.inc(sum(counts))
+                completion += len(out.token_ids)
+                yield self._response(out, media.cached)
+        GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)
-        note(completion_tokens=sum(counts), ttft_ms=round((first - start) * 1000, 1))
+        note(completion_tokens=completion, ttft_ms=round((first - start) * 1000, 1))
 
     # --- helpers --------------------------------------------------------------------------
-    def _context_limit(self, model: LoadedModel) -> int:
-        return min(self.settings.max_model_len, model.family.max_context)
+    @staticmethod
+    def _response(out: StepOutput, cached_media: int) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(
+            index=out.index, text=out.text, token_ids=out.token_ids,
+            finish_reason=FINISH[out.finish] if out.finish else pb.FINISH_REASON_UNSPECIFIED,
+        )
+        if out.usage is not None:
+            response.usage.CopyFrom(pb.Usage(
+                prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
+                total_tokens=out.usage.total_tokens, cached_media=cached_media,
+                cached_prompt_tokens=out.usage.cached_prompt_tokens,
+            ))
+        return response
 
-    def _max_tokens(self, model: LoadedModel, sampling: SamplingConfig, prompt_tokens: int) -> int:
-        limit = self._context_limit(model)
+    @staticmethod
+    def _max_prompt_chars(model: LoadedModel, engine: Engine) -> int:
+        return max_prompt_chars(engine.context_limit, model.family.longest_token_chars)
+
+    def _max_tokens(self, engine: Engine, sampling: SamplingConfig, prompt_tokens: int) -> int:
+        limit = engine.context_limit
         room = limit - prompt_tokens
         if room < 1:
             raise InvalidArgument(f"the prompt has {prompt_tokens} tokens; this model's context is {limit} tokens", field="messages")

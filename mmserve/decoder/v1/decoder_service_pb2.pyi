@@ -249,6 +249,7 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_MEDIA_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt, media placeholders included."""
     completion_tokens: _builtins.int
@@ -257,6 +258,8 @@ class Usage(_message.Message):
     """prompt_tokens + completion_tokens."""
     cached_media: _builtins.int
     """Media parts served from the store without encoding."""
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens whose KV came from the prefix cache (not computed again)."""
     def __init__(
         self,
         *,
@@ -264,10 +267,11 @@ class Usage(_message.Message):
         completion_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
         cached_media: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_media", b"cached_media", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_media", b"cached_media", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +353,7 @@ class ModelCard(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     RANDOM_WEIGHTS_FIELD_NUMBER: _builtins.int
     MODEL_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Model id to pass as GenerateRequest.model."""
     created: _builtins.int
@@ -365,6 +370,11 @@ class ModelCard(_message.Message):
     """True for the built-in random-weight demo checkpoints (output is noise)."""
     model_fingerprint: _builtins.str
     """Fingerprint embeddings must carry to be used with this model."""
+    max_prompt_chars: _builtins.int
+    """Prompts whose text has more characters than this (media parts count as
+    one longest token each) can never fit the context and are refused before
+    any tokenization; clients may check it themselves (the gateway does).
+    """
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_media_pb2.Modality.ValueType]:
         """Modalities it accepts besides text."""
@@ -381,10 +391,11 @@ class ModelCard(_message.Message):
         max_model_len: _builtins.int = ...,
         random_weights: _builtins.bool = ...,
         model_fingerprint: _builtins.str = ...,
+        max_prompt_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "family", b"family", "id", b"id", "max_model_len", b"max_model_len", "modalities", b"modalities", "model_fingerprint", b"model_fingerprint", "owned_by", b"owned_by", "random_weights", b"random_weights", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "family", b"family", "id", b"id", "max_model_len", b"max_model_len", "max_prompt_chars", b"max_prompt_chars", "modalities", b"modalities", "model_fingerprint", b"model_fingerprint", "owned_by", b"owned_by", "random_weights", b"random_weights", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -112,20 +113,26 @@ class Family(ABC):
         """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
 
     @abstractmethod
-    def decode_positions(self, seen: int, rope_delta: int, batch: int) -> torch.Tensor:
-        """Position ids for one new token per sequence when `seen` tokens are in the cache."""
+    def decode_positions(self, positions: list[int]) -> torch.Tensor:
+        """Position ids for one new token per row, row i at position `positions[i]` (tokens seen + rope delta)."""
+
+    @abstractmethod
+    def placeholder_token_ids(self) -> frozenset[int]:
+        """Token ids that stand for media in a prompt (their KV depends on the item, not the id)."""
+
+    def slice_extra(self, extra: dict[str, Any], ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
+        """The prefill extras for prompt tokens [start, end) (chunked prefill, prefix-cache hits)."""
+        if extra:
+            raise NotImplementedError(f"{self.name} cannot prefill in chunks with extras {sorted(extra)}")
+        return extra
 
     @abstractmethod
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        """One LLM step over `inputs_embeds`; returns float32 logits of the last position, [batch, vocab]."""
+        """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab]."""
 
     @abstractmethod
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `ids` ([batch, len])."""
-
-    @abstractmethod
-    def new_cache(self) -> Any:
-        """An empty KV cache for one request."""
 
     @property
     def tokenizer(self) -> Any:
@@ -139,6 +146,11 @@ class Family(ABC):
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Most characters one token can stand for (a vocab entry's length bounds its decoded text: byte-level or not)."""
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1)
 
     @property
     def max_context(self) -> int:

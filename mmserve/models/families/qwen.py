@@ -253,8 +253,12 @@ class QwenFamily(Family):
         """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
         return {}
 
-    def decode_positions(self, seen: int, rope_delta: int, batch: int) -> torch.Tensor:
-        return torch.full((3, batch, 1), seen + rope_delta, dtype=torch.long, device=self.device)
+    def decode_positions(self, positions: list[int]) -> torch.Tensor:
+        rows = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return rows.view(1, -1, 1).expand(3, -1, 1)
+
+    def placeholder_token_ids(self) -> frozenset[int]:
+        return frozenset(int(self.tokenizer.convert_tokens_to_ids(self.pad_token(m))) for m in self.modalities)
 
     @torch.inference_mode()
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
@@ -265,8 +269,3 @@ class QwenFamily(Family):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
-
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.text_config)

@@ -74,3 +74,19 @@ class Qwen3_VL(QwenFamily):
                 joined[masks[modality][vis]] = feats
             deepstack.append(joined)
         return {"visual_pos_masks": vis, "deepstack_visual_embeds": deepstack}
+
+    def slice_extra(self, extra: dict[str, Any], ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
+        if not extra:
+            return extra
+        vis = extra["visual_pos_masks"]
+        if start == 0 and end == vis.shape[1]:
+            return extra
+        part = vis[:, start:end]
+        if not bool(part.any()):
+            return {}
+        first = int(vis[:, :start].sum())
+        count = int(part.sum())
+        return {
+            "visual_pos_masks": part,
+            "deepstack_visual_embeds": [layer[first : first + count] for layer in extra["deepstack_visual_embeds"]],
+        }

@@ -1,9 +1,9 @@
 """Pick the next token of each sequence: greedy, or temperature/top-k/top-p with a seeded generator.
 
 The warpers are transformers' own (the same code `generate()` uses), so a
-sampled request behaves like the reference implementation. Each sequence has
-its own `torch.Generator`: the same seed and inputs give the same tokens
-whatever else the server is doing at the time.
+sampled request behaves like the reference implementation. Each choice has
+its own `torch.Generator`, used once per token: the same seed and inputs give
+the same tokens whatever else is in the batch at the time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from services.decoder.conversation import SamplingConfig
 
 
 class Sampler:
-    """Token choice for a request with `n` sequences (rows of the logits)."""
+    """Token choice for a request with `n` choices."""
 
     def __init__(self, config: SamplingConfig, device: torch.device) -> None:
         self.greedy = config.greedy
@@ -41,10 +41,10 @@ class Sampler:
             gen.manual_seed((seed + row) % (1 << 63))
             self.generators.append(gen)
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        """One token per row of `logits` ([n, vocab], float32)."""
+    def __call__(self, logits: torch.Tensor, choices: list[int]) -> list[int]:
+        """One token per row of `logits` ([rows, vocab], float32); row r is choice `choices[r]`."""
         if self.greedy:
             return logits.argmax(dim=-1).tolist()
         scores = self.warpers(None, logits)  # type: ignore[arg-type] - warpers here ignore input_ids
         probs = torch.softmax(scores, dim=-1)
-        return [int(torch.multinomial(probs[row], 1, generator=gen)) for row, gen in enumerate(self.generators)]
+        return [int(torch.multinomial(probs[r], 1, generator=self.generators[c])) for r, c in enumerate(choices)]

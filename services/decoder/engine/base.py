@@ -1,0 +1,143 @@
+"""The engine boundary: what the decoder servicer asks of whatever makes the tokens.
+
+Like vLLM's EngineClient: the servicer validates, admits, resolves media and
+maps engine output to protobuf; an engine turns a prepared prompt and
+sampling parameters into a stream of step outputs and owns everything about
+how (batching, KV cache, prefix reuse, the model itself). The built-in
+transformers engine implements it (`services.decoder.engine.builtin`); a vLLM
+engine plugs in the same way without the servicer or gateway changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from mmserve.errors import ResourceExhausted
+from mmserve.metrics import QUEUE_SECONDS
+from services.decoder.conversation import SamplingConfig
+
+
+class Finish(str, Enum):
+    """Why a sequence ended (the OpenAI `finish_reason` values)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass
+class Usage:
+    """Token counts of a whole request (all its choices)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one choice of a request."""
+
+    index: int  # choice index (0..n-1)
+    token_ids: list[int]
+    text: str  # whole characters only, stop strings cut out
+    finish: Finish | None = None
+    usage: Usage | None = None  # on the request's very last output
+
+
+@dataclass
+class EngineRequest:
+    """A prepared request: the engine's own prompt object plus validated sampling."""
+
+    request_id: str
+    prompt: Any  # what `Engine.prepare` returned
+    sampling: SamplingConfig
+    max_tokens: int  # resolved: within the context
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics and health."""
+
+    running: int
+    waiting: int
+    kv_tokens_used: int
+    kv_tokens_free: int
+
+
+class Admission:
+    """The per-decoder queue limit, checked before any work: `max_running` at once, `max_waiting` queued, 429 beyond.
+
+    A request holds its place from before media are resolved until its last
+    token, so a queued request holds nothing but its message.
+    """
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._slots = asyncio.Semaphore(max_running)
+        self.waiting = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_waiting and self._slots.locked():
+            raise ResourceExhausted(
+                f"the decoder is busy: {self.max_waiting} requests are already waiting", reason="QUEUE_FULL"
+            )
+        self.waiting += 1
+        start = time.perf_counter()
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        QUEUE_SECONDS.observe(time.perf_counter() - start)
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+class Engine(ABC):
+    """What the decoder servicer drives."""
+
+    #: Prompt plus completion tokens one request may use.
+    context_limit: int
+    admission: Admission
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the engine's loop and warm the model (before the service reports SERVING)."""
+
+    @abstractmethod
+    async def prepare(self, messages: list[dict[str, Any]], media: list[Any]) -> Any:
+        """Render the prompt with its media (stored embeddings, prompt order); the result has `num_tokens`."""
+
+    @abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        """Step outputs of every choice until each has finished; closing the iterator aborts the request."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free what it holds (idempotent)."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """Running and waiting requests, KV cache use."""
+
+    @abstractmethod
+    def check_capacity(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
+        """Refuse (400) a request that could never fit this engine's KV cache."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop the loop; requests still running end."""

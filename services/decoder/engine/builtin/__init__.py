@@ -1,0 +1,1 @@
+"""The built-in transformers engine: scheduler, KV cache, prefix cache, sampling."""

@@ -1,0 +1,168 @@
+"""The built-in engine: transformers models, continuous batching, a KV budget and a prefix cache (CPU or CUDA).
+
+The asyncio side (this module) hands requests to the scheduler thread and
+streams its outputs back; the scheduler (scheduler.py) owns the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from mmserve.config import Settings
+from mmserve.errors import InvalidArgument
+from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
+from mmserve.models.families import Family
+from mmserve.store import StoredEmbedding
+from services.decoder.conversation import SamplingConfig
+from services.decoder.engine.base import Admission, Engine, EngineRequest, EngineStats, StepOutput
+from services.decoder.engine.builtin.kv import KVShape, use_rows_attention
+from services.decoder.engine.builtin.prefix import PrefixCache, block_keys, media_token_key
+from services.decoder.engine.builtin.sampling import Sampler
+from services.decoder.engine.builtin.scheduler import BuiltinPrompt, Job, Scheduler
+from services.decoder.engine.outputs import RequestOutput
+
+log = logging.getLogger("mmserve.decoder.engine")
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory where the KV cache will live (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+def kv_budget_tokens(settings: Settings, shape: KVShape, context_limit: int) -> int:
+    """The KV budget in tokens: the setting in tokens or bytes, else a share of free memory (at most what max_running full contexts need)."""
+    if settings.kv_cache_tokens is not None:
+        return settings.kv_cache_tokens
+    if settings.kv_cache_bytes is not None:
+        return settings.kv_cache_bytes // shape.bytes_per_token
+    share = int(available_memory_bytes(shape.device) * settings.kv_cache_memory_fraction) // shape.bytes_per_token
+    return max(1, min(share, settings.max_running_requests * context_limit))
+
+
+class TransformersEngine(Engine):
+    """See the module docstring."""
+
+    def __init__(self, family: Family, settings: Settings) -> None:
+        self.family = family
+        self.context_limit = min(settings.max_model_len, family.max_context)
+        self.admission = Admission(settings.max_running_requests, settings.max_waiting_requests)
+        use_rows_attention(family.text_config)
+        self.shape = KVShape.of(family.text_config, family.dtype, family.device)
+        self.capacity = kv_budget_tokens(settings, self.shape, self.context_limit)
+        self.prefix = PrefixCache(settings.prefix_cache_block_tokens) if settings.prefix_cache else None
+        self.scheduler = Scheduler(
+            family, self.shape, self.capacity, prefill_chunk_tokens=settings.prefill_chunk_tokens, prefix=self.prefix
+        )
+        self._placeholders = family.placeholder_token_ids()
+        log.info(
+            "KV cache budget: %d tokens (%.1f MiB, %d bytes per token); prefix cache %s",
+            self.capacity, self.capacity * self.shape.bytes_per_token / 2**20, self.shape.bytes_per_token,
+            "on" if self.prefix else "off",
+        )
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        RUNNING.set_function(lambda: self.stats().running)
+        WAITING.set_function(lambda: self.stats().waiting)
+        KV_CACHE_TOKENS.labels("used").set_function(lambda: self.scheduler.kv_used)
+        KV_CACHE_TOKENS.labels("total").set_function(lambda: self.capacity)
+        KV_CACHE_USAGE.set_function(lambda: self.scheduler.kv_used / self.capacity)
+        await self._warmup()
+
+    async def _warmup(self) -> None:
+        """One short request through the whole loop (lazy init, allocator) before SERVING; leaves no cache behind."""
+        prompt = await self.prepare([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], [])
+        config = SamplingConfig(max_tokens=2, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=[], n=2, ignore_eos=True)
+        async for _ in self.generate(EngineRequest(f"warmup-{uuid.uuid4().hex}", prompt, config, 2)):
+            pass
+        if self.prefix:
+            await asyncio.wrap_future(self.scheduler.call(self.prefix.clear))
+
+    async def prepare(self, messages: list[dict[str, Any]], media: list[Any]) -> BuiltinPrompt:
+        future = self.scheduler.call(self._render, messages, media)
+        return await asyncio.wrap_future(future)
+
+    def _render(self, messages: list[dict[str, Any]], media: list[StoredEmbedding]) -> BuiltinPrompt:
+        """On the model thread: prefill inputs, and the prefix-cache keys of the prompt's blocks."""
+        inputs = self.family.prefill_inputs(messages, media)
+        keys: list[bytes] = []
+        if self.prefix:
+            keys = block_keys(self._token_keys(inputs.input_ids[0].tolist(), media), self.prefix.block_size)
+        return BuiltinPrompt(inputs, keys)
+
+    def _token_keys(self, ids: list[int], media: list[StoredEmbedding]) -> list[int]:
+        """Token ids, with each media placeholder replaced by a key of the item it stands for."""
+        items = iter(media)
+        left, key = 0, 0
+        out = []
+        for token in ids:
+            if token in self._placeholders:
+                if left == 0:
+                    stored = next(items)
+                    desc = stored.descriptor
+                    left = int(desc.token_count)
+                    key = media_token_key(f"{desc.content_sha256}|{desc.options_json}|{desc.modality}|{desc.id if not desc.content_sha256 else ''}")
+                out.append(key)
+                left -= 1
+            else:
+                out.append(token)
+        return out
+
+    def check_capacity(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
+        need = n * (prompt_tokens + max_tokens)
+        if need > self.capacity:
+            raise InvalidArgument(
+                f"this request needs {need} KV cache tokens ({n} x ({prompt_tokens} prompt + {max_tokens} max_tokens)); "
+                f"this decoder's KV cache holds {self.capacity}",
+                field="sampling.max_tokens",
+            )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[list[StepOutput] | BaseException] = asyncio.Queue()
+        sampling = request.sampling
+        eos = frozenset() if sampling.ignore_eos else self.family.eos_token_ids
+        job = Job(
+            request=request,
+            prompt=request.prompt,
+            output=RequestOutput(sampling.n, self.family.tokenizer, sampling.stop, eos, request.max_tokens, request.prompt.num_tokens),
+            sampler=Sampler(sampling, self.family.device),
+            emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+        )
+        self.scheduler.submit(job)
+        done = False
+        try:
+            while not done:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                for out in item:
+                    done = done or out.usage is not None
+                    yield out
+        finally:
+            if not done:
+                self.scheduler.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        running, queued = self.scheduler.counts
+        used = self.scheduler.kv_used
+        return EngineStats(running, self.admission.waiting + queued, used, self.capacity - used)
+
+    async def close(self) -> None:
+        self.scheduler.stop()

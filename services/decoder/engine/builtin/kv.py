@@ -1,0 +1,149 @@
+"""KV storage for the batched engine: one preallocated buffer per sequence, attention row by row.
+
+Why this shape: a sequence's worst case (prompt + max_tokens) is reserved when
+it is admitted, so its buffer never grows and the process never holds more
+than the KV budget. The linear layers of a step run batched over all rows
+(that is where the FLOPs and the weight reads are); attention runs per row on
+that row's own keys, through transformers' own SDPA function with exactly the
+shapes a request alone would use (no padding, no mask for a decode token, the
+causal flag for a fresh prefill), so batching changes nothing in attention.
+
+The model's attention layers reach this code through two transformers hooks:
+the cache object passed as `past_key_values` (its `update` writes the new keys
+into each row's buffer and hands back each row's keys so far) and an attention
+function registered under `ATTENTION` and selected on the text config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "mmserve_rows"
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """Per-token KV geometry of a language model."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, text_config: Any, dtype: torch.dtype, device: torch.device) -> KVShape:
+        heads = int(text_config.num_attention_heads)
+        head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+        kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        return cls(int(text_config.num_hidden_layers), kv_heads, head_dim, dtype, device)
+
+
+class SequenceKV:
+    """Keys and values of one sequence for every layer, `capacity` tokens preallocated."""
+
+    def __init__(self, shape: KVShape, capacity: int) -> None:
+        size = (shape.layers, 1, shape.kv_heads, capacity, shape.head_dim)
+        self.keys = torch.empty(size, dtype=shape.dtype, device=shape.device)
+        self.values = torch.empty(size, dtype=shape.dtype, device=shape.device)
+        self.capacity = capacity
+        self.length = 0  # tokens written and valid
+
+    def copy_prefix_from(self, other: SequenceKV, tokens: int) -> None:
+        """Start with the first `tokens` of another sequence (n > 1 sharing one prefill)."""
+        self.keys[:, :, :, :tokens] = other.keys[:, :, :, :tokens]
+        self.values[:, :, :, :tokens] = other.values[:, :, :, :tokens]
+        self.length = tokens
+
+    def write(self, start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Fill tokens from `start` with per-layer [kv_heads, n, head_dim] tensors (prefix cache hits)."""
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            n = k.shape[1]
+            self.keys[layer, 0, :, start : start + n] = k
+            self.values[layer, 0, :, start : start + n] = v
+        self.length = max(self.length, start + keys[0].shape[1])
+
+    def read(self, start: int, end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of tokens [start, end) per layer (what the prefix cache keeps)."""
+        return (
+            [self.keys[layer, 0, :, start:end].clone() for layer in range(self.keys.shape[0])],
+            [self.values[layer, 0, :, start:end].clone() for layer in range(self.values.shape[0])],
+        )
+
+
+class BatchKV:
+    """`past_key_values` for one forward over `rows`, each appending `q_len` tokens at its own length."""
+
+    def __init__(self, rows: list[SequenceKV]) -> None:
+        self.rows = rows
+        self.starts = [row.length for row in rows]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        q_len = key_states.shape[2]
+        keys, values = [], []
+        for b, (row, start) in enumerate(zip(self.rows, self.starts, strict=True)):
+            end = start + q_len
+            row.keys[layer_idx, 0, :, start:end] = key_states[b]
+            row.values[layer_idx, 0, :, start:end] = value_states[b]
+            keys.append(row.keys[layer_idx, :, :, :end])
+            values.append(row.values[layer_idx, :, :, :end])
+        return keys, values
+
+    def commit(self, q_len: int) -> None:
+        """The forward went through: the new tokens are valid."""
+        for row, start in zip(self.rows, self.starts, strict=True):
+            row.length = start + q_len
+
+    # transformers asks these of any cache; positions are always passed explicitly.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def _offset_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, q, kv] bool: query i (at kv position kv_len - q_len + i) sees keys up to itself."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+
+
+def rows_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: list[torch.Tensor],
+    value: list[torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of each row's queries over that row's keys (see the module docstring)."""
+    q_len = query.shape[2]
+    outputs = []
+    for b in range(query.shape[0]):
+        k, v = key[b], value[b]
+        mask = None
+        if q_len > 1 and k.shape[2] > q_len:  # a chunk after cached tokens: causal, offset
+            mask = _offset_causal_mask(q_len, k.shape[2], query.device)
+        out, _ = sdpa_attention_forward(module, query[b : b + 1], k, v, mask, dropout=0.0, scaling=scaling)
+        outputs.append(out)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None
+
+
+AttentionInterface.register(ATTENTION, rows_attention)
+
+
+def use_rows_attention(text_config: Any) -> None:
+    """Route the language model's attention through `rows_attention`."""
+    text_config._attn_implementation = ATTENTION
