@@ -1,0 +1,78 @@
+"""The prefix cache and chunked prefill, on the real stack, against the monolithic model.
+
+- The same image asked about again reuses the KV of the image and the text
+  before it (`usage.prompt_tokens_details.cached_tokens`), and the answer is
+  unchanged; another image behind the same placeholder ids reuses only the
+  text before it.
+- A decoder that prefills in chunks of 16 tokens, with 16-token cache blocks
+  (so that hits end inside an image, and Qwen3-VL's deepstack features are
+  sliced per chunk), still gives the monolithic model's greedy output.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mmserve.localredis import LocalRedis
+from tests.conftest import Stack, StartService, start_stack
+from tests.support import data_url, png_bytes, scrape
+from tests.test_equivalence_modalities import MAX_TOKENS, FamilyReference, references  # noqa: F401 - fixture
+
+SYSTEM = "You are a careful assistant who looks at pictures and answers in one sentence. " * 3
+
+
+def ask(stack: Stack, png: bytes, question: str) -> tuple[str, int, int]:
+    reply = stack.client().chat.completions.create(
+        model="",
+        messages=[
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": question}]},
+        ],
+        temperature=0,
+        max_completion_tokens=MAX_TOKENS,
+    )
+    details = reply.usage.prompt_tokens_details
+    return reply.choices[0].message.content or "", reply.usage.prompt_tokens, details.cached_tokens if details else 0
+
+
+def test_the_same_image_asked_again_skips_its_prefill(stack: Stack) -> None:
+    image, other = png_bytes(160, 128, seed=301), png_bytes(160, 128, seed=302)
+    before = scrape(stack.decoder.metrics_url)
+    first, prompt_tokens, cached_first = ask(stack, image, "What is this?")
+    again, _, cached_again = ask(stack, image, "What is this?")
+    assert again == first
+    assert cached_again >= prompt_tokens - 16  # everything but the last partial block
+    _, _, cached_other = ask(stack, other, "What is this?")
+    # same pad ids, another image: only the text before the image (the system prompt) is reused
+    assert cached_first <= cached_other <= cached_again - 32
+    after = scrape(stack.decoder.metrics_url)
+    hits = after["mmserve_prefix_cache_hits_total"] - before["mmserve_prefix_cache_hits_total"]
+    queries = after["mmserve_prefix_cache_queries_total"] - before["mmserve_prefix_cache_queries_total"]
+    assert hits == cached_first + cached_again + cached_other and queries == 3 * prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def chunked_qwen3(start_service: StartService, module_redis: LocalRedis) -> Stack:
+    return start_stack(
+        start_service, module_redis.url, MMSERVE_MODEL="tiny:qwen3_vl-tiny",
+        MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
+    )
+
+
+def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(
+    chunked_qwen3: Stack, references: dict[str, FamilyReference]  # noqa: F811 - fixture
+) -> None:
+    image = png_bytes(128, 96, seed=303)
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+    ]
+    want = references["qwen3_vl"].generate_media(conversation, images=[image])
+    assert len(set(want)) > 5
+    got, prompt_tokens, cached = ask(chunked_qwen3, image, "What is this?")
+    assert prompt_tokens > 3 * 16 and cached < prompt_tokens // 2
+    assert got == want
+    got_again, _, cached_again = ask(chunked_qwen3, image, "What is this?")
+    assert cached_again > cached and got_again == want
+    metrics = scrape(chunked_qwen3.decoder.metrics_url)
+    assert metrics['mmserve_engine_step_seconds_count{phase="prefill"}'] > 3  # the prompt went in several chunks
