@@ -65,7 +65,7 @@ class Stack:
             "MMSERVE_MODEL": model, "MMSERVE_CACHE_DIR": str(cache_dir), "MMSERVE_REDIS_URL": self.redis.url,
             "MMSERVE_ENCODER_PORT": str(ports["encoder"]), "MMSERVE_DECODER_PORT": str(ports["decoder"]),
             "MMSERVE_GATEWAY_PORT": str(ports["gateway"]), "MMSERVE_ENCODER_TARGET": f"127.0.0.1:{ports['encoder']}",
-            "MMSERVE_DECODER_TARGET": f"127.0.0.1:{ports['decoder']}", "MMSERVE_LOG_LEVEL": "WARNING",
+            "MMSERVE_DECODER_TARGET": f"127.0.0.1:{ports['decoder']}", "MMSERVE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         }
         logs = Path(tempfile.mkdtemp(prefix="mmserve-bench-"))
         self.services = [ServiceProcess(r, env, log_path=logs / f"{r}.log").start() for r in ("encoder", "decoder")]

@@ -151,7 +151,7 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
     """Validate and translate; errors name the offending field in OpenAI's terms."""
     io_kwargs = _check_kwargs(body.media_io_kwargs, MEDIA_IO_KEYS, "media_io_kwargs")
     proc_kwargs = _check_kwargs(body.mm_processor_kwargs, PROCESSOR_KEYS, "mm_processor_kwargs")
-    request = pb.GenerateRequest(model=body.model or "")
+    request = pb.GenerateRequest(model=body.model or "", whole_choices=not body.stream)
     for i, message in enumerate(body.messages):
         role = ROLES.get(message.role)
         if role is None:

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="Prompt tokens prefilled per engine iteration; longer prompts go in chunks between decode steps."
     )
+    onednn_linears: bool = Field(
+        True,
+        description="On CPU, run the language model's linear layers through oneDNN: a row's result no longer depends on the batch, and decode batches run faster (docs/engine.md).",
+    )
+    onednn_min_weights: int = Field(
+        1 << 18, ge=0, description="Linear layers with fewer weights stay on MKL (oneDNN's per-call cost would exceed their product)."
+    )
     prefix_cache: bool = Field(True, description="Reuse the KV of earlier prompts that start the same way (same text, same media).")
     prefix_cache_block_tokens: int = Field(16, ge=1, description="Tokens per prefix-cache block (the unit of reuse).")
 

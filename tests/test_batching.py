@@ -144,17 +144,22 @@ def reference_text(ref: FamilyReference, kind: str, question: str) -> str:
     return ref.generate_media([{"role": "user", "content": content}], **media_kwargs)
 
 
+#: Decoder variants: the defaults (the tiny models' small layers stay on MKL), and every linear layer through oneDNN.
+VARIANTS = {"default": {}, "onednn": {"MMSERVE_ONEDNN_MIN_WEIGHTS": "0"}}
+
+
 @pytest.fixture(scope="module")
-def family_stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
-    started: dict[str, Stack] = {}
+def family_stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[tuple[str, str], Stack]]:
+    started: dict[tuple[str, str], Stack] = {}
 
     class Lazy(dict):
-        def __missing__(self, family: str) -> Stack:
-            stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+        def __missing__(self, key: tuple[str, str]) -> Stack:
+            family, variant = key
+            stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}", **VARIANTS[variant])
             with encoder_stub(stack.encoder.target) as stub:
                 stub.Encode(enc_pb.EncodeRequest(items=[image_item(STORED_IMAGE, uuid=f"batch-stored-{family}")]))
-            started[family] = stack
-            self[family] = stack
+            started[key] = stack
+            self[key] = stack
             return stack
 
     yield Lazy()
@@ -168,11 +173,12 @@ def _max_running_seen(metrics_url: str, stop: threading.Event) -> list[float]:
     return seen
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_request_in_a_batch_gets_the_tokens_it_gets_alone(
-    family_stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str  # noqa: F811 - fixture
+    family_stacks: dict[tuple[str, str], Stack], references: dict[str, FamilyReference], family: str, variant: str  # noqa: F811
 ) -> None:
-    stack = family_stacks[family]
+    stack = family_stacks[family, variant]
     target = stack.decoder.target
     todo = cases(family)
     for case in todo:

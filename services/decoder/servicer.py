@@ -84,15 +84,22 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         conversation = parse_conversation(request, chat_part=chat_part, reserved=family.reserved_strings())
         self._check_item_limits(conversation)
         async with engine.admission.slot():
+            admitted = time.perf_counter()
             media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
+            resolved = time.perf_counter()
             prompt = await engine.prepare(conversation.messages, media.embeddings)
             prompt_tokens = int(prompt.num_tokens)
+            note(
+                queue_ms=round((admitted - start) * 1000, 1), resolve_ms=round((resolved - admitted) * 1000, 1),
+                prepare_ms=round((time.perf_counter() - resolved) * 1000, 1),
+            )
             max_tokens = self._max_tokens(engine, sampling, prompt_tokens)
             engine.check_capacity(prompt_tokens, max_tokens, sampling.n)
             note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
             PROMPT_TOKENS.inc(prompt_tokens)
             completion = 0
             first = last = 0.0
+            held: dict[int, StepOutput] = {}
             async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens)):
                 now = time.perf_counter()
                 if not first:
@@ -102,6 +109,11 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                     ITL.observe(now - last)
                 last = now
                 completion += len(out.token_ids)
+                if request.whole_choices:
+                    out = held.pop(out.index).merged(out) if out.index in held else out
+                    if out.finish is None:
+                        held[out.index] = out
+                        continue
                 yield self._response(out, media.cached)
         GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from mmserve.common.v1 import media_pb2 as mmserve_dot_common_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mmserve/decoder/v1/decoder_service.proto\x12\x12mmserve.decoder.v1\x1a\x1dmmserve/common/v1/media.proto\"U\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x05media\x18\x02 \x01(\x0b\x32\x1d.mmserve.common.v1.MediaInputH\x00\x42\x06\n\x04kind\"g\n\x0b\x43hatMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x18.mmserve.decoder.v1.Role\x12\x30\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ContentPart\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_n\"\x89\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".mmserve.decoder.v1.SamplingParams\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_media\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\xa5\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .mmserve.decoder.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.mmserve.decoder.v1.Usage\"\x13\n\x11ListModelsRequest\"\xef\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12/\n\nmodalities\x18\x06 \x03(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.mmserve.decoder.v1.ModelCard*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc6\x01\n\x0e\x44\x65\x63oderService\x12W\n\x08Generate\x12#.mmserve.decoder.v1.GenerateRequest\x1a$.mmserve.decoder.v1.GenerateResponse0\x01\x12[\n\nListModels\x12%.mmserve.decoder.v1.ListModelsRequest\x1a&.mmserve.decoder.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mmserve/decoder/v1/decoder_service.proto\x12\x12mmserve.decoder.v1\x1a\x1dmmserve/common/v1/media.proto\"U\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x05media\x18\x02 \x01(\x0b\x32\x1d.mmserve.common.v1.MediaInputH\x00\x42\x06\n\x04kind\"g\n\x0b\x43hatMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x18.mmserve.decoder.v1.Role\x12\x30\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ContentPart\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_n\"\xa0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".mmserve.decoder.v1.SamplingParams\x12\x15\n\rwhole_choices\x18\x04 \x01(\x08\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_media\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\xa5\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .mmserve.decoder.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.mmserve.decoder.v1.Usage\"\x13\n\x11ListModelsRequest\"\xef\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12/\n\nmodalities\x18\x06 \x03(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.mmserve.decoder.v1.ModelCard*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc6\x01\n\x0e\x44\x65\x63oderService\x12W\n\x08Generate\x12#.mmserve.decoder.v1.GenerateRequest\x1a$.mmserve.decoder.v1.GenerateResponse0\x01\x12[\n\nListModels\x12%.mmserve.decoder.v1.ListModelsRequest\x1a&.mmserve.decoder.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.decoder.v1.decoder_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1306
-  _globals['_ROLE']._serialized_end=1386
-  _globals['_FINISHREASON']._serialized_start=1388
-  _globals['_FINISHREASON']._serialized_end=1483
+  _globals['_ROLE']._serialized_start=1329
+  _globals['_ROLE']._serialized_end=1409
+  _globals['_FINISHREASON']._serialized_start=1411
+  _globals['_FINISHREASON']._serialized_end=1506
   _globals['_CONTENTPART']._serialized_start=95
   _globals['_CONTENTPART']._serialized_end=180
   _globals['_CHATMESSAGE']._serialized_start=182
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=288
   _globals['_SAMPLINGPARAMS']._serialized_end=530
   _globals['_GENERATEREQUEST']._serialized_start=533
-  _globals['_GENERATEREQUEST']._serialized_end=670
-  _globals['_USAGE']._serialized_start=673
-  _globals['_USAGE']._serialized_end=804
-  _globals['_GENERATERESPONSE']._serialized_start=807
-  _globals['_GENERATERESPONSE']._serialized_end=972
-  _globals['_LISTMODELSREQUEST']._serialized_start=974
-  _globals['_LISTMODELSREQUEST']._serialized_end=993
-  _globals['_MODELCARD']._serialized_start=996
-  _globals['_MODELCARD']._serialized_end=1235
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1237
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1304
-  _globals['_DECODERSERVICE']._serialized_start=1486
-  _globals['_DECODERSERVICE']._serialized_end=1684
+  _globals['_GENERATEREQUEST']._serialized_end=693
+  _globals['_USAGE']._serialized_start=696
+  _globals['_USAGE']._serialized_end=827
+  _globals['_GENERATERESPONSE']._serialized_start=830
+  _globals['_GENERATERESPONSE']._serialized_end=995
+  _globals['_LISTMODELSREQUEST']._serialized_start=997
+  _globals['_LISTMODELSREQUEST']._serialized_end=1016
+  _globals['_MODELCARD']._serialized_start=1019
+  _globals['_MODELCARD']._serialized_end=1258
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1260
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1327
+  _globals['_DECODERSERVICE']._serialized_start=1509
+  _globals['_DECODERSERVICE']._serialized_end=1707
 # @@protoc_insertion_point(module_scope)

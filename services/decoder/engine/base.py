@@ -54,6 +54,10 @@ class StepOutput:
     finish: Finish | None = None
     usage: Usage | None = None  # on the request's very last output
 
+    def merged(self, later: StepOutput) -> StepOutput:
+        """This output followed by a later one of the same choice, as one."""
+        return StepOutput(self.index, self.token_ids + later.token_ids, self.text + later.text, later.finish, later.usage)
+
 
 @dataclass
 class EngineRequest:

@@ -22,6 +22,7 @@ from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
 from services.decoder.engine.base import Admission, Engine, EngineRequest, EngineStats, StepOutput
 from services.decoder.engine.builtin.kv import KVShape, use_rows_attention
+from services.decoder.engine.builtin.linear import onednn_available, use_onednn_linears
 from services.decoder.engine.builtin.prefix import PrefixCache, block_keys, media_token_key
 from services.decoder.engine.builtin.sampling import Sampler
 from services.decoder.engine.builtin.scheduler import BuiltinPrompt, Job, Scheduler
@@ -59,6 +60,8 @@ class TransformersEngine(Engine):
         self.context_limit = min(settings.max_model_len, family.max_context)
         self.admission = Admission(settings.max_running_requests, settings.max_waiting_requests)
         use_rows_attention(family.text_config)
+        if settings.onednn_linears and onednn_available(family.device, family.dtype):
+            log.info("oneDNN linear layers: %d", use_onednn_linears(family.model, settings.onednn_min_weights))
         self.shape = KVShape.of(family.text_config, family.dtype, family.device)
         self.capacity = kv_budget_tokens(settings, self.shape, self.context_limit)
         self.prefix = PrefixCache(settings.prefix_cache_block_tokens) if settings.prefix_cache else None
