@@ -20,66 +20,35 @@ Prints one JSON line. Medians over `--repeats`.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 from PIL import Image
 
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
-from mmserve.launcher import ServiceProcess
-from mmserve.localredis import LocalRedis, free_port
-from mmserve.rpc.health import wait_serving
-from mmserve.stack import wait_http_ok
+from mmserve.launcher import LocalStack
+from mmserve.samples import data_url, png_bytes
 
 PROMPT = "Describe this picture in detail."
 
 
-def make_png(size: int, seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-class Stack:
-    """Redis + encoder + decoder + gateway for one model."""
 
-    def __init__(self, model: str, cache_dir: Path) -> None:
-        self.redis = LocalRedis(maxmemory="2gb").start()
-        ports = {role: free_port() for role in ("encoder", "decoder", "gateway")}
-        env = {
-            "MMSERVE_MODEL": model, "MMSERVE_CACHE_DIR": str(cache_dir), "MMSERVE_REDIS_URL": self.redis.url,
-            "MMSERVE_ENCODER_PORT": str(ports["encoder"]), "MMSERVE_DECODER_PORT": str(ports["decoder"]),
-            "MMSERVE_GATEWAY_PORT": str(ports["gateway"]), "MMSERVE_ENCODER_TARGET": f"127.0.0.1:{ports['encoder']}",
-            "MMSERVE_DECODER_TARGET": f"127.0.0.1:{ports['decoder']}", "MMSERVE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-        }
-        logs = Path(tempfile.mkdtemp(prefix="mmserve-bench-"))
-        self.services = [ServiceProcess(r, env, log_path=logs / f"{r}.log").start() for r in ("encoder", "decoder")]
-        for service, role in zip(self.services, ("encoder", "decoder"), strict=True):
-            wait_serving(f"127.0.0.1:{ports[role]}", timeout=900, alive=service.alive)
-        self.services.append(ServiceProcess("gateway", env, log_path=logs / "gateway.log").start())
-        wait_http_ok(f"http://127.0.0.1:{ports['gateway']}/health", timeout=60, alive=self.services[-1].alive)
-        self.base_url = f"http://127.0.0.1:{ports['gateway']}/v1"
-        self.encoder_target = f"127.0.0.1:{ports['encoder']}"
 
-    def close(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-        self.redis.stop()
+def square_png(size: int, seed: int) -> bytes:
+    """A random-noise RGB PNG of size x size, distinct per seed."""
+    return png_bytes(size, size, seed)
 
 
 def monolithic_seconds(model: str, cache_dir: Path, pngs: list[bytes], tokens: int) -> float:
@@ -137,20 +106,20 @@ def ttft_seconds(client: object, image_part: dict) -> float:
 def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: int, seed: int) -> dict[str, object]:
     import openai
 
-    stack = Stack(model, cache_dir)
+    stack = LocalStack(model, cache_dir)
     try:
         client = openai.OpenAI(base_url=stack.base_url, api_key="bench", max_retries=0, timeout=600)
-        service_seconds(client, [make_png(size, seed - 1)], tokens)  # warm the request path
-        fresh = [make_png(size, seed + i) for i in range(repeats)]
+        service_seconds(client, [square_png(size, seed - 1)], tokens)  # warm the request path
+        fresh = [square_png(size, seed + i) for i in range(repeats)]
         e2e_service = service_seconds(client, fresh, tokens)
 
-        stored = make_png(size, seed + 1000)
+        stored = square_png(size, seed + 1000)
         item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid="bench-image", source=media_pb2.MediaSource(data=stored))
         with grpc.insecure_channel(stack.encoder_target) as channel:
             enc_grpc.EncoderServiceStub(channel).Encode(enc_pb.EncodeRequest(items=[item]))
         by_uuid = statistics.median(ttft_seconds(client, {"type": "image_url", "image_url": None, "uuid": "bench-image"}) for _ in range(repeats))
         by_url = statistics.median(
-            ttft_seconds(client, {"type": "image_url", "image_url": {"url": data_url(make_png(size, seed + 2000 + i))}}) for i in range(repeats)
+            ttft_seconds(client, {"type": "image_url", "image_url": {"url": data_url(square_png(size, seed + 2000 + i))}}) for i in range(repeats)
         )
     finally:
         stack.close()

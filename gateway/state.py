@@ -24,7 +24,6 @@ from mmserve.errors import Unauthenticated
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
 from mmserve.rpc.server import message_size_options
 
-
 CARD_TTL_S = 30.0  # how long the gateway trusts a model card (limits) before asking again
 
 

@@ -79,3 +79,48 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+class LocalStack:
+    """Redis + encoder + decoder + gateway for one model on free loopback ports (the benchmarks' stack).
+
+    The same commands as `mmserve up`, each service logging to its own file;
+    on a failed start the logs' tails go to stderr.
+    """
+
+    def __init__(self, model: str, cache_dir: Path, extra_env: dict[str, str] | None = None, log_level: str = "WARNING") -> None:
+        import tempfile
+
+        from mmserve.localredis import LocalRedis, free_port
+        from mmserve.rpc.health import wait_serving
+        from mmserve.stack import wait_http_ok
+
+        self.redis = LocalRedis(maxmemory="2gb").start()
+        ports = {role: free_port() for role in ("encoder", "decoder", "gateway")}
+        env = {
+            "MMSERVE_MODEL": model, "MMSERVE_CACHE_DIR": str(cache_dir), "MMSERVE_REDIS_URL": self.redis.url,
+            "MMSERVE_HOST": "127.0.0.1", "MMSERVE_ENCODER_PORT": str(ports["encoder"]), "MMSERVE_DECODER_PORT": str(ports["decoder"]),
+            "MMSERVE_GATEWAY_PORT": str(ports["gateway"]), "MMSERVE_ENCODER_TARGET": f"127.0.0.1:{ports['encoder']}",
+            "MMSERVE_DECODER_TARGET": f"127.0.0.1:{ports['decoder']}", "MMSERVE_LOG_LEVEL": log_level, **(extra_env or {}),
+        }
+        self.logs = Path(tempfile.mkdtemp(prefix="mmserve-stack-"))
+        self.services: list[ServiceProcess] = []
+        try:
+            for role in ("encoder", "decoder"):
+                self.services.append(ServiceProcess(role, env, log_path=self.logs / f"{role}.log").start())
+            for service, role in zip(self.services, ("encoder", "decoder"), strict=True):
+                wait_serving(f"127.0.0.1:{ports[role]}", timeout=900, alive=service.alive)
+            self.services.append(ServiceProcess("gateway", env, log_path=self.logs / "gateway.log").start())
+            wait_http_ok(f"http://127.0.0.1:{ports['gateway']}/health", timeout=60, alive=self.services[-1].alive)
+        except BaseException:
+            for service in self.services:
+                print(f"{service.role} log ({service.log_path}):\n{service.log_text()[-3000:]}", file=sys.stderr)
+            self.close()
+            raise
+        self.base_url = f"http://127.0.0.1:{ports['gateway']}/v1"
+        self.encoder_target = f"127.0.0.1:{ports['encoder']}"
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.redis.stop()

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
-import numpy as np
 import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,17 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mmserve.common.v1 import media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2_grpc
 from mmserve.errors import MmserveError, from_rpc_error
-
-
-def png_bytes(width: int = 96, height: int = 64, seed: int = 0, mode: str = "RGB") -> bytes:
-    """A deterministic noisy image (noise makes different seeds give different embeddings)."""
-    rng = np.random.default_rng(seed)
-    channels = len(mode)
-    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    image = Image.fromarray(pixels if channels > 1 else pixels[..., 0], mode=mode)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+from mmserve.samples import data_url, png_bytes  # noqa: F401 - re-exported for the tests
 
 
 def image_item(data: bytes | None = None, *, url: str | None = None, uuid: str = "", **options: object) -> media_pb2.MediaInput:
@@ -71,12 +60,6 @@ def scrape(metrics_url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
-
-
-def data_url(png: bytes, mime: str = "image/png") -> str:
-    import base64
-
-    return f"data:{mime};base64,{base64.b64encode(png).decode()}"
 
 
 class Reference:

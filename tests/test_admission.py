@@ -112,9 +112,8 @@ def test_a_deadline_takes_the_request_out_of_the_batch(stack: Stack) -> None:
         messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(text="Go on.")])],
         sampling=pb.SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True),
     )
-    with grpc.insecure_channel(stack.decoder.target) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=1.0))
+    with grpc.insecure_channel(stack.decoder.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=1.0))
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(stack, timeout=3.0) < 3.0
 

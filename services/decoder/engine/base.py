@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from mmserve.errors import ResourceExhausted
@@ -24,7 +24,7 @@ from mmserve.metrics import QUEUE_SECONDS
 from services.decoder.conversation import SamplingConfig
 
 
-class Finish(str, Enum):
+class Finish(StrEnum):
     """Why a sequence ended (the OpenAI `finish_reason` values)."""
 
     STOP = "stop"

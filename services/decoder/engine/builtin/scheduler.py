@@ -152,7 +152,7 @@ class Scheduler:
         """A failing forward fails the requests in it, not the loop."""
         try:
             step()
-        except Exception as exc:  # noqa: BLE001 - reported to each request, logged once here
+        except Exception as exc:  # reported to each request, logged once here
             log.exception("engine step failed")
             for job in list(jobs):
                 self._drop(job)
@@ -176,7 +176,7 @@ class Scheduler:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn(*args))
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    except BaseException as exc:  # handed to the caller
                         future.set_exception(exc)
 
     def _drop(self, job: Job) -> None:
