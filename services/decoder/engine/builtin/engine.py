@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mmserve.config import Settings
-from mmserve.errors import InvalidArgument
+from mmserve.errors import InvalidArgument, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
 from mmserve.models.families import Family
 from mmserve.store import StoredEmbedding
@@ -133,6 +133,8 @@ class TransformersEngine(Engine):
             )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+        if not self.scheduler.alive:
+            raise Unavailable("the decoder's engine has stopped", reason="ENGINE_STOPPED")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[list[StepOutput] | BaseException] = asyncio.Queue()
         sampling = request.sampling

@@ -120,6 +120,10 @@ class Scheduler:
         self._wake.set()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests, as last seen by the loop."""
         return len(self._prefilling) + len(self._running), len(self._waiting)
@@ -140,7 +144,7 @@ class Scheduler:
                 self._wake.clear()
                 while not self._stop:
                     self._drain_inbox()
-                    self._admit()
+                    self._guarded(self._admit, list(self._waiting)[:1])
                     if not (self._prefilling or self._running):
                         break
                     self._guarded(self._prefill_some, self._prefilling)
@@ -149,7 +153,7 @@ class Scheduler:
             job.emit(RuntimeError("the decoder is shutting down"))
 
     def _guarded(self, step: Callable[[], None], jobs: list[Job]) -> None:
-        """A failing forward fails the requests in it, not the loop."""
+        """A failing step (a forward, an allocation) fails the requests it was for, not the loop."""
         try:
             step()
         except Exception as exc:  # reported to each request, logged once here
@@ -211,9 +215,15 @@ class Scheduler:
                 PREFIX_CACHE_QUERIES.inc(prompt.num_tokens)
                 PREFIX_CACHE_HITS.inc(hit)
             self._waiting.popleft()
-            row = SequenceKV(self.shape, prompt.num_tokens + job.request.max_tokens)
-            if hit and self.prefix:
-                self.prefix.load(prompt.block_keys, hit, row)
+            try:
+                row = SequenceKV(self.shape, prompt.num_tokens + job.request.max_tokens)
+                if hit and self.prefix:
+                    self.prefix.load(prompt.block_keys, hit, row)
+            except Exception as exc:  # e.g. out of device memory: this request fails, the others go on
+                log.exception("KV allocation failed")
+                self._drop(job)
+                job.emit(exc)
+                continue
             job.rows = [row]
             job.prefilled = hit
             job.output.cached_prompt_tokens = hit
