@@ -135,6 +135,11 @@ class Family(ABC):
         """Token embeddings of `ids` ([batch, len])."""
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config (the whole config for text-only checkpoints)."""
+        return getattr(self.config, "text_config", self.config)
+
+    @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 

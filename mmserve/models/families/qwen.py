@@ -81,10 +81,6 @@ class QwenFamily(Family):
         return cls(model, processor, model.config, time_series)
 
     @property
-    def text_config(self) -> Any:
-        return self.config.text_config
-
-    @property
     def max_context(self) -> int:
         return int(getattr(self.text_config, "max_position_embeddings", 32768))
 

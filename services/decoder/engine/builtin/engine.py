@@ -137,6 +137,10 @@ class TransformersEngine(Engine):
             raise Unavailable("the decoder's engine has stopped", reason="ENGINE_STOPPED")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[list[StepOutput] | BaseException] = asyncio.Queue()
+
+        def emit(item: list[StepOutput] | BaseException) -> None:  # called on the scheduler thread
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
         sampling = request.sampling
         eos = frozenset() if sampling.ignore_eos else self.family.eos_token_ids
         job = Job(
@@ -144,7 +148,7 @@ class TransformersEngine(Engine):
             prompt=request.prompt,
             output=RequestOutput(sampling.n, self.family.tokenizer, sampling.stop, eos, request.max_tokens, request.prompt.num_tokens),
             sampler=Sampler(sampling, self.family.device),
-            emit=lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+            emit=emit,
         )
         self.scheduler.submit(job)
         done = False

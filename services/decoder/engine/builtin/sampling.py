@@ -45,6 +45,6 @@ class Sampler:
         """One token per row of `logits` ([rows, vocab], float32); row r is choice `choices[r]`."""
         if self.greedy:
             return logits.argmax(dim=-1).tolist()
-        scores = self.warpers(None, logits)  # type: ignore[arg-type] - warpers here ignore input_ids
+        scores = self.warpers(None, logits)  # type: ignore[arg-type]  # these warpers ignore input_ids
         probs = torch.softmax(scores, dim=-1)
         return [int(torch.multinomial(probs[r], 1, generator=self.generators[c])) for r, c in enumerate(choices)]
