@@ -97,7 +97,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             engine.check_capacity(prompt_tokens, max_tokens, sampling.n)
             note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
             PROMPT_TOKENS.inc(prompt_tokens)
-            completion = 0
+            completion = cached_prompt = 0
             first = last = 0.0
             held: dict[int, StepOutput] = {}
             async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens)):
@@ -109,6 +109,8 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                     ITL.observe(now - last)
                 last = now
                 completion += len(out.token_ids)
+                if out.usage is not None:
+                    cached_prompt = out.usage.cached_prompt_tokens
                 if request.whole_choices:
                     out = held.pop(out.index).merged(out) if out.index in held else out
                     if out.finish is None:
@@ -117,7 +119,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 yield self._response(out, media.cached)
         GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)
-        note(completion_tokens=completion, ttft_ms=round((first - start) * 1000, 1))
+        note(completion_tokens=completion, cached_prompt_tokens=cached_prompt, ttft_ms=round((first - start) * 1000, 1))
 
     # --- helpers --------------------------------------------------------------------------
     @staticmethod
