@@ -200,6 +200,11 @@ class Stack:
 
         return openai.OpenAI(base_url=self.gateway.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)  # type: ignore[arg-type]
 
+    def stop(self) -> None:
+        """Stop the three processes now (a module's own stack ends with its module: memory is finite)."""
+        for service in (self.gateway, self.decoder, self.encoder):
+            service.stop()
+
 
 def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stack:
     """The three services wired together, as `mmserve up` does (loopback fetches allowed for the media server)."""

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,9 +120,11 @@ def test_a_deadline_takes_the_request_out_of_the_batch(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_kv_stack(start_service: StartService, module_redis: object) -> Stack:
+def small_kv_stack(start_service: StartService, module_redis: object) -> Iterator[Stack]:
     """A decoder whose KV budget holds 300 tokens."""
-    return start_stack(start_service, module_redis.url, MMSERVE_KV_CACHE_TOKENS="300")  # type: ignore[attr-defined]
+    stack = start_stack(start_service, module_redis.url, MMSERVE_KV_CACHE_TOKENS="300")  # type: ignore[attr-defined]
+    yield stack
+    stack.stop()
 
 
 def test_kv_budget_bounds_admission(small_kv_stack: Stack) -> None:

@@ -163,6 +163,8 @@ def family_stacks(start_service: StartService, module_redis: LocalRedis) -> Iter
             return stack
 
     yield Lazy()
+    for stack in started.values():
+        stack.stop()
 
 
 def _max_running_seen(metrics_url: str, stop: threading.Event) -> list[float]:

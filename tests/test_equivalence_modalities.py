@@ -161,10 +161,12 @@ def stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[di
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
-            started[family] = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+            self[family] = started[family] = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
             return started[family]
 
     yield Lazy()
+    for stack in started.values():
+        stack.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ counts; encoder: Encode).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,8 +21,10 @@ from tests.support import data_url, png_bytes
 
 
 @pytest.fixture(scope="module")
-def json_stack(start_service: StartService, module_redis: LocalRedis) -> Stack:
-    return start_stack(start_service, module_redis.url, MMSERVE_LOG_JSON="true")
+def json_stack(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
+    stack = start_stack(start_service, module_redis.url, MMSERVE_LOG_JSON="true")
+    yield stack
+    stack.stop()
 
 
 def lines_for(service: RunningService, request_id: str) -> list[dict]:

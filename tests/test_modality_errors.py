@@ -17,6 +17,7 @@ import base64
 import io
 import itertools
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import av
@@ -43,9 +44,11 @@ _seeds = itertools.count(5000)
 
 
 @pytest.fixture(scope="module")
-def stack(start_service: StartService, module_redis: LocalRedis) -> Stack:
+def stack(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
     """Encoder, decoder and gateway of the Omni thinker, audio capped at 320 s."""
-    return start_stack(start_service, module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_AUDIO_MAX_DURATION_S=str(AUDIO_CAP_S))
+    stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_AUDIO_MAX_DURATION_S=str(AUDIO_CAP_S))
+    yield stack
+    stack.stop()
 
 
 # --- media ---------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from mmserve.localredis import LocalRedis
@@ -52,11 +54,13 @@ def test_the_same_image_asked_again_skips_its_prefill(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def chunked_qwen3(start_service: StartService, module_redis: LocalRedis) -> Stack:
-    return start_stack(
+def chunked_qwen3(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
+    stack = start_stack(
         start_service, module_redis.url, MMSERVE_MODEL="tiny:qwen3_vl-tiny",
         MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
     )
+    yield stack
+    stack.stop()
 
 
 def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(

@@ -60,8 +60,10 @@ def collector() -> Iterator[Collector]:
 
 
 @pytest.fixture(scope="module")
-def traced(start_service: StartService, collector: Collector, module_redis: LocalRedis) -> Stack:
-    return start_stack(start_service, module_redis.url, MMSERVE_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+def traced(start_service: StartService, collector: Collector, module_redis: LocalRedis) -> Iterator[Stack]:
+    stack = start_stack(start_service, module_redis.url, MMSERVE_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
+    yield stack
+    stack.stop()
 
 
 def test_one_request_is_one_trace_across_three_services(traced: Stack, collector: Collector) -> None:
