@@ -2,7 +2,7 @@
 
 - A prompt that can never fit the context is a 400 naming `messages`, decided
   by counting characters before any tokenization: a 30 MB message is refused
-  in well under a second and the decoder's memory does not move.
+  without the decoder's memory moving or a token being counted.
 - A client that abandons a non-streamed request cancels it: abandoned long
   requests do not hold up a short one.
 - A gRPC deadline takes the request out of the batch within a step.
@@ -27,7 +27,7 @@ from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningService, Stack, StartService, start_stack
 from tests.support import scrape
 
-LONG = 1500
+LONG = 4000
 
 
 def rss_bytes(service: RunningService) -> int:
@@ -56,14 +56,13 @@ def test_a_30_mb_message_is_refused_before_any_work(stack: Stack) -> None:
     client = stack.client()
     client.chat.completions.create(model="", messages=[{"role": "user", "content": "warm"}], max_completion_tokens=2)
     before = rss_bytes(stack.decoder)
-    start = time.perf_counter()
+    prompt_tokens = scrape(stack.decoder.metrics_url)["mmserve_prompt_tokens_total"]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="", messages=[{"role": "user", "content": "a" * (30 << 20)}], max_completion_tokens=2)
-    elapsed = time.perf_counter() - start
     error = caught.value.response.json()["error"]
     assert error["param"] == "messages" and "too long" in error["message"]
-    assert elapsed < 3.0  # includes the client building and sending 30 MB of JSON
-    assert rss_bytes(stack.decoder) - before < 8 << 20
+    assert rss_bytes(stack.decoder) - before < 8 << 20  # the message never reached the decoder
+    assert scrape(stack.decoder.metrics_url)["mmserve_prompt_tokens_total"] == prompt_tokens  # nothing was tokenized
 
 
 def test_the_decoder_refuses_an_impossible_prompt_by_counting(stack: Stack) -> None:
@@ -76,11 +75,11 @@ def test_the_decoder_refuses_an_impossible_prompt_by_counting(stack: Stack) -> N
             messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(text="b" * (card.max_prompt_chars + 1))])],
             sampling=pb.SamplingParams(max_tokens=2),
         )
-        start = time.perf_counter()
+        before = scrape(stack.decoder.metrics_url)["mmserve_prompt_tokens_total"]
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.Generate(request, timeout=30))
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert time.perf_counter() - start < 2.0
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too long" in (caught.value.details() or "")
+        assert scrape(stack.decoder.metrics_url)["mmserve_prompt_tokens_total"] == before  # refused before tokenizing
 
 
 def test_prompt_over_the_context_after_tokenization_is_a_400_naming_messages(stack: Stack) -> None:
@@ -99,13 +98,14 @@ def test_abandoned_non_streaming_requests_are_cancelled(stack: Stack) -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(stack.gateway.base_url + "/chat/completions", json=body, timeout=httpx.Timeout(10.0, read=1.5))
 
+    before = scrape(stack.decoder.metrics_url)["mmserve_batch_size_sum"]
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda _: abandon(), range(6)))
-    assert wait_idle(stack, timeout=5.0) < 5.0
-    start = time.perf_counter()
+    wait_idle(stack, timeout=10.0)
+    decoded = scrape(stack.decoder.metrics_url)["mmserve_batch_size_sum"] - before  # tokens decoded, all rows
+    assert decoded < 6 * LONG / 2, "abandoned requests kept generating"
     reply = stack.client().chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=4)
     assert reply.choices[0].message.content is not None
-    assert time.perf_counter() - start < 5.0
 
 
 def test_a_deadline_takes_the_request_out_of_the_batch(stack: Stack) -> None:

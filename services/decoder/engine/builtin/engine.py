@@ -7,9 +7,11 @@ streams its outputs back; the scheduler (scheduler.py) owns the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,14 +34,20 @@ log = logging.getLogger("mmserve.decoder.engine")
 
 
 def available_memory_bytes(device: torch.device) -> int:
-    """Free memory where the KV cache will live (CUDA: free device memory; CPU: MemAvailable)."""
+    """Free memory where the KV cache will live: CUDA free device memory; CPU MemAvailable, within a container's cgroup limit."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    with open("/proc/meminfo") as meminfo:
+    free = 4 << 30
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 4 << 30
+                free = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: /proc/meminfo shows the host, not the container
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(limit) - used)
+    return max(free, 0)
 
 
 def kv_budget_tokens(settings: Settings, shape: KVShape, context_limit: int) -> int:
