@@ -64,21 +64,6 @@ class SequenceKV:
         self.values[:, :, :, :tokens] = other.values[:, :, :, :tokens]
         self.length = tokens
 
-    def write(self, start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Fill tokens from `start` with per-layer [kv_heads, n, head_dim] tensors (prefix cache hits)."""
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            n = k.shape[1]
-            self.keys[layer, 0, :, start : start + n] = k
-            self.values[layer, 0, :, start : start + n] = v
-        self.length = max(self.length, start + keys[0].shape[1])
-
-    def read(self, start: int, end: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copies of tokens [start, end) per layer (what the prefix cache keeps)."""
-        return (
-            [self.keys[layer, 0, :, start:end].clone() for layer in range(self.keys.shape[0])],
-            [self.values[layer, 0, :, start:end].clone() for layer in range(self.values.shape[0])],
-        )
-
 
 class BatchKV:
     """`past_key_values` for one forward over `rows`, each appending `q_len` tokens at its own length."""

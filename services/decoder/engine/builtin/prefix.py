@@ -15,6 +15,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.decoder.engine.builtin.kv import SequenceKV
@@ -30,12 +31,12 @@ def media_token_key(identity: str) -> int:
 
 def block_keys(token_keys: list[int], block_size: int) -> list[bytes]:
     """Chained keys of every full block."""
+    raw = np.asarray(token_keys, dtype=np.int64).tobytes()
+    width = 8 * block_size
     keys: list[bytes] = []
     prev = b""
     for start in range(0, len(token_keys) - block_size + 1, block_size):
-        h = hashlib.blake2b(prev, digest_size=16)
-        h.update(torch.tensor(token_keys[start : start + block_size], dtype=torch.int64).numpy().tobytes())
-        prev = h.digest()
+        prev = hashlib.blake2b(prev + raw[8 * start : 8 * start + width], digest_size=16).digest()
         keys.append(prev)
     return keys
 

@@ -69,6 +69,9 @@ class Job:
     reserved: int = 0  # KV tokens held
     next_tokens: list[int] = field(default_factory=list)  # per choice: the token to feed next
 
+    def __post_init__(self) -> None:
+        self.next_tokens = [0] * self.n
+
     @property
     def n(self) -> int:
         return self.request.sampling.n
@@ -309,8 +312,6 @@ class Scheduler:
 
     def _deliver(self, job: Job, choices: list[int], tokens: list[int]) -> None:
         """Turn picked tokens into outputs; free the rows that finished; hand the outputs over."""
-        if not job.next_tokens:
-            job.next_tokens = [0] * job.n
         outs = []
         for choice, token in zip(choices, tokens, strict=True):
             out = job.output.append(choice, token)
