@@ -39,15 +39,12 @@ class Gateway:
         self.decoder = pb_grpc.DecoderServiceStub(self._decoder_channel)
         self.encoder = enc_grpc.EncoderServiceStub(self._encoder_channel)
         self.health = health_pb2_grpc.HealthStub(self._decoder_channel)
-        self._model_id: str | None = None
         self._card: tuple[float, pb.ModelCard] | None = None
 
     async def served_model(self) -> str:
-        """The decoder's model id (asked once), for responses to requests that named none."""
-        if self._model_id is None:
-            reply = await self.decoder.ListModels(pb.ListModelsRequest(), timeout=10)
-            self._model_id = reply.models[0].id if reply.models else "unknown"
-        return self._model_id
+        """The decoder's model id, for responses to requests that named none."""
+        card = await self.model_card()
+        return card.id if card is not None else "unknown"
 
     async def model_card(self) -> pb.ModelCard | None:
         """The decoder's model card (refreshed every 30 s), or None while no decoder answers."""
