@@ -60,6 +60,7 @@ async def chat_completions(
     card = await gw.model_card()
     if card is not None:
         try:
+            # the gateway does not know the longest token: media count as one character, a looser bound
             check_prompt_size(grpc_request, max_chars=card.max_prompt_chars, longest_token_chars=1)
         except MmserveError as err:
             raise ChatError(err, max_tokens_name) from None
@@ -68,7 +69,10 @@ async def chat_completions(
         first = await unless_disconnected(request, call.read())
     except grpc.RpcError as exc:
         raise ChatError(from_rpc_error(exc), max_tokens_name) from None
-    except (asyncio.CancelledError, ClientDisconnected):
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    except ClientDisconnected:
         call.cancel()
         return _client_gone()
     if first is grpc.aio.EOF:
