@@ -33,29 +33,15 @@ from services.decoder.media import MediaResolver
 FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
-async def whole_choices(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:
-    """Each choice as one output when it ends (for clients that do not stream)."""
-    held: dict[int, StepOutput] = {}
-    async for out in outputs:
-        if out.index in held:
-            out = held.pop(out.index).merged(out)
-        if out.finish is None:
-            held[out.index] = out
-        else:
-            yield out
-
-
 class DecoderServicer(pb_grpc.DecoderServiceServicer):
     """Implements mmserve.decoder.v1.DecoderService."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ready: tuple[LoadedModel, Engine, MediaResolver] | None = None
-        self._max_prompt_chars = 0
 
     def attach(self, model: LoadedModel, engine: Engine, resolver: MediaResolver) -> None:
         """Start serving (the server runs, NOT_SERVING, while the model loads)."""
-        self._max_prompt_chars = max_prompt_chars(engine.context_limit, model.family.longest_token_chars)
         self._ready = (model, engine, resolver)
 
     @property
@@ -77,7 +63,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             max_model_len=engine.context_limit,
             random_weights=model.source.random_weights,
             model_fingerprint=model.fingerprint,
-            max_prompt_chars=self._max_prompt_chars,
+            max_prompt_chars=self._max_prompt_chars(model, engine),
         )
         return pb.ListModelsResponse(models=[card])
 
@@ -89,7 +75,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         if request.model and request.model not in {model.served_name, model.source.requested}:
             raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason="MODEL_NOT_FOUND")
         sampling = parse_sampling(request.sampling)
-        check_prompt_size(request, max_chars=self._max_prompt_chars, longest_token_chars=family.longest_token_chars)
+        check_prompt_size(request, max_chars=self._max_prompt_chars(model, engine), longest_token_chars=family.longest_token_chars)
 
         def chat_part(modality: int, field: str) -> dict[str, Any]:
             family.check_modality(modality, f"{field}.modality")
@@ -106,15 +92,15 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             note(
                 queue_ms=round((admitted - start) * 1000, 1), resolve_ms=round((resolved - admitted) * 1000, 1),
                 prepare_ms=round((time.perf_counter() - resolved) * 1000, 1),
-                prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached,
             )
             max_tokens = self._max_tokens(engine, sampling, prompt_tokens)
             engine.check_capacity(prompt_tokens, max_tokens, sampling.n)
+            note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
             PROMPT_TOKENS.inc(prompt_tokens)
             completion = cached_prompt = 0
             first = last = 0.0
-            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens))
-            async for out in whole_choices(outputs) if request.whole_choices else outputs:
+            held: dict[int, StepOutput] = {}
+            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens)):
                 now = time.perf_counter()
                 if not first:
                     first = now
@@ -125,6 +111,11 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 completion += len(out.token_ids)
                 if out.usage is not None:
                     cached_prompt = out.usage.cached_prompt_tokens
+                if request.whole_choices:
+                    out = held.pop(out.index).merged(out) if out.index in held else out
+                    if out.finish is None:
+                        held[out.index] = out
+                        continue
                 yield self._response(out, media.cached)
         GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)
@@ -144,6 +135,10 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 cached_prompt_tokens=out.usage.cached_prompt_tokens,
             ))
         return response
+
+    @staticmethod
+    def _max_prompt_chars(model: LoadedModel, engine: Engine) -> int:
+        return max_prompt_chars(engine.context_limit, model.family.longest_token_chars)
 
     def _max_tokens(self, engine: Engine, sampling: SamplingConfig, prompt_tokens: int) -> int:
         limit = engine.context_limit
