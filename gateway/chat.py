@@ -15,14 +15,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from gateway.disconnect import ClientDisconnected, unless_disconnected
+from gateway.disconnect import ClientDisconnected, ClosingStreamingResponse, unless_disconnected
 from gateway.errors import error_body, http_status, rest_param
 from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
 from gateway.state import Gateway, call_metadata, gateway, tenant
@@ -82,7 +82,7 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = sse_events(call, first, completion_id, created, model, include_usage, gw.settings.sse_keepalive_s)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return ClosingStreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     try:
         return JSONResponse(await unless_disconnected(request, collect(call, first, completion_id, created, model)))
     except ClientDisconnected:
@@ -145,7 +145,7 @@ async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, cre
 
 async def sse_events(
     call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str, include_usage: bool, keepalive_s: float
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -104,13 +105,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], name: str) -> Callable[..., AsyncIterator[Any]]:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], name: str) -> Callable[..., Awaitable[None]]:
+        """Drive the servicer's generator with `context.write`, closing it on the way out.
+
+        As a generator itself, a cancelled stream would be cancelled inside grpc's own send and leave the servicer's
+        generator suspended at a `yield` until garbage collection, still holding its queue slot and engine request.
+        """
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
             self._bind(context)
             start = time.perf_counter()
             try:
-                async for item in behavior(request, context):
-                    yield item
+                async with aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        await context.write(item)
             except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise

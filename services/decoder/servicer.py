@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter as Tally
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,23 +101,25 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             completion = cached_prompt = 0
             first = last = 0.0
             held: dict[int, StepOutput] = {}
-            async for out in engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens)):
-                now = time.perf_counter()
-                if not first:
-                    first = now
-                    TTFT.observe(first - start)
-                elif out.index == 0:
-                    ITL.observe(now - last)
-                last = now
-                completion += len(out.token_ids)
-                if out.usage is not None:
-                    cached_prompt = out.usage.cached_prompt_tokens
-                if request.whole_choices:
-                    out = held.pop(out.index).merged(out) if out.index in held else out
-                    if out.finish is None:
-                        held[out.index] = out
-                        continue
-                yield self._response(out, media.cached)
+            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens))
+            async with aclosing(outputs):  # a cancel or a failed write aborts the engine request now, not at GC
+                async for out in outputs:
+                    now = time.perf_counter()
+                    if not first:
+                        first = now
+                        TTFT.observe(first - start)
+                    elif out.index == 0:
+                        ITL.observe(now - last)
+                    last = now
+                    completion += len(out.token_ids)
+                    if out.usage is not None:
+                        cached_prompt = out.usage.cached_prompt_tokens
+                    if request.whole_choices:
+                        out = held.pop(out.index).merged(out) if out.index in held else out
+                        if out.finish is None:
+                            held[out.index] = out
+                            continue
+                    yield self._response(out, media.cached)
         GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)
         note(completion_tokens=completion, cached_prompt_tokens=cached_prompt, ttft_ms=round((first - start) * 1000, 1))

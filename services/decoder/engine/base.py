@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -127,7 +127,7 @@ class Engine(ABC):
         """Render the prompt with its media (stored embeddings, prompt order); the result has `num_tokens`."""
 
     @abstractmethod
-    def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         """Step outputs of every choice until each has finished; closing the iterator aborts the request."""
 
     @abstractmethod

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ class TransformersEngine(Engine):
                 field="sampling.max_tokens",
             )
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         if not self.scheduler.alive:
             raise Unavailable("the decoder's engine has stopped", reason="ENGINE_STOPPED")
         loop = asyncio.get_running_loop()
