@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter as Tally
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
