@@ -9,7 +9,7 @@ commands as `mmserve up`) on free loopback ports, or uses the gateway at
 `--url`; then, with the official OpenAI SDK (streaming, `include_usage`):
 
 - load: at each concurrency level, `--requests` requests (default
-  max(4, 2 x level)) kept `level` in flight, half text-only, half with one
+  max(8, 2 x level)) kept `level` in flight, half text-only, half with one
   image (a distinct random PNG each, sent as a data URL), temperature 0,
   `--tokens` completion tokens with EOS ignored; reports aggregate completion
   tok/s (all completion tokens / wall time of the level), TTFT and
@@ -27,7 +27,7 @@ busy-polls a core around requests) and SIGCONTs it for its own turn. `--peer-onl
 measures just the peer; `--peer-json` takes the peer figures from an earlier
 run's output line (same settings) instead of measuring again.
 
-Prints one JSON line. Each side gets one warm-up request first.
+Prints one JSON line. Each side gets two warm-up requests first (one text-only, one with an image).
 """
 
 from __future__ import annotations
@@ -193,12 +193,13 @@ async def measure(base_url: str, model: str | None, ns: argparse.Namespace) -> d
     try:
         if model is None:
             model = (await client.models.list()).data[0].id
-        warm = await stream_one(client, model, image_messages(data_url(square_png(ns.size, ns.seed - 1))), ns.tokens)
-        if warm.error is not None:
-            raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
+        for messages in (text_messages("warm-up", 0), image_messages(data_url(square_png(ns.size, ns.seed - 1)))):  # both kinds, as the levels mix them
+            warm = await stream_one(client, model, messages, ns.tokens)
+            if warm.error is not None:
+                raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
         levels = {}
         for level in ns.concurrency:
-            n = ns.requests or max(4, 2 * level)
+            n = ns.requests or max(8, 2 * level)
             levels[f"c{level}"] = await run_level(client, model, level_workload(level, n, ns.size, ns.seed), level, ns.tokens)
             print(f"serving bench: {base_url} {json.dumps(levels[f'c{level}'])}", file=sys.stderr)
         same = data_url(square_png(ns.size, ns.seed + 500_000))
@@ -304,7 +305,7 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--url", help="base URL of an already running mmserve gateway (e.g. http://127.0.0.1:8000/v1) instead of starting stacks")
     target.add_argument("--peer-only", action="store_true", help="measure only the peer")
     parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=None, help="requests per level (default: max(4, 2 x level))")
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x level))")
     parser.add_argument("--tokens", type=int, default=64, help="completion tokens per request (EOS ignored)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="requests for each image TTFT median")
