@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     )
 
     # --- decoder ---------------------------------------------------------
-    decoder_engine: Literal["transformers"] = Field(
-        "transformers", description="What makes the tokens: `transformers` (built-in: continuous batching, KV budget, prefix cache)."
+    decoder_engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What makes the tokens: `transformers` (built-in: continuous batching, KV budget, prefix cache) or `vllm` (vLLM's engine fed the stored embeddings; needs the vLLM environment, scripts/build-vllm-env).",
     )
     max_running_requests: int = Field(16, description="Requests one decoder batches together (decoding at once).")
     max_waiting_requests: int = Field(64, description="Generate calls queued beyond that before 429.")
@@ -136,6 +137,11 @@ class Settings(BaseSettings):
     )
     prefix_cache: bool = Field(True, description="Reuse the KV of earlier prompts that start the same way (same text, same media).")
     prefix_cache_block_tokens: int = Field(16, ge=1, description="Tokens per prefix-cache block (the unit of reuse).")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs one model is split across (tensor parallel).")
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vLLM engine: pipeline stages.")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM engine: share of GPU memory vLLM may use (weights + KV cache).")
+    vllm_cpu_kv_cache_gib: float = Field(4.0, gt=0, description="vLLM engine on CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).")
+    vllm_enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs / compilation (faster start, slower decode).")
 
     # --- gateway ---------------------------------------------------------
     api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")

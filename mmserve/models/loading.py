@@ -48,7 +48,7 @@ def detect_family(source: ModelSource) -> type[Family]:
 
 
 def load_model(settings: Settings, *, part: str) -> LoadedModel:
-    """Resolve, load and fingerprint the model named in settings for `part` (encoder|decoder)."""
+    """Resolve, load and fingerprint the model named in settings for `part` (encoder|decoder|prompt: processor and config only)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar per load is noise in service logs

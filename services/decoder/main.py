@@ -13,7 +13,7 @@ from mmserve.log import setup_logging
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import start_server
 from mmserve.store import EmbeddingStore
-from services.decoder.engine import make_engine
+from services.decoder.engine import make_engine, model_part
 from services.decoder.media import EncoderClient, MediaResolver
 from services.decoder.servicer import DecoderServicer
 
@@ -34,8 +34,8 @@ async def serve(settings: Settings) -> None:
         settings, service="decoder", port=settings.decoder_port, register=register,
         service_names=[SERVICE_NAME],
     )
-    model = await asyncio.to_thread(load_model, settings, part="decoder")
-    engine = make_engine(model.family, settings)
+    model = await asyncio.to_thread(load_model, settings, part=model_part(settings))
+    engine = make_engine(model, settings)
     await engine.start()
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)

@@ -53,18 +53,26 @@ class Family(ABC):
     name: ClassVar[str]
     #: Media this instance's model accepts (media_pb2.Modality values).
     modalities: frozenset[int]
+    #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.
+    modality_note: str = ""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, config: Any) -> None:
+    def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, *, dtype: torch.dtype | None = None, generation_config: Any = None) -> None:
+        """`model` is None for the "prompt" part (another engine runs the LLM); `dtype` then says what it runs in."""
         self.model = model
         self.processor = processor
         self.config = config
+        self._dtype = dtype
+        self.generation_config = generation_config if model is None else getattr(model, "generation_config", None)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.model is None:
+            assert self._dtype is not None
+            return self._dtype
         return next(self.model.parameters()).dtype
 
     def check_modality(self, modality: int, field: str) -> None:
@@ -72,8 +80,9 @@ class Family(ABC):
         if modality not in self.modalities:
             accepted = ", ".join(sorted(MODALITY_NAMES[m] for m in self.modalities))
             name = MODALITY_NAMES.get(modality, str(modality))
+            note = f" ({self.modality_note})" if self.modality_note else ""
             raise InvalidArgument(
-                f"this model ({self.name}) does not accept {name} input; it accepts: {accepted}", field=field
+                f"this model ({self.name}) does not accept {name} input; it accepts: {accepted}{note}", field=field
             )
 
     # --- loading -------------------------------------------------------------
@@ -107,6 +116,10 @@ class Family(ABC):
     @abstractmethod
     def reserved_strings(self) -> tuple[str, ...]:
         """Token strings that a user's text may not contain (they would break placeholder counting)."""
+
+    @abstractmethod
+    def prompt_token_ids(self, conversation: list[dict[str, Any]], media: list[Any], *, expand: bool = True) -> list[int]:
+        """The rendered prompt as token ids, media placeholders expanded to each item's token count, or one per item (vLLM expands them itself)."""
 
     @abstractmethod
     def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
@@ -146,8 +159,7 @@ class Family(ABC):
     @property
     def eos_token_ids(self) -> frozenset[int]:
         """Tokens that end generation: the generation config's, else the tokenizer's."""
-        gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
+        eos = getattr(self.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return frozenset([eos] if isinstance(eos, int) else (eos or []))

@@ -57,8 +57,8 @@ class QwenFamily(Family):
     #: config attributes holding token ids a user's text may not contain
     reserved_id_attrs: ClassVar[tuple[str, ...]] = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
-    def __init__(self, model: torch.nn.Module, processor: Any, config: Any, time_series: TimeSeriesSupport | None) -> None:
-        super().__init__(model, processor, config)
+    def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, time_series: TimeSeriesSupport | None, **kwargs: Any) -> None:
+        super().__init__(model, processor, config, **kwargs)
         self.time_series = time_series
         self.modalities = self.base_modalities | ({TIME_SERIES} if time_series else frozenset())
 
@@ -67,6 +67,8 @@ class QwenFamily(Family):
         import transformers
         from transformers import AutoProcessor
 
+        if part == "prompt":
+            return cls._load_prompt_part(path, dtype)
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device).eval()
         if part == "encoder":  # the encoder never runs the LLM: free its weights
             model.model.language_model = None
@@ -79,6 +81,21 @@ class QwenFamily(Family):
             path, processor.tokenizer, model.config.text_config.hidden_size, dtype=model.dtype, device=device
         )
         return cls(model, processor, model.config, time_series)
+
+    @classmethod
+    def _load_prompt_part(cls, path: str, dtype: torch.dtype | str) -> Family:
+        """Processor and config only, no weights: for an engine that runs the LLM itself (vLLM). No time series (its adapter runs here)."""
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+        config = AutoConfig.from_pretrained(path)
+        if isinstance(dtype, str):  # "auto": the checkpoint's
+            named = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or "float32"
+            dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation = None
+        return cls(None, AutoProcessor.from_pretrained(path), config, None, dtype=dtype, generation_config=generation)
 
     @property
     def max_context(self) -> int:
@@ -214,9 +231,13 @@ class QwenFamily(Family):
         out.append(text[pos:])
         return "".join(out)
 
-    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+    def prompt_token_ids(self, conversation: list[dict[str, Any]], media: list[Any], *, expand: bool = True) -> list[int]:
+        """The rendered prompt's token ids, each media placeholder expanded to its item's token count (or left single)."""
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer([self._expand(text, media)], return_tensors="pt")["input_ids"].to(self.device)
+        return list(self.tokenizer([self._expand(text, media) if expand else text])["input_ids"][0])
+
+    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+        ids = torch.tensor([self.prompt_token_ids(conversation, media)], device=self.device)
         embeds = self.embed_tokens(ids)
         by_modality: dict[int, list[Any]] = defaultdict(list)
         for stored in media:

@@ -1,0 +1,1 @@
+"""The vLLM decoder engine (MMSERVE_DECODER_ENGINE=vllm)."""
