@@ -24,9 +24,11 @@ SERVICE_COMMANDS: dict[str, list[str]] = {
 }
 
 
-def resolve_command(argv: list[str]) -> list[str]:
-    """Find `mmserve` next to the running Python first (a venv need not be on PATH)."""
-    exe = Path(sys.executable).parent / argv[0]
+def resolve_command(argv: list[str], venv: Path | None = None) -> list[str]:
+    """Find `mmserve` in `venv` (the vLLM decoder's own environment), else next to the running Python (a venv need not be on PATH)."""
+    exe = (venv / "bin" if venv is not None else Path(sys.executable).parent) / argv[0]
+    if venv is not None and not exe.exists():
+        raise FileNotFoundError(f"{exe} is missing: build that environment first (scripts/build-vllm-env {venv})")
     found = str(exe) if exe.exists() else shutil.which(argv[0])
     if found is None:
         raise FileNotFoundError(f"{argv[0]} is not installed (pip install -e .)")
@@ -40,6 +42,7 @@ class ServiceProcess:
     role: str
     env: dict[str, str]
     log_path: Path | None = None
+    venv: Path | None = None  # run from this environment instead of the current one
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -52,7 +55,7 @@ class ServiceProcess:
         if self.log_path is not None:
             self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            resolve_command(self.argv), env=env, stdout=self._log, stderr=subprocess.STDOUT if self._log else None
+            resolve_command(self.argv, self.venv), env=env, stdout=self._log, stderr=subprocess.STDOUT if self._log else None
         )
         return self
 

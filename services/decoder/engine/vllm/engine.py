@@ -87,7 +87,7 @@ class VllmEngine(Engine):
         supported = SUPPORTED.get(family.name)
         if supported is None:
             raise FailedPrecondition(f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model")
-        refused = sorted(MODALITY_NAMES[m] for m in family.modalities - supported)
+        refused = sorted(name for m, name in MODALITY_NAMES.items() if m not in supported and name in REFUSED_WHY)
         family.modalities = family.modalities & supported
         family.modality_note = "; ".join(f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused)
         self.family = family

@@ -1,0 +1,151 @@
+"""The vLLM engine through the real stack: the same tokens as the built-in engine, fed from the store.
+
+One encoder and one Redis serve two decoders of the same checkpoint, one per
+engine (the vLLM one in its own environment, built here by
+scripts/build-vllm-env when missing), each behind its own gateway. Every
+request goes to both; greedy outputs must be equal token for token.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.localredis import LocalRedis
+from mmserve.models.source import resolve_model
+from tests.conftest import CACHE_DIR, TINY, RunningService, StartService
+from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
+from tests.test_batching import media
+from tests.test_equivalence_modalities import mp4_bytes
+
+pytestmark = pytest.mark.vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_ENV = ROOT / ".venv-vllm"
+ENCODE_OK = 'mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}'
+RUNNING = "mmserve_num_requests_running"
+IMAGE, IMAGE2 = data_url(png_bytes(128, 96, 3)), data_url(png_bytes(64, 64, 4))
+
+
+@dataclass
+class Pair:
+    encoder: RunningService
+    builtin: RunningService  # decoders
+    vllm: RunningService
+    builtin_client: openai.OpenAI
+    vllm_client: openai.OpenAI
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> Path:
+    if not (VLLM_ENV / "bin" / "mmserve").exists():
+        subprocess.run([str(ROOT / "scripts" / "build-vllm-env"), str(VLLM_ENV)], check=True, timeout=1800)
+    return VLLM_ENV
+
+
+@pytest.fixture(scope="session")
+def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
+    with LocalRedis() as redis:
+        encoder = start_service("encoder", redis_url=redis.url)
+        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target}
+        builtin = start_service("decoder", **wired)
+        # the same checkpoint folder: the vLLM environment's libraries would generate other random weights
+        folder = str(resolve_model(f"tiny:{TINY}", revision=None, cache_dir=CACHE_DIR).path)
+        vllm = start_service(
+            "decoder", venv=vllm_env, timeout=900, MMSERVE_MODEL=folder, MMSERVE_DECODER_ENGINE="vllm",
+            MMSERVE_VLLM_CPU_KV_CACHE_GIB="1", MMSERVE_MAX_MODEL_LEN="4096", HF_HUB_OFFLINE="1", **wired,
+        )  # fmt: skip
+        clients = [
+            openai.OpenAI(base_url=start_service("gateway", MMSERVE_DECODER_TARGET=d.target).base_url, api_key="x", max_retries=0)
+            for d in (builtin, vllm)
+        ]
+        yield Pair(encoder, builtin, vllm, *clients)
+        vllm.stop()
+
+
+def user(*parts: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def image(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+CASES = {
+    "text": user({"type": "text", "text": "Tell me a story about a cat."}),
+    "image": user(image(IMAGE), {"type": "text", "text": "What is this?"}),
+    "two-images": user(image(IMAGE), image(IMAGE2), {"type": "text", "text": "Compare them."}),
+    "video": user({"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{base64.b64encode(mp4_bytes()).decode()}"}},
+                  {"type": "text", "text": "What happens?"}),
+}  # fmt: skip
+
+
+def complete(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool, tokens: int = 16) -> tuple[str, int, int]:
+    """(text, completion tokens, cached prompt tokens) of one greedy request."""
+    kwargs: dict[str, Any] = {"model": "", "messages": messages, "temperature": 0, "max_tokens": tokens, "extra_body": {"ignore_eos": True}}
+    if not stream:
+        reply = client.chat.completions.create(**kwargs)
+        details = reply.usage.prompt_tokens_details
+        return reply.choices[0].message.content or "", reply.usage.completion_tokens, (details.cached_tokens if details else 0) or 0
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    return text, usage.completion_tokens, (usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0) or 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_engine_gives_the_builtin_engines_tokens(pair: Pair, case: str, stream: bool) -> None:
+    ours = complete(pair.builtin_client, CASES[case], stream)
+    theirs = complete(pair.vllm_client, CASES[case], stream)
+    assert theirs[1] == ours[1] == 16
+    assert theirs[0] == ours[0] and ours[0]
+
+
+def test_a_stored_image_by_uuid_needs_no_encoder_call_and_hits_vllms_prefix_cache(pair: Pair) -> None:
+    with encoder_stub(pair.encoder.target) as stub:
+        stub.Encode(enc_pb.EncodeRequest(items=[image_item(png_bytes(448, 448, 11), uuid="vllm-stored")]))  # 256 tokens: whole KV blocks
+    messages = user({"type": "image_url", "image_url": None, "uuid": "vllm-stored"}, {"type": "text", "text": "Describe it."})
+    before = scrape(pair.encoder.metrics_url).get(ENCODE_OK, 0.0)
+    first = complete(pair.vllm_client, messages, stream=False)
+    again = complete(pair.vllm_client, messages, stream=True)
+    assert scrape(pair.encoder.metrics_url).get(ENCODE_OK, 0.0) == before  # the decoder read the store only
+    assert first[0] == again[0] == complete(pair.builtin_client, messages, stream=False)[0]
+    assert again[2] > 0  # vLLM's prefix cache: the item's content id is its multi_modal_uuid
+
+
+def test_cancel_mid_stream_frees_vllms_slot(pair: Pair) -> None:
+    stream = pair.vllm_client.chat.completions.create(
+        model="", messages=CASES["text"], max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
+    for _, _ in zip(range(3), stream, strict=False):
+        pass
+    assert scrape(pair.vllm.metrics_url)[RUNNING] == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while scrape(pair.vllm.metrics_url)[RUNNING] != 0:
+        assert time.monotonic() < deadline, "vLLM still runs the cancelled request"
+        time.sleep(0.1)
+
+
+def test_time_series_is_refused_by_name_with_the_vllm_engine(pair: Pair) -> None:
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(media=media("time_series")), pb.ContentPart(text="Trend?")])],
+        sampling=pb.SamplingParams(temperature=0, max_tokens=4),
+    )
+    with grpc.insecure_channel(pair.vllm.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "time_series" in (caught.value.details() or "") and "vllm engine" in (caught.value.details() or "")
