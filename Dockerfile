@@ -2,6 +2,7 @@
 # Two images from one file:
 #   --target services  encoder + decoder (torch, transformers, media decoding)
 #   --target gateway   the REST gateway only (no torch)
+#   --target decoder-vllm  the decoder with vLLM's CUDA build as its engine (compose.gpu.yaml; vLLM brings its own torch)
 # Build stages hold the compilers; the final stages hold a venv, a non-root user, nothing else.
 
 ARG PYTHON_VERSION=3.11
@@ -22,6 +23,10 @@ FROM build-base AS build-services
 # CPU wheels of torch by default; pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 for CUDA.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN /opt/mmserve/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt '.[serve,tracing]'
+
+FROM build-base AS build-decoder-vllm
+COPY constraints-vllm.txt ./
+RUN /opt/mmserve/bin/pip install --no-cache-dir '.[serve,vllm,tracing]'
 
 FROM build-base AS build-gateway
 RUN /opt/mmserve/bin/pip install --no-cache-dir -c constraints.txt '.[gateway,tracing]'
@@ -47,3 +52,11 @@ RUN mkdir -p /home/mmserve/.cache && chown mmserve:mmserve /home/mmserve/.cache
 USER mmserve
 EXPOSE 50051 50052 9090
 CMD ["mmserve", "encoder"]
+
+FROM runtime-base AS decoder-vllm
+COPY --from=build-decoder-vllm /opt/mmserve /opt/mmserve
+RUN mkdir -p /home/mmserve/.cache && chown mmserve:mmserve /home/mmserve/.cache
+ENV MMSERVE_DECODER_ENGINE=vllm
+USER mmserve
+EXPOSE 50052 9090
+CMD ["mmserve", "decoder"]

@@ -99,6 +99,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._kv_tokens = 0
         self._eos = family.eos_token_ids
+        self._aborts: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.vllm_cpu_kv_cache_gib:g}")
@@ -187,8 +188,10 @@ class VllmEngine(Engine):
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        if self._llm is not None:
-            asyncio.ensure_future(self._llm.abort(request_id))
+        if self._llm is not None:  # keep the task referenced until it ran (the loop holds tasks only weakly)
+            task = asyncio.ensure_future(self._llm.abort(request_id))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
 
     def stats(self) -> EngineStats:
         used = int(self._view.kv_usage * self._kv_tokens)
