@@ -11,9 +11,10 @@ writes one log line per request with its duration and outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -48,6 +49,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._default_tenant = default_tenant
         self._metrics = metrics
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def intercept_service(
         self,
@@ -105,26 +107,39 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], name: str) -> Callable[..., Awaitable[None]]:
-        """Drive the servicer's generator with `context.write`, closing it on the way out.
+    def _wrap_stream(self, behavior: Callable[..., AsyncGenerator[Any, None]], name: str) -> Callable[..., AsyncIterator[Any]]:
+        """Stream the servicer's generator, and close it when the RPC ends, however it ends.
 
-        As a generator itself, a cancelled stream would be cancelled inside grpc's own send and leave the servicer's
-        generator suspended at a `yield` until garbage collection, still holding its queue slot and engine request.
+        A cancel that lands in grpc's own send (a client gone mid-stream) leaves the servicer's generator
+        suspended at a `yield`, still holding its queue slot and engine request, until garbage collection;
+        the done callback closes it at once. (The handler stays a generator: OpenTelemetry's interceptor
+        iterates it.)
         """
 
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             self._bind(context)
             start = time.perf_counter()
+            items = behavior(request, context)
+            context.add_done_callback(lambda _: self._close_later(items))
             try:
-                async with aclosing(behavior(request, context)) as items:
+                async with aclosing(items):
                     async for item in items:
-                        await context.write(item)
+                        yield item
             except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
             self._done(name, "OK", start)
 
         return run
+
+    def _close_later(self, items: AsyncGenerator[Any, None]) -> None:
+        async def close() -> None:
+            with contextlib.suppress(RuntimeError):  # still running: the cancel reached it and it unwinds itself
+                await items.aclose()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext, name: str, start: float) -> None:
         """Log the failure and abort with its status (re-raises what must propagate)."""
