@@ -34,7 +34,7 @@ SUPPORTED: dict[str, frozenset[int]] = {
 #: Why the rest is refused, for the error message.
 REFUSED_WHY = {
     "time_series": "the time-series adapter's embeddings need the built-in engine",
-    "audio": "vLLM takes no audio embeddings for this family",
+    "audio": "audio embeddings are not mapped to vLLM inputs here",
     "video": "vLLM re-renders this family's timestamped video prompt from frames, not from embeddings",
 }
 
