@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -122,7 +121,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             items = behavior(request, context)
             context.add_done_callback(lambda _: self._close_later(items))
             try:
-                async with aclosing(items):
+                async with contextlib.aclosing(items):
                     async for item in items:
                         yield item
             except BaseException as exc:
