@@ -1,12 +1,15 @@
 """Serving throughput and latency under concurrent load, optionally against a peer server.
 
     python bench/serving.py [--models tiny:qwen2_5_vl-tiny,tiny:qwen2_5_vl-mid | --url URL]
-                            [--concurrency 1,4,8,16] [--requests N] [--tokens 64]
+                            [--engine transformers|vllm [--vllm-venv DIR]] [--decoders N]
+                            [--workload load|reuse] [--concurrency 1,4,8,16] [--requests N] [--tokens 64]
                             [--peer URL [--peer-model NAME] [--peer-pid PID] | --peer-json FILE | --peer-only]
 
-For each model, starts Redis, an encoder, a decoder and the gateway (the same
-commands as `mmserve up`) on free loopback ports, or uses the gateway at
-`--url`; then, with the official OpenAI SDK (streaming, `include_usage`):
+For each model, starts Redis, an encoder, `--decoders` decoders (default 1;
+round-robin from the gateway) with `--engine` (the vLLM engine runs from the
+vLLM environment, scripts/build-vllm-env) and the gateway (the same commands
+as `mmserve up`) on free loopback ports, or uses the gateway at `--url`; then,
+with the official OpenAI SDK (streaming, `include_usage`), `--workload load`:
 
 - load: at each concurrency level, `--requests` requests (default
   max(8, 2 x level)) kept `level` in flight, half text-only, half with one
@@ -17,6 +20,14 @@ commands as `mmserve up`) on free loopback ports, or uses the gateway at
   token after the first and end-to-end latency p50, request and error counts;
 - images: TTFT of a fresh image and median TTFT of asking again about the same
   image (same data URL) `--repeats` times.
+
+`--workload reuse` (why mmserve exists: embeddings shared by every replica):
+`--images` distinct images (default 32), each asked about `--asks` times
+(default 4) with a different question, in one random order, `--concurrency`
+in flight (its first level), `--tokens` completion tokens; reports TTFT
+p50/p99 (all, first asks, repeats), encoder calls (items run through a tower,
+from the encoder's /metrics) and, for a vLLM peer, its prefix-cache and
+multimodal-cache hit counts from its /metrics. Run it with `--decoders 2`.
 
 With `--peer` (an OpenAI-compatible base URL, e.g. vLLM's
 http://127.0.0.1:8001/v1) the very same requests go to the peer after
@@ -36,10 +47,12 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from mmserve.config import Settings
 from mmserve.launcher import LocalStack
@@ -146,20 +160,25 @@ def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-async def run_level(client: openai.AsyncOpenAI, model: str, workload: list[list[dict[str, Any]]], level: int, tokens: int) -> dict[str, Any]:
-    """Run the workload with `level` requests in flight at all times; summarise it."""
-    queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-    for messages in workload:
-        queue.put_nowait(messages)
-    results: list[Result] = []
+async def run_requests(
+    client: openai.AsyncOpenAI, model: str, workload: list[list[dict[str, Any]]], level: int, tokens: int
+) -> tuple[list[Result], float]:
+    """Send the workload in order with `level` requests in flight at all times: results in workload order, and the wall time."""
+    results: list[Result] = [Result() for _ in workload]
+    pending = iter(enumerate(workload))
 
     async def worker() -> None:
-        while not queue.empty():
-            results.append(await stream_one(client, model, queue.get_nowait(), tokens))
+        for i, messages in pending:
+            results[i] = await stream_one(client, model, messages, tokens)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(level)))
-    wall = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+async def run_level(client: openai.AsyncOpenAI, model: str, workload: list[list[dict[str, Any]]], level: int, tokens: int) -> dict[str, Any]:
+    """Run the workload with `level` requests in flight at all times; summarise it."""
+    results, wall = await run_requests(client, model, workload, level, tokens)
     ok = [r for r in results if r.error is None]
     errors = [r.error for r in results if r.error is not None]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -187,16 +206,70 @@ async def ttft(client: openai.AsyncOpenAI, model: str, messages: list[dict[str, 
     return result.ttft
 
 
+async def warm_up(client: openai.AsyncOpenAI, base_url: str, model: str | None, ns: argparse.Namespace) -> str:
+    """The model's name; one text-only and one image request first, as the workloads mix them."""
+    if model is None:
+        model = (await client.models.list()).data[0].id
+    for messages in (text_messages("warm-up", 0), image_messages(data_url(square_png(ns.size, ns.seed - 1)))):
+        warm = await stream_one(client, model, messages, ns.tokens)
+        if warm.error is not None:
+            raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
+    return model
+
+
+def counters(url: str | None, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Sum of each counter family named by `prefixes` at a Prometheus /metrics URL ({} if unreachable or None)."""
+    if url is None:
+        return {}
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(prefixes):
+            out[family.name] = out.get(family.name, 0.0) + sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return out
+
+
+#: Counters the reuse workload reads: mmserve's encoder, and a vLLM peer's caches.
+REUSE_COUNTERS = ("mmserve_encoder_items_encoded", "mmserve_encoder_cache_hits", "vllm:prefix_cache", "vllm:mm_cache")
+
+
+async def measure_reuse(base_url: str, model: str | None, ns: argparse.Namespace, metrics_url: str | None) -> dict[str, Any]:
+    """The reuse workload: `images` distinct images, each asked `asks` times, in one seeded random order."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "bench"), max_retries=0, timeout=900)
+    try:
+        model = await warm_up(client, base_url, model, ns)
+        urls = [data_url(square_png(ns.size, ns.seed + 700_000 + i)) for i in range(ns.images)]
+        order = [(i, k) for i in range(ns.images) for k in range(ns.asks)]
+        random.Random(ns.seed).shuffle(order)
+        workload = [image_messages(urls[i], f"Question {k}: what do you see in this picture?") for i, k in order]
+        before = counters(metrics_url, REUSE_COUNTERS)
+        results, wall = await run_requests(client, model, workload, ns.concurrency[0], ns.tokens)
+        after = counters(metrics_url, REUSE_COUNTERS)
+    finally:
+        await client.close()
+    first_of: dict[int, int] = {}
+    for position, (image, _) in enumerate(order):
+        first_of.setdefault(image, position)
+    first = [position in first_of.values() for position in range(len(order))]  # the first ask of its image
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    return {
+        "base_url": base_url, "model": model, "requests": len(results), "errors": sum(r.error is not None for r in results),
+        "wall_s": round(wall, 3), "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
+        "ttft_first_ask_p50_s": pct([r.ttft for r, f in zip(results, first, strict=True) if f and r.ttft is not None], 50),
+        "ttft_repeat_p50_s": pct([r.ttft for r, f in zip(results, first, strict=True) if not f and r.ttft is not None], 50),
+        "counters": {name: after[name] - before.get(name, 0.0) for name in after},
+    }
+
+
 async def measure(base_url: str, model: str | None, ns: argparse.Namespace) -> dict[str, Any]:
     """All figures for one server: warm-up, the load levels, then the image TTFTs."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "bench"), max_retries=0, timeout=900)
     try:
-        if model is None:
-            model = (await client.models.list()).data[0].id
-        for messages in (text_messages("warm-up", 0), image_messages(data_url(square_png(ns.size, ns.seed - 1)))):  # both kinds, as the levels mix them
-            warm = await stream_one(client, model, messages, ns.tokens)
-            if warm.error is not None:
-                raise RuntimeError(f"warm-up request to {base_url} failed: {warm.error}")
+        model = await warm_up(client, base_url, model, ns)
         levels = {}
         for level in ns.concurrency:
             n = ns.requests or max(8, 2 * level)
@@ -295,7 +368,7 @@ def paused(pid: int | None) -> Iterator[None]:
 # --- main ---------------------------------------------------------------------------------------------
 
 
-SETTINGS_KEYS = ("concurrency", "requests", "tokens", "size", "repeats", "seed")
+SETTINGS_KEYS = ("workload", "concurrency", "requests", "tokens", "size", "repeats", "images", "asks", "seed")
 
 
 def parse_args() -> argparse.Namespace:
@@ -304,11 +377,17 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--models", "--model", default="tiny:qwen2_5_vl-tiny,tiny:qwen2_5_vl-mid", help="comma-separated models; a stack is started for each")
     target.add_argument("--url", help="base URL of an already running mmserve gateway (e.g. http://127.0.0.1:8000/v1) instead of starting stacks")
     target.add_argument("--peer-only", action="store_true", help="measure only the peer")
-    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
+    parser.add_argument("--workload", choices=("load", "reuse"), default="load", help="see the module docstring")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers", help="the started decoders' engine")
+    parser.add_argument("--vllm-venv", type=Path, help="environment of vLLM-engine decoders (default: .venv-vllm)")
+    parser.add_argument("--decoders", type=int, default=1, help="decoder replicas in each started stack")
+    parser.add_argument("--concurrency", default=None, help="comma-separated concurrency levels (default 1,4,8,16; reuse: 4)")
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x level))")
     parser.add_argument("--tokens", type=int, default=64, help="completion tokens per request (EOS ignored)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=5, help="requests for each image TTFT median")
+    parser.add_argument("--images", type=int, default=32, help="reuse: distinct images")
+    parser.add_argument("--asks", type=int, default=4, help="reuse: questions about each image")
     parser.add_argument("--seed", type=int, default=17)
     peer = parser.add_mutually_exclusive_group()
     peer.add_argument("--peer", help="OpenAI-compatible base URL of a peer server, e.g. http://127.0.0.1:8001/v1")
@@ -318,16 +397,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stack-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the started services; repeatable")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     ns = parser.parse_args()
-    ns.concurrency = [int(c) for c in ns.concurrency.split(",")]
+    ns.concurrency = [int(c) for c in (ns.concurrency or ("4" if ns.workload == "reuse" else "1,4,8,16")).split(",")]
     if ns.peer_only and not ns.peer:
         parser.error("--peer-only needs --peer")
     return ns
 
 
+def measure_side(base_url: str, model: str | None, ns: argparse.Namespace, metrics_url: str | None) -> dict[str, Any]:
+    """One server's figures for the chosen workload."""
+    if ns.workload == "reuse":
+        return asyncio.run(measure_reuse(base_url, model, ns, metrics_url))
+    return add_summary(asyncio.run(measure(base_url, model, ns)), ns.concurrency)
+
+
+def compare(ours: dict[str, Any], peer: dict[str, Any], ns: argparse.Namespace) -> dict[str, float | None]:
+    """mmserve / peer ratios for the chosen workload."""
+    if ns.workload == "reuse":
+        return {f"ratio_{key[:-2]}": ratio(ours[key], peer[key]) for key in ("ttft_p50_s", "ttft_p99_s", "ttft_first_ask_p50_s", "ttft_repeat_p50_s")}
+    return ratios(ours, peer, ns.concurrency)
+
+
 def main() -> None:
     ns = parse_args()
     settings = {key: getattr(ns, key) for key in SETTINGS_KEYS}
-    out: dict[str, Any] = {"bench": "serving", "cpus": os.cpu_count(), "settings": settings}
+    out: dict[str, Any] = {"bench": "serving", "cpus": os.cpu_count(), "settings": settings, "engine": ns.engine, "decoders": ns.decoders}
 
     peer: dict[str, Any] | None = None
     if ns.peer_json is not None:
@@ -341,22 +434,22 @@ def main() -> None:
     if not ns.peer_only:
         with paused(ns.peer_pid):
             if ns.url:
-                runs.append(add_summary(asyncio.run(measure(ns.url, None, ns)), ns.concurrency))
+                runs.append(measure_side(ns.url, None, ns, None))
             else:
                 extra_env = dict(item.split("=", 1) for item in ns.stack_env)
                 for model in ns.models.split(","):
-                    stack = LocalStack(model, ns.cache_dir, extra_env)
+                    stack = LocalStack(model, ns.cache_dir, extra_env, engine=ns.engine, decoders=ns.decoders, vllm_venv=ns.vllm_venv)
                     try:
-                        run = asyncio.run(measure(stack.base_url, None, ns))
+                        run = measure_side(stack.base_url, None, ns, stack.encoder_metrics_url)
                     finally:
                         stack.close()
-                    runs.append(add_summary({"mmserve_model": model, **run}, ns.concurrency))
+                    runs.append({"mmserve_model": model, **run})
         out["runs"] = runs
         out["peer_paused_during_mmserve"] = ns.peer_pid is not None
 
     if ns.peer:
         try:
-            peer = add_summary(asyncio.run(measure(ns.peer, ns.peer_model, ns)), ns.concurrency)
+            peer = measure_side(ns.peer, ns.peer_model, ns, ns.peer.rstrip("/").removesuffix("/v1") + "/metrics")
         except (openai.OpenAIError, RuntimeError) as exc:  # keep mmserve's figures
             if ns.peer_only:
                 raise
@@ -364,7 +457,7 @@ def main() -> None:
     if peer is not None:
         out["peer"] = peer
         for run in runs:
-            run.update(ratios(run, peer, ns.concurrency))
+            run.update(compare(run, peer, ns))
     print(json.dumps(out))
 
 

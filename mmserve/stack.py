@@ -15,10 +15,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import FrameType
 
 from mmserve.config import Settings
-from mmserve.launcher import ServiceProcess
+from mmserve.launcher import ServiceProcess, vllm_decoder
 from mmserve.localredis import LocalRedis
 from mmserve.rpc.health import wait_serving
 
@@ -45,8 +46,12 @@ def wait_http_ok(url: str, *, timeout: float, alive: object = None) -> None:
     raise TimeoutError(f"{url} was not healthy within {timeout:.0f}s")
 
 
-def run_stack(settings: Settings, *, startup_timeout: float = 900.0) -> int:
-    """Run until interrupted; 0 on a clean stop, 1 if a service failed."""
+def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_timeout: float = 900.0) -> int:
+    """Run until interrupted; 0 on a clean stop, 1 if a service failed.
+
+    With the vLLM engine (MMSERVE_DECODER_ENGINE=vllm) the decoder runs from the vLLM environment (see
+    `vllm_decoder`), and every service is given the resolved model folder.
+    """
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise _Stop
@@ -63,12 +68,17 @@ def run_stack(settings: Settings, *, startup_timeout: float = 900.0) -> int:
             log.info("started a private redis-server at %s (set MMSERVE_REDIS_URL to use your own)", redis_url)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         env = {
+            "MMSERVE_DECODER_ENGINE": settings.decoder_engine,
             "MMSERVE_REDIS_URL": redis_url,
             "MMSERVE_ENCODER_TARGET": f"{host}:{settings.encoder_port}",
             "MMSERVE_DECODER_TARGET": f"{host}:{settings.decoder_port}",
         }
-        for role in ("encoder", "decoder"):
-            services.append(ServiceProcess(role, env).start())
+        decoder_venv = None
+        if settings.decoder_engine == "vllm":
+            resolved, decoder_venv = vllm_decoder(settings.model, settings.model_revision, settings.cache_dir, vllm_venv)
+            env.update(resolved)
+        services.append(ServiceProcess("encoder", env).start())
+        services.append(ServiceProcess("decoder", env, venv=decoder_venv).start())
         wait_serving(env["MMSERVE_ENCODER_TARGET"], timeout=startup_timeout, alive=services[0].alive)
         wait_serving(env["MMSERVE_DECODER_TARGET"], timeout=startup_timeout, alive=services[1].alive)
         services.append(ServiceProcess("gateway", env).start())
@@ -91,7 +101,7 @@ def run_stack(settings: Settings, *, startup_timeout: float = 900.0) -> int:
     except _Stop:
         log.info("stopping")
         return 0
-    except (TimeoutError, RuntimeError) as exc:
+    except (TimeoutError, RuntimeError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
     finally:
@@ -111,14 +121,22 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmserve up", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id, local folder, or tiny (default: MMSERVE_MODEL or tiny)")
     parser.add_argument("--port", type=int, help="gateway HTTP port (default: MMSERVE_GATEWAY_PORT or 8000)")
+    parser.add_argument(
+        "--engine", choices=("transformers", "vllm"), help="decoder engine (default: MMSERVE_DECODER_ENGINE or transformers)"
+    )
+    parser.add_argument(
+        "--vllm-venv", type=Path, help="environment of the vLLM decoder (default: this one if it has vLLM, else .venv-vllm)"
+    )
     ns = parser.parse_args(argv)
+    if ns.engine:
+        os.environ["MMSERVE_DECODER_ENGINE"] = ns.engine
     if ns.model:
         os.environ["MMSERVE_MODEL"] = ns.model
     if ns.port:
         os.environ["MMSERVE_GATEWAY_PORT"] = str(ns.port)
     settings = Settings()
     setup_logging("up", level=settings.log_level, json_logs=settings.log_json)
-    return run_stack(settings)
+    return run_stack(settings, vllm_venv=ns.vllm_venv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,17 +75,17 @@ def listening(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def up(tiny_checkpoint: Path) -> Iterator[Up]:
-    """`mmserve up` on free ports, in its own process group (as a terminal runs it), output captured."""
+@contextmanager
+def launch_up(*args: str, **extra_env: str) -> Iterator[Up]:
+    """`mmserve up ARGS` on free ports, in its own process group (as a terminal runs it), output captured."""
     ports = {"gateway": free_port(), "encoder": free_port(), "decoder": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
     env.update(
         MMSERVE_GATEWAY_PORT=str(ports["gateway"]), MMSERVE_ENCODER_PORT=str(ports["encoder"]),
-        MMSERVE_DECODER_PORT=str(ports["decoder"]), MMSERVE_CACHE_DIR=str(CACHE_DIR), PYTHONUNBUFFERED="1",
+        MMSERVE_DECODER_PORT=str(ports["decoder"]), MMSERVE_CACHE_DIR=str(CACHE_DIR), PYTHONUNBUFFERED="1", **extra_env,
     )  # fmt: skip
     proc = subprocess.Popen(
-        resolve_command(["mmserve", "up"]), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        resolve_command(["mmserve", "up", *args]), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
     running = Up(proc, ports)
@@ -105,6 +106,12 @@ def up(tiny_checkpoint: Path) -> Iterator[Up]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         reader.join(5)
+
+
+@pytest.fixture
+def up(tiny_checkpoint: Path) -> Iterator[Up]:
+    with launch_up() as running:
+        yield running
 
 
 def wait_up(up: Up, timeout: float = 300.0) -> None:

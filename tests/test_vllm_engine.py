@@ -9,6 +9,7 @@ request goes to both; greedy outputs must be equal token for token.
 from __future__ import annotations
 
 import base64
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,17 +24,17 @@ import pytest
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.launcher import DEFAULT_VLLM_VENV, vllm_decoder
 from mmserve.localredis import LocalRedis
-from mmserve.models.source import resolve_model
 from tests.conftest import CACHE_DIR, TINY, RunningService, StartService
 from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
 from tests.test_batching import media
 from tests.test_equivalence_modalities import mp4_bytes
+from tests.test_stack_up import children, launch_up, wait_up
 
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_ENV = ROOT / ".venv-vllm"
 ENCODE_OK = 'mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}'
 RUNNING = "mmserve_num_requests_running"
 IMAGE, IMAGE2 = data_url(png_bytes(128, 96, 3)), data_url(png_bytes(64, 64, 4))
@@ -50,9 +51,9 @@ class Pair:
 
 @pytest.fixture(scope="session")
 def vllm_env() -> Path:
-    if not (VLLM_ENV / "bin" / "mmserve").exists():
-        subprocess.run([str(ROOT / "scripts" / "build-vllm-env"), str(VLLM_ENV)], check=True, timeout=1800)
-    return VLLM_ENV
+    if not (DEFAULT_VLLM_VENV / "bin" / "mmserve").exists():
+        subprocess.run([str(ROOT / "scripts" / "build-vllm-env"), str(DEFAULT_VLLM_VENV)], check=True, timeout=1800)
+    return DEFAULT_VLLM_VENV
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +62,10 @@ def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
         encoder = start_service("encoder", redis_url=redis.url)
         wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target}
         builtin = start_service("decoder", **wired)
-        # the same checkpoint folder: the vLLM environment's libraries would generate other random weights
-        folder = str(resolve_model(f"tiny:{TINY}", revision=None, cache_dir=CACHE_DIR).path)
+        resolved, venv = vllm_decoder(f"tiny:{TINY}", None, CACHE_DIR, vllm_env)  # as mmserve up --engine vllm does
         vllm = start_service(
-            "decoder", venv=vllm_env, timeout=900, MMSERVE_MODEL=folder, MMSERVE_DECODER_ENGINE="vllm",
-            MMSERVE_VLLM_CPU_KV_CACHE_GIB="1", MMSERVE_MAX_MODEL_LEN="4096", HF_HUB_OFFLINE="1", **wired,
+            "decoder", venv=venv, timeout=900, MMSERVE_DECODER_ENGINE="vllm", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1",
+            MMSERVE_MAX_MODEL_LEN="4096", **resolved, **wired,
         )  # fmt: skip
         clients = [
             openai.OpenAI(base_url=start_service("gateway", MMSERVE_DECODER_TARGET=d.target).base_url, api_key="x", max_retries=0)
@@ -149,3 +149,16 @@ def test_time_series_is_refused_by_name_with_the_vllm_engine(pair: Pair) -> None
         list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=60))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "time_series" in (caught.value.details() or "") and "vllm engine" in (caught.value.details() or "")
+
+
+def test_mmserve_up_with_the_vllm_engine_serves_the_same_tokens(pair: Pair, vllm_env: Path) -> None:
+    """`mmserve up --engine vllm`: the decoder runs from the vLLM environment, on the checkpoint the encoder uses."""
+    with launch_up("--engine", "vllm", "--vllm-venv", str(vllm_env), MMSERVE_MODEL=f"tiny:{TINY}", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1") as up:
+        wait_up(up, timeout=900)
+        decoder = next(cmd for cmd in children(up.proc.pid).values() if cmd.endswith("decoder"))
+        assert decoder.startswith(str(vllm_env / "bin"))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{up.ports['gateway']}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["mmserve-tiny-random"]
+        assert complete(client, CASES["image"], stream=True)[:2] == complete(pair.builtin_client, CASES["image"], stream=True)[:2]
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0, up.output()[-4000:]
