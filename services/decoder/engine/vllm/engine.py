@@ -155,7 +155,8 @@ class VllmEngine(Engine):
         return SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
             seed=sampling.seed, max_tokens=max_tokens, ignore_eos=sampling.ignore_eos,
-            stop_token_ids=sorted(self._eos), detokenize=False, skip_special_tokens=False,
+            stop_token_ids=[] if sampling.ignore_eos else sorted(self._eos),  # vLLM's ignore_eos leaves stop ids in force
+            detokenize=False, skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
         )  # fmt: skip
 
