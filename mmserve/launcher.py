@@ -63,6 +63,19 @@ def vllm_decoder(model: str, revision: str | None, cache_dir: Path, venv: Path |
     return env, venv
 
 
+def replica_cores(index: int, replicas: int) -> dict[str, str]:
+    """vLLM's CPU thread binding for replica `index` of `replicas` on this host: disjoint cores.
+
+    Left to itself every vLLM CPU worker binds to the same first cores ("auto"), so replicas on one host
+    would share one core and leave the others idle. Nothing is set for one replica or when the user chose.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if replicas < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < replicas:
+        return {}
+    share = len(cores) // replicas
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores[index * share : (index + 1) * share])}
+
+
 @dataclass
 class ServiceProcess:
     """One role running as a child process with its own environment and log file."""
@@ -149,7 +162,8 @@ class LocalStack:
             self.services.append(ServiceProcess("encoder", encoder_env, log_path=self.logs / "encoder.log").start())
             for i, port in enumerate(decoder_ports):
                 log = self.logs / f"decoder-{i}.log"
-                self.services.append(ServiceProcess("decoder", {**env, "MMSERVE_DECODER_PORT": str(port)}, log_path=log, venv=venv).start())
+                own = {"MMSERVE_DECODER_PORT": str(port), **(replica_cores(i, decoders) if engine == "vllm" else {})}
+                self.services.append(ServiceProcess("decoder", {**env, **own}, log_path=log, venv=venv).start())
             for service, port in zip(self.services, [encoder_port, *decoder_ports], strict=True):
                 wait_serving(f"127.0.0.1:{port}", timeout=900, alive=service.alive)
             self.services.append(ServiceProcess("gateway", env, log_path=self.logs / "gateway.log").start())
