@@ -52,7 +52,7 @@ def scrape(metrics_url: str) -> dict[str, float]:
     """Prometheus samples as {'name{label="v",...}': value}."""
     import urllib.request
 
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:  # a busy 2-core machine (vLLM polls both cores) answers slowly
         text = response.read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
