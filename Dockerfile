@@ -26,7 +26,8 @@ RUN /opt/mmserve/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX
 
 FROM build-base AS build-decoder-vllm
 COPY constraints-vllm.txt ./
-RUN /opt/mmserve/bin/pip install --no-cache-dir '.[serve,vllm,tracing]'
+COPY scripts/patch-vllm.py scripts/
+RUN /opt/mmserve/bin/pip install --no-cache-dir '.[serve,vllm,tracing]' && /opt/mmserve/bin/python scripts/patch-vllm.py
 
 FROM build-base AS build-gateway
 RUN /opt/mmserve/bin/pip install --no-cache-dir -c constraints.txt '.[gateway,tracing]'

@@ -10,6 +10,7 @@ instance. Services run as child processes started with exactly the command
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mmserve.config import Settings
-from mmserve.launcher import ServiceProcess
+from mmserve.launcher import DEFAULT_VLLM_VENV, ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
@@ -232,3 +233,12 @@ def omni_stack(start_service: StartService) -> Iterator[Stack]:
     """The default demo model (Omni thinker + time-series adapter: all four modalities) on its own Redis."""
     with LocalRedis() as server:
         yield start_stack(start_service, server.url, MMSERVE_MODEL="tiny:qwen2_5_omni-tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> Path:
+    """The vLLM decoder environment, built by the documented script when missing (CI builds it here)."""
+    if not (DEFAULT_VLLM_VENV / "bin" / "mmserve").exists():
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run([str(root / "scripts" / "build-vllm-env"), str(DEFAULT_VLLM_VENV)], check=True, timeout=1800)
+    return DEFAULT_VLLM_VENV

@@ -10,34 +10,30 @@ from __future__ import annotations
 
 import base64
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 import pytest
 
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
-from mmserve.launcher import DEFAULT_VLLM_VENV, vllm_decoder
+from mmserve.launcher import vllm_decoder
 from mmserve.localredis import LocalRedis
 from tests.conftest import CACHE_DIR, TINY, RunningService, StartService
 from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
-from tests.test_batching import media
-from tests.test_equivalence_modalities import mp4_bytes
+from tests.test_equivalence_modalities import SERIES, b64, mp4_bytes
 from tests.test_stack_up import children, launch_up, wait_up
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[1]
 ENCODE_OK = 'mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}'
 RUNNING = "mmserve_num_requests_running"
 IMAGE, IMAGE2 = data_url(png_bytes(128, 96, 3)), data_url(png_bytes(64, 64, 4))
+SERIES_PART = {"type": "time_series_url", "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100}}
 
 
 @dataclass
@@ -49,30 +45,32 @@ class Pair:
     vllm_client: openai.OpenAI
 
 
-@pytest.fixture(scope="session")
-def vllm_env() -> Path:
-    if not (DEFAULT_VLLM_VENV / "bin" / "mmserve").exists():
-        subprocess.run([str(ROOT / "scripts" / "build-vllm-env"), str(DEFAULT_VLLM_VENV)], check=True, timeout=1800)
-    return DEFAULT_VLLM_VENV
-
-
-@pytest.fixture(scope="session")
-def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
+@contextmanager
+def serving_pair(start_service: StartService, vllm_env: Path, checkpoint: str) -> Iterator[Pair]:
+    """Encoder, Redis, and one decoder per engine on `checkpoint`, each behind a gateway; all stopped at exit."""
     with LocalRedis() as redis:
-        encoder = start_service("encoder", redis_url=redis.url)
-        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target}
+        resolved, venv = vllm_decoder(f"tiny:{checkpoint}", None, CACHE_DIR, vllm_env)  # as mmserve up --engine vllm does
+        encoder = start_service("encoder", redis_url=redis.url, **resolved)
+        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target, **resolved}
         builtin = start_service("decoder", **wired)
-        resolved, venv = vllm_decoder(f"tiny:{TINY}", None, CACHE_DIR, vllm_env)  # as mmserve up --engine vllm does
         vllm = start_service(
             "decoder", venv=venv, timeout=900, MMSERVE_DECODER_ENGINE="vllm", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1",
-            MMSERVE_MAX_MODEL_LEN="4096", **resolved, **wired,
+            MMSERVE_MAX_MODEL_LEN="4096", **wired,
         )  # fmt: skip
-        clients = [
-            openai.OpenAI(base_url=start_service("gateway", MMSERVE_DECODER_TARGET=d.target).base_url, api_key="x", max_retries=0)
-            for d in (builtin, vllm)
-        ]
-        yield Pair(encoder, builtin, vllm, *clients)
-        vllm.stop()
+        gateways = [start_service("gateway", MMSERVE_DECODER_TARGET=d.target) for d in (builtin, vllm)]
+        clients = [openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in gateways]
+        try:
+            yield Pair(encoder, builtin, vllm, *clients)
+        finally:
+            for service in (vllm, *gateways, builtin, encoder):
+                service.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
+    """Module-scoped: one idle vLLM keeps a core busy, so no two run at once."""
+    with serving_pair(start_service, vllm_env, TINY) as both:
+        yield both
 
 
 def user(*parts: Any) -> list[dict[str, Any]]:
@@ -87,6 +85,7 @@ CASES = {
     "text": user({"type": "text", "text": "Tell me a story about a cat."}),
     "image": user(image(IMAGE), {"type": "text", "text": "What is this?"}),
     "two-images": user(image(IMAGE), image(IMAGE2), {"type": "text", "text": "Compare them."}),
+    "time-series": user(SERIES_PART, {"type": "text", "text": "Describe the trend."}),
     "video": user({"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{base64.b64encode(mp4_bytes()).decode()}"}},
                   {"type": "text", "text": "What happens?"}),
 }  # fmt: skip
@@ -140,15 +139,13 @@ def test_cancel_mid_stream_frees_vllms_slot(pair: Pair) -> None:
         time.sleep(0.1)
 
 
-def test_time_series_is_refused_by_name_with_the_vllm_engine(pair: Pair) -> None:
-    request = pb.GenerateRequest(
-        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(media=media("time_series")), pb.ContentPart(text="Trend?")])],
-        sampling=pb.SamplingParams(temperature=0, max_tokens=4),
-    )
-    with grpc.insecure_channel(pair.vllm.target) as channel, pytest.raises(grpc.RpcError) as caught:
-        list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=60))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "time_series" in (caught.value.details() or "") and "vllm engine" in (caught.value.details() or "")
+def test_a_time_series_beside_other_media_is_refused_by_name_with_the_vllm_engine(pair: Pair) -> None:
+    """A time series goes to vLLM as the whole prompt's embeddings (the "time-series" case), which vLLM takes only alone."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(pair.vllm_client, user(SERIES_PART, image(IMAGE), {"type": "text", "text": "Both?"}), stream=False)
+    error = caught.value.body if isinstance(caught.value.body, dict) else {}
+    assert "time series cannot share a request with image" in error.get("message", "") and "vllm engine" in error.get("message", "")
+    assert error.get("param") == "messages", error
 
 
 def test_mmserve_up_with_the_vllm_engine_serves_the_same_tokens(pair: Pair, vllm_env: Path) -> None:

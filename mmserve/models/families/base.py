@@ -63,6 +63,7 @@ class Family(ABC):
         self.config = config
         self._dtype = dtype
         self.generation_config = generation_config if model is None else getattr(model, "generation_config", None)
+        self.input_embeddings: torch.nn.Module | None = None  # the prompt part's token embeddings, when it needs them
 
     @property
     def device(self) -> torch.device:

@@ -22,16 +22,18 @@ share).
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
-from mmserve.errors import InvalidArgument
+from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.time_series import TimeSeriesSupport
 from mmserve.models.tensors import from_raw, to_raw
+from mmserve.models.weights import load_input_embeddings
 
 IMAGE, VIDEO, AUDIO, TIME_SERIES = (
     media_pb2.MODALITY_IMAGE,
@@ -84,7 +86,11 @@ class QwenFamily(Family):
 
     @classmethod
     def _load_prompt_part(cls, path: str, dtype: torch.dtype | str) -> Family:
-        """Processor and config only, no weights: for an engine that runs the LLM itself (vLLM). No time series (its adapter runs here)."""
+        """Processor and config, no LLM or towers: for an engine that runs the LLM itself (vLLM).
+
+        With a time-series adapter it also reads the token embedding table, so that a time-series prompt can be
+        handed over as prompt embeddings (the adapter itself runs in the encoder).
+        """
         from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
         config = AutoConfig.from_pretrained(path)
@@ -95,7 +101,13 @@ class QwenFamily(Family):
             generation = GenerationConfig.from_pretrained(path)
         except OSError:
             generation = None
-        return cls(None, AutoProcessor.from_pretrained(path), config, None, dtype=dtype, generation_config=generation)
+        processor = AutoProcessor.from_pretrained(path)
+        hidden = int(config.get_text_config().hidden_size)
+        time_series = TimeSeriesSupport.load(path, processor.tokenizer, hidden, dtype=dtype, device="cpu")
+        family = cls(None, processor, config, time_series, dtype=dtype, generation_config=generation)
+        if time_series is not None:
+            family.input_embeddings = load_input_embeddings(Path(path), dtype)
+        return family
 
     @property
     def max_context(self) -> int:
@@ -237,6 +249,14 @@ class QwenFamily(Family):
         return list(self.tokenizer([self._expand(text, media) if expand else text])["input_ids"][0])
 
     def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+        ids, embeds, by_modality, masks = self.prompt_embeds(conversation, media)
+        positions, delta = self.rope_index(ids, by_modality)
+        return PrefillInputs(ids, embeds, positions, delta, self.prefill_extra(ids, by_modality, masks, embeds))
+
+    def prompt_embeds(
+        self, conversation: list[dict[str, Any]], media: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+        """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
         ids = torch.tensor([self.prompt_token_ids(conversation, media)], device=self.device)
         embeds = self.embed_tokens(ids)
         by_modality: dict[int, list[Any]] = defaultdict(list)
@@ -250,8 +270,7 @@ class QwenFamily(Family):
                 raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), feats)
             masks[modality] = mask
-        positions, delta = self.rope_index(ids, by_modality)
-        return PrefillInputs(ids, embeds, positions, delta, self.prefill_extra(ids, by_modality, masks, embeds))
+        return ids, embeds, by_modality, masks
 
     def _grid(self, items: list[Any]) -> torch.Tensor | None:
         return torch.tensor([list(placement_of(m).grid_thw) for m in items], device=self.device) if items else None
@@ -285,4 +304,7 @@ class QwenFamily(Family):
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids)
+        table = self.input_embeddings if self.model is None else self.model.get_input_embeddings()
+        if table is None:
+            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
+        return table(ids)

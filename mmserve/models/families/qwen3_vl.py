@@ -35,7 +35,7 @@ class Qwen3_VL(QwenFamily):
             tensors.append(to_raw(f"deepstack.{layer}", features[index]))
         return tensors
 
-    def _block_times(self, placement: Any) -> list[float]:
+    def block_times(self, placement: Any) -> list[float]:
         """Mean time of the first and last frame of every temporal block (the processor's rule)."""
         times = list(placement.frame_timestamps)
         step = int(placement.temporal_patch_size) or 2
@@ -50,7 +50,7 @@ class Qwen3_VL(QwenFamily):
         t, h, w = placement.grid_thw
         per_frame = self.processor.video_token * int(h * w // placement.spatial_merge_size**2)
         start, end = self.processor.vision_start_token, self.processor.vision_end_token
-        return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in self._block_times(placement)[: int(t)])
+        return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in self.block_times(placement)[: int(t)])
 
     def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
         positions, deltas = self.model.model.get_rope_index(

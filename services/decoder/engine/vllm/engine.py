@@ -24,18 +24,19 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
 from mmserve.models.families import Family
-from mmserve.models.families.qwen import placement_of
 from mmserve.models.loading import dtype_name
 from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
 from services.decoder.engine.base import Admission, Engine, EngineRequest, EngineStats, StepOutput
 from services.decoder.engine.outputs import RequestOutput
-from services.decoder.engine.vllm.inputs import REFUSED_WHY, SUPPORTED, VllmMedia, vllm_media
+from services.decoder.engine.vllm.inputs import REFUSED_WHY, SUPPORTED, TIME_SERIES, VllmMedia, vllm_media
 
 log = logging.getLogger("mmserve.decoder.engine")
 
@@ -51,6 +52,7 @@ class VllmPrompt:
     token_ids: list[int]
     media: VllmMedia
     num_tokens: int  # after expansion: what the prompt costs
+    embeds: torch.Tensor | None = None  # [tokens, hidden]: the whole prompt as embeddings (time series), instead of ids
 
 
 @dataclass
@@ -87,7 +89,8 @@ class VllmEngine(Engine):
         supported = SUPPORTED.get(family.name)
         if supported is None:
             raise FailedPrecondition(f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model")
-        refused = sorted(name for m, name in MODALITY_NAMES.items() if m not in supported and name in REFUSED_WHY)
+        supported |= family.modalities & {TIME_SERIES}  # as prompt embeddings
+        refused = sorted(MODALITY_NAMES[m] for m in family.modalities - supported)
         family.modalities = family.modalities & supported
         family.modality_note = "; ".join(f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused)
         self.family = family
@@ -116,6 +119,7 @@ class VllmEngine(Engine):
             gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
             enforce_eager=self.settings.vllm_enforce_eager,
             enable_mm_embeds=True,
+            enable_prompt_embeds=TIME_SERIES in self.family.modalities,
             enable_prefix_caching=True,
             seed=0,
         )
@@ -137,9 +141,27 @@ class VllmEngine(Engine):
         return await asyncio.to_thread(self._render, messages, media)
 
     def _render(self, messages: list[dict[str, Any]], media: list[StoredEmbedding]) -> VllmPrompt:
+        modalities = {int(m.descriptor.modality) for m in media}
+        if TIME_SERIES in modalities:
+            return self._render_embeds(messages, media, modalities - {TIME_SERIES})
         ids = self.family.prompt_token_ids(messages, media, expand=False)
         expanded = len(ids) + sum(int(m.descriptor.token_count) - 1 for m in media)
-        return VllmPrompt(ids, vllm_media(self.family.name, media, placement_of), expanded)
+        return VllmPrompt(ids, vllm_media(self.family, media), expanded)
+
+    def _render_embeds(self, messages: list[dict[str, Any]], media: list[StoredEmbedding], others: set[int]) -> VllmPrompt:
+        """A time-series prompt as vLLM prompt embeddings: text embeddings with each series' spliced in.
+
+        vLLM gives prompt embeddings text positions (M-RoPE included), as the built-in engine gives a
+        time series; it cannot take them together with multimodal embedding inputs.
+        """
+        if others:
+            names = ", ".join(sorted(MODALITY_NAMES[m] for m in others))
+            raise InvalidArgument(
+                f"with the vllm engine a time series cannot share a request with {names}: vLLM then takes the whole prompt as embeddings",
+                field="messages",
+            )
+        ids, embeds, _, _ = self.family.prompt_embeds(messages, media)
+        return VllmPrompt(ids[0].tolist(), VllmMedia(), int(ids.shape[1]), embeds[0])
 
     def check_capacity(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
         if self._kv_tokens and prompt_tokens + max_tokens > self._kv_tokens:
@@ -166,7 +188,7 @@ class VllmEngine(Engine):
         sampling, prompt = request.sampling, request.prompt
         eos = frozenset() if sampling.ignore_eos else self._eos
         output = RequestOutput(sampling.n, self.family.tokenizer, sampling.stop, eos, request.max_tokens, prompt.num_tokens)
-        inputs: dict[str, Any] = {"prompt_token_ids": prompt.token_ids}
+        inputs: dict[str, Any] = {"prompt_token_ids": prompt.token_ids} if prompt.embeds is None else {"prompt_embeds": prompt.embeds}
         if prompt.media.data:
             inputs["multi_modal_data"] = prompt.media.data
             inputs["multi_modal_uuids"] = prompt.media.uuids

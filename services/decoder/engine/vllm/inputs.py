@@ -3,9 +3,12 @@
 vLLM takes precomputed multimodal embeddings (`enable_mm_embeds`) in the form
 its own vision tower would hand to the language model: for Qwen2.5-VL an
 item's `image_embeds`/`video_embeds` [tokens, hidden] with its grid (videos
-also their seconds per grid, for M-RoPE); for Qwen3-VL the deepstack features
-concatenated after the main features on the last axis, as its tower returns
-them. What vLLM cannot take as embeddings is refused by name, never sent as
+also their seconds per grid, for M-RoPE; the Qwen2.5-Omni thinker takes the
+same); for Qwen3-VL the deepstack features concatenated after the main
+features on the last axis, as its tower returns them, and for a video the
+time of each temporal block, from which vLLM writes the `<t seconds>` text
+(the times the built-in engine writes, from the same stored frame times).
+What vLLM cannot take as embeddings is refused by name, never sent as
 something else.
 
 This module imports no vLLM code: the mapping is plain tensors and dicts.
@@ -20,22 +23,24 @@ import torch
 
 from mmserve.common.v1 import media_pb2
 from mmserve.mediainput import MODALITY_NAMES
+from mmserve.models.families import Family
+from mmserve.models.families.qwen import placement_of
 from mmserve.models.tensors import from_raw
 from mmserve.store import StoredEmbedding
 
-IMAGE, VIDEO = media_pb2.MODALITY_IMAGE, media_pb2.MODALITY_VIDEO
+IMAGE, VIDEO, TIME_SERIES = media_pb2.MODALITY_IMAGE, media_pb2.MODALITY_VIDEO, media_pb2.MODALITY_TIME_SERIES
 
-#: family name -> modalities the vLLM engine serves for it (the README's model table says the same).
+#: family name -> modalities the vLLM engine serves for it (the README's model table says the same), besides time
+#: series: a checkpoint with the time-series adapter gets them as prompt embeddings (`prompt_embeds`).
 SUPPORTED: dict[str, frozenset[int]] = {
     "qwen2_5_vl": frozenset({IMAGE, VIDEO}),
-    "qwen3_vl": frozenset({IMAGE}),
+    "qwen3_vl": frozenset({IMAGE, VIDEO}),
+    "qwen2_5_omni": frozenset({IMAGE, VIDEO}),
 }
 
 #: Why the rest is refused, for the error message.
 REFUSED_WHY = {
-    "time_series": "the time-series adapter's embeddings need the built-in engine",
-    "audio": "audio embeddings are not mapped to vLLM inputs here",
-    "video": "vLLM re-renders this family's timestamped video prompt from frames, not from embeddings",
+    "audio": "vLLM takes this family's audio only as mel features for its own audio tower, not as embeddings",
 }
 
 
@@ -43,7 +48,7 @@ REFUSED_WHY = {
 class VllmMedia:
     """`multi_modal_data` and `multi_modal_uuids` of one prompt."""
 
-    data: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
     uuids: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -55,19 +60,21 @@ def _features(family: str, stored: StoredEmbedding) -> torch.Tensor:
     return torch.cat([main, *(from_raw(t, torch.device("cpu")) for t in deepstack)], dim=-1)
 
 
-def vllm_media(family: str, media: list[StoredEmbedding], placement: Any) -> VllmMedia:
-    """The embedding inputs of a prompt's items (prompt order within each modality); `placement(stored)` gives grid_thw etc."""
+def vllm_media(family: Family, media: list[StoredEmbedding]) -> VllmMedia:
+    """The embedding inputs of a prompt's items (prompt order within each modality)."""
     out = VllmMedia()
     grouped: dict[int, list[StoredEmbedding]] = {}
     for stored in media:
         grouped.setdefault(int(stored.descriptor.modality), []).append(stored)
     for modality, items in grouped.items():
         name = MODALITY_NAMES[modality]
-        feats = torch.cat([_features(family, s) for s in items])
-        grids = torch.tensor([list(placement(s).grid_thw) for s in items], dtype=torch.long)
-        entry = {f"{name}_embeds": feats, f"{name}_grid_thw": grids}
+        feats = torch.cat([_features(family.name, s) for s in items])
+        grids = torch.tensor([list(placement_of(s).grid_thw) for s in items], dtype=torch.long)
+        entry: dict[str, Any] = {f"{name}_embeds": feats, f"{name}_grid_thw": grids}
         if modality == VIDEO:
-            entry["second_per_grid_ts"] = torch.tensor([float(placement(s).second_per_grid or 1.0) for s in items])
+            entry["second_per_grid_ts"] = torch.tensor([float(placement_of(s).second_per_grid or 1.0) for s in items])
+            if family.name == "qwen3_vl":
+                entry["timestamps"] = [torch.tensor(family.block_times(placement_of(s))[: placement_of(s).grid_thw[0]]) for s in items]
         out.data[name] = entry
         out.uuids[name] = [s.descriptor.id for s in items]
     return out

@@ -1,0 +1,53 @@
+"""The vLLM engine on the other families: Qwen3-VL (deepstack, timestamped video) and the Qwen2.5-Omni thinker.
+
+Each family gets its own pair of decoders (one per engine) on its tiny
+checkpoint, one family at a time; greedy tokens must be equal across engines
+for every modality vLLM takes as embeddings, and the rest must be refused by
+name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from tests.conftest import StartService
+from tests.test_batching import media
+from tests.test_vllm_engine import CASES, Pair, complete, serving_pair
+
+pytestmark = pytest.mark.vllm
+
+#: checkpoint -> the cases vLLM serves for it (text and the two-images case are covered on Qwen2.5-VL).
+SERVED = {"qwen3_vl-tiny": ("image", "two-images", "video", "time-series"), "qwen2_5_omni-tiny": ("image", "video", "time-series")}
+
+
+@pytest.fixture(scope="module")
+def family_pair(request: pytest.FixtureRequest, start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
+    with serving_pair(start_service, vllm_env, request.param) as both:
+        yield both
+
+
+@pytest.mark.parametrize(("family_pair", "case"), [(c, case) for c, cases in SERVED.items() for case in cases], indirect=["family_pair"])
+def test_vllm_engine_gives_the_builtin_engines_tokens_for_the_family(family_pair: Pair, case: str) -> None:
+    ours = complete(family_pair.builtin_client, CASES[case], stream=True)
+    theirs = complete(family_pair.vllm_client, CASES[case], stream=True)
+    assert theirs[1] == ours[1] == 16
+    assert theirs[0] == ours[0] and ours[0]
+
+
+@pytest.mark.parametrize("family_pair", ["qwen2_5_omni-tiny"], indirect=True)
+def test_omni_audio_is_refused_by_name_with_the_vllm_engine(family_pair: Pair) -> None:
+    request = pb.GenerateRequest(
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content=[pb.ContentPart(media=media("audio")), pb.ContentPart(text="Who speaks?")])],
+        sampling=pb.SamplingParams(temperature=0, max_tokens=4),
+    )
+    with grpc.insecure_channel(family_pair.vllm.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        list(pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=60))
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "audio" in details and "vllm engine" in details and "mel features" in details
