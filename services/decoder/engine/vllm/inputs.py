@@ -25,6 +25,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.mediainput import MODALITY_NAMES
 from mmserve.models.families import Family
 from mmserve.models.families.qwen import placement_of
+from mmserve.models.families.qwen3_vl import Qwen3_VL
 from mmserve.models.tensors import from_raw
 from mmserve.store import StoredEmbedding
 
@@ -69,12 +70,13 @@ def vllm_media(family: Family, media: list[StoredEmbedding]) -> VllmMedia:
     for modality, items in grouped.items():
         name = MODALITY_NAMES[modality]
         feats = torch.cat([_features(family.name, s) for s in items])
-        grids = torch.tensor([list(placement_of(s).grid_thw) for s in items], dtype=torch.long)
+        placements = [placement_of(s) for s in items]
+        grids = torch.tensor([list(p.grid_thw) for p in placements], dtype=torch.long)
         entry: dict[str, Any] = {f"{name}_embeds": feats, f"{name}_grid_thw": grids}
         if modality == VIDEO:
-            entry["second_per_grid_ts"] = torch.tensor([float(placement_of(s).second_per_grid or 1.0) for s in items])
-            if family.name == "qwen3_vl":
-                entry["timestamps"] = [torch.tensor(family.block_times(placement_of(s))[: placement_of(s).grid_thw[0]]) for s in items]
+            entry["second_per_grid_ts"] = torch.tensor([float(p.second_per_grid or 1.0) for p in placements])
+            if isinstance(family, Qwen3_VL):
+                entry["timestamps"] = [torch.tensor(family.block_times(p)[: p.grid_thw[0]]) for p in placements]
         out.data[name] = entry
         out.uuids[name] = [s.descriptor.id for s in items]
     return out
