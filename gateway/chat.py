@@ -84,7 +84,8 @@ async def chat_completions(
         events = sse_events(call, first, completion_id, created, model, include_usage, gw.settings.sse_keepalive_s)
         return ClosingStreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     try:
-        return JSONResponse(await unless_disconnected(request, collect(call, first, completion_id, created, model)))
+        whole = collect(call, first, completion_id, created, model, logprobs=bool(body.logprobs))
+        return JSONResponse(await unless_disconnected(request, whole))
     except ClientDisconnected:
         return _client_gone()
     except grpc.RpcError as exc:
@@ -123,21 +124,39 @@ def _usage(usage: pb.Usage) -> dict[str, Any]:
     }
 
 
-async def collect(call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str) -> dict[str, Any]:
+def logprobs_content(message: pb.GenerateResponse) -> list[dict[str, Any]]:
+    """The OpenAI `logprobs.content` entries of a message's tokens."""
+    return [
+        {
+            "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in lp.top],
+        }
+        for lp in message.logprobs
+    ]
+
+
+async def collect(
+    call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str, *, logprobs: bool = False
+) -> dict[str, Any]:
     """A whole (non-streamed) completion."""
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     usage: dict[str, Any] = {}
+    tokens: dict[int, list[dict[str, Any]]] = {}
     message: Any = first
     while message is not grpc.aio.EOF:
         texts.setdefault(message.index, []).append(message.text)
+        tokens.setdefault(message.index, []).extend(logprobs_content(message))
         if message.finish_reason:
             finish[message.index] = FINISH.get(message.finish_reason, "stop")
         if message.HasField("usage"):
             usage = _usage(message.usage)
         message = await call.read()
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])}, "finish_reason": finish.get(i, "stop")}
+        {
+            "index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+            "logprobs": {"content": tokens[i]} if logprobs else None, "finish_reason": finish.get(i, "stop"),
+        }
         for i in sorted(texts)
     ]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage}
@@ -163,9 +182,12 @@ async def sse_events(
             if message.index not in started:
                 started.add(message.index)
                 yield chunk([{"index": message.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            if message.text or message.finish_reason:
+            if message.text or message.finish_reason or message.logprobs:
                 delta = {"content": message.text} if message.text else {}
-                yield chunk([{"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}])
+                choice = {"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}
+                if message.logprobs:
+                    choice["logprobs"] = {"content": logprobs_content(message)}
+                yield chunk([choice])
             if message.HasField("usage"):
                 usage = _usage(message.usage)
             pending = asyncio.ensure_future(call.read())

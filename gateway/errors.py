@@ -39,8 +39,8 @@ ERROR_TYPE = {
 }
 
 _PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?|content\[\d+\])")
-_SAMPLING = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
-             "sampling.seed": "seed", "sampling.stop": "stop", "sampling.n": "n", "sampling.max_tokens": "max_completion_tokens"}
+#: gRPC sampling fields whose OpenAI name differs (others are `sampling.<name>` -> `<name>`).
+_SAMPLING = {"sampling.guidance": "response_format"}
 
 
 def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_tokens") -> str | None:
@@ -52,7 +52,9 @@ def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_toke
         return match.group(1)
     if field == "sampling.max_tokens":
         return max_tokens_name
-    return _SAMPLING.get(field, field)
+    if field in _SAMPLING:
+        return _SAMPLING[field]
+    return field.removeprefix("sampling.")
 
 
 def error_body(message: str, *, status: int, param: str | None = None, code: str | None = None) -> dict[str, object]:

@@ -17,6 +17,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send one extra chunk with the usage before [DONE].")
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(..., description="Name of the format (as OpenAI requires; not used for decoding).")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the output must satisfy.")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced exactly (constrained decoding).")
+
+
+class ResponseFormat(BaseModel):
+    """Structured outputs: free text, any JSON object, or JSON following a schema (enforced by masking tokens)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required when type is json_schema.")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -48,6 +62,15 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="mmserve extension: keep generating past end-of-sequence.")
+    logprobs: bool | None = Field(None, description="Return each token's log probability (of the distribution it was sampled from).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs).")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens already in the completion.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often they are in the completion.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description="mmserve/vLLM extension: divide logits of prompt and completion tokens (1 = off).")
+    min_tokens: int | None = Field(None, ge=0, description="mmserve/vLLM extension: no end-of-sequence before this many tokens.")
+    min_p: float | None = Field(None, ge=0, le=1, description="mmserve/vLLM extension: drop tokens below min_p x the top token's probability.")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured outputs).")
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(
         None, description='mmserve extension: media loading options per modality, e.g. {"video": {"num_frames": 16, "fps": 2}}.'
     )

@@ -10,6 +10,7 @@ them to its limits).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -188,7 +189,36 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
     if body.stop is not None:
         sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     sampling.ignore_eos = body.ignore_eos
+    logit_controls(body, sampling)
     return request
+
+
+def logit_controls(body: ChatCompletionRequest, sampling: pb.SamplingParams) -> None:
+    """Logprobs, penalties, logit_bias, min_tokens/min_p and response_format onto SamplingParams."""
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs to be true", field="top_logprobs")
+    sampling.logprobs = bool(body.logprobs)
+    sampling.top_logprobs = body.top_logprobs or 0
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    sampling.min_tokens = body.min_tokens or 0
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.strip().isdigit() or int(key) >= 1 << 31:
+            raise InvalidArgument(f"logit_bias keys must be token ids, got {key!r}", field="logit_bias")
+        if not -100 <= bias <= 100:
+            raise InvalidArgument(f"the bias of token {key} must be between -100 and 100", field="logit_bias")
+        sampling.logit_bias[int(key)] = bias
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return
+    if fmt.type == "json_object":
+        sampling.guidance.json_object = True
+        return
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidArgument("json_schema.schema is required for type json_schema", field="response_format.json_schema")
+    sampling.guidance.json_schema = json.dumps(fmt.json_schema.schema_)
 
 
 def to_encode_items(body: EncodeRequest) -> list[media_pb2.MediaInput]:

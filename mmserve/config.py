@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     onednn_min_weights: int = Field(
         1 << 18, ge=0, description="Linear layers with fewer weights stay on MKL (oneDNN's per-call cost would exceed their product)."
     )
+    engine_threads: int = Field(
+        0, ge=0, description="Intra-op threads of the built-in engine's model thread; 0 = auto: one for a language model under 8M weights (a thread hand-off costs more than it saves there), else torch's default (all cores).",
+    )
     prefix_cache: bool = Field(True, description="Reuse the KV of earlier prompts that start the same way (same text, same media).")
     prefix_cache_block_tokens: int = Field(16, ge=1, description="Tokens per prefix-cache block (the unit of reuse).")
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs one model is split across (tensor parallel).")

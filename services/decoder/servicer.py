@@ -24,12 +24,16 @@ from mmserve.errors import InvalidArgument, NotFound, Unavailable
 from mmserve.log import note
 from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import E2E, GENERATION_TOKENS, ITL, PROMPT_TOKENS, TTFT
+from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import LoadedModel
 from mmserve.promptsize import check_prompt_size, max_prompt_chars
 from mmserve.rpc.metadata import remaining_timeout, tenant_var
-from services.decoder.conversation import Conversation, SamplingConfig, parse_conversation, parse_sampling
+from services.decoder.conversation import Conversation, SamplingConfig, check_token_ids, parse_conversation, parse_sampling
 from services.decoder.engine import Engine, EngineRequest, Finish, StepOutput
+from services.decoder.engine.tokentext import TokenText
+from services.decoder.guidance import checked_grammar, grammar_for
 from services.decoder.media import MediaResolver
+from services.decoder.tools import ToolCallParser, ToolSpec, parse_tools, tool_grammar
 
 FINISH = {Finish.STOP: pb.FINISH_REASON_STOP, Finish.LENGTH: pb.FINISH_REASON_LENGTH}
 
@@ -40,6 +44,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ready: tuple[LoadedModel, Engine, MediaResolver] | None = None
+        self._tokens: TokenText | None = None
 
     def attach(self, model: LoadedModel, engine: Engine, resolver: MediaResolver) -> None:
         """Start serving (the server runs, NOT_SERVING, while the model loads)."""
@@ -76,6 +81,9 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         if request.model and request.model not in {model.served_name, model.source.requested}:
             raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason="MODEL_NOT_FOUND")
         sampling = parse_sampling(request.sampling)
+        check_token_ids(sampling, len(family.tokenizer))
+        tools = parse_tools(request, family)
+        grammar = self._grammar(sampling, tools, family)
         check_prompt_size(request, max_chars=self._max_prompt_chars(model, engine), longest_token_chars=family.longest_token_chars)
 
         def chat_part(modality: int, field: str) -> dict[str, Any]:
@@ -88,7 +96,8 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             admitted = time.perf_counter()
             media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
             resolved = time.perf_counter()
-            prompt = await engine.prepare(conversation.messages, media.embeddings)
+            chat = ChatPrompt(text=request.prompt) if request.HasField("prompt") else ChatPrompt(conversation.messages, tools.shown if tools else None)
+            prompt = await engine.prepare(chat, media.embeddings)
             prompt_tokens = int(prompt.num_tokens)
             note(
                 queue_ms=round((admitted - start) * 1000, 1), resolve_ms=round((resolved - admitted) * 1000, 1),
@@ -101,7 +110,8 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             completion = cached_prompt = 0
             first = last = 0.0
             held: dict[int, StepOutput] = {}
-            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens))
+            parsers = self._parsers(tools, family, sampling.n)
+            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens, grammar))
             async with aclosing(outputs):  # a cancel or a failed write aborts the engine request now, not at GC
                 async for out in outputs:
                     now = time.perf_counter()
@@ -119,18 +129,56 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                         if out.finish is None:
                             held[out.index] = out
                             continue
-                    yield self._response(out, media.cached)
+                    yield self._response(out, media.cached, self._token_text(model), parsers.get(out.index))
         GENERATION_TOKENS.inc(completion)
         E2E.observe(time.perf_counter() - start)
         note(completion_tokens=completion, cached_prompt_tokens=cached_prompt, ttft_ms=round((first - start) * 1000, 1))
 
     # --- helpers --------------------------------------------------------------------------
+    def _token_text(self, model: LoadedModel) -> TokenText:
+        if self._tokens is None:
+            self._tokens = TokenText(model.family.tokenizer)
+        return self._tokens
+
     @staticmethod
-    def _response(out: StepOutput, cached_media: int) -> pb.GenerateResponse:
+    def _grammar(sampling: SamplingConfig, tools: ToolSpec | None, family: Family) -> str | None:
+        """The grammar the output must follow: response_format's, or a required/named tool call's (not both)."""
+        called = tool_grammar(tools, family.tool_call_format) if tools and family.tool_call_format else None
+        if called and sampling.guidance:
+            raise InvalidArgument("response_format cannot be combined with a required or named tool_choice", field="sampling.guidance")
+        if sampling.guidance:
+            return checked_grammar(grammar_for(sampling.guidance), family.tokenizer)
+        return checked_grammar(called, family.tokenizer, field="tools") if called else None
+
+    @staticmethod
+    def _parsers(tools: ToolSpec | None, family: Family, n: int) -> dict[int, ToolCallParser]:
+        """A tool-call parser per choice when the model may call tools."""
+        fmt = family.tool_call_format
+        if tools is None or tools.choice == "none" or fmt is None:
+            return {}
+        return {i: ToolCallParser(fmt) for i in range(n)}
+
+    @staticmethod
+    def _response(out: StepOutput, cached_media: int, tokens: TokenText, parser: ToolCallParser | None) -> pb.GenerateResponse:
         response = pb.GenerateResponse(
             index=out.index, text=out.text, token_ids=out.token_ids,
             finish_reason=FINISH[out.finish] if out.finish else pb.FINISH_REASON_UNSPECIFIED,
         )
+        if parser is not None:
+            text, calls = parser.feed(out.text)
+            if out.finish:
+                tail, more = parser.finish()
+                text, calls = text + tail, calls + more
+                if parser.calls and out.finish == Finish.STOP:
+                    response.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+            response.text = text
+            response.tool_calls.extend(calls)
+        for lp in out.logprobs or ():
+            text, raw = tokens.of(lp.token_id)
+            entry = response.logprobs.add(token=text, bytes=raw, logprob=lp.logprob)
+            for token_id, logprob in lp.top:
+                text, raw = tokens.of(token_id)
+                entry.top.add(token_id=token_id, token=text, bytes=raw, logprob=logprob)
         if out.usage is not None:
             response.usage.CopyFrom(pb.Usage(
                 prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,

@@ -25,35 +25,53 @@ _sym_db = _symbol_database.Default()
 from mmserve.common.v1 import media_pb2 as mmserve_dot_common_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mmserve/decoder/v1/decoder_service.proto\x12\x12mmserve.decoder.v1\x1a\x1dmmserve/common/v1/media.proto\"U\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x05media\x18\x02 \x01(\x0b\x32\x1d.mmserve.common.v1.MediaInputH\x00\x42\x06\n\x04kind\"g\n\x0b\x43hatMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x18.mmserve.decoder.v1.Role\x12\x30\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ContentPart\"\xf2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_n\"\xa0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".mmserve.decoder.v1.SamplingParams\x12\x15\n\rwhole_choices\x18\x04 \x01(\x08\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_media\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\xa5\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .mmserve.decoder.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.mmserve.decoder.v1.Usage\"\x13\n\x11ListModelsRequest\"\xef\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12/\n\nmodalities\x18\x06 \x03(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.mmserve.decoder.v1.ModelCard*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc6\x01\n\x0e\x44\x65\x63oderService\x12W\n\x08Generate\x12#.mmserve.decoder.v1.GenerateRequest\x1a$.mmserve.decoder.v1.GenerateResponse0\x01\x12[\n\nListModels\x12%.mmserve.decoder.v1.ListModelsRequest\x1a&.mmserve.decoder.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mmserve/decoder/v1/decoder_service.proto\x12\x12mmserve.decoder.v1\x1a\x1dmmserve/common/v1/media.proto\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xac\x01\n\nToolChoice\x12\x33\n\x04mode\x18\x01 \x01(\x0e\x32#.mmserve.decoder.v1.ToolChoice.ModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\"M\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x42\x06\n\x04kind\"U\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x05media\x18\x02 \x01(\x0b\x32\x1d.mmserve.common.v1.MediaInputH\x00\x42\x06\n\x04kind\"\xaf\x01\n\x0b\x43hatMessage\x12&\n\x04role\x18\x01 \x01(\x0e\x32\x18.mmserve.decoder.v1.Role\x12\x30\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ContentPart\x12\x30\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1c.mmserve.decoder.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"\x97\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x0e\n\x01n\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x45\n\nlogit_bias\x18\r \x03(\x0b\x32\x31.mmserve.decoder.v1.SamplingParams.LogitBiasEntry\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\t\x88\x01\x01\x12.\n\x08guidance\x18\x11 \x01(\x0b\x32\x1c.mmserve.decoder.v1.Guidance\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"@\n\x08Guidance\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\xd8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.mmserve.decoder.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".mmserve.decoder.v1.SamplingParams\x12\x15\n\rwhole_choices\x18\x04 \x01(\x08\x12\'\n\x05tools\x18\x05 \x03(\x0b\x32\x18.mmserve.decoder.v1.Tool\x12\x33\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x1e.mmserve.decoder.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\t\n\x07_prompt\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\"j\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x03top\x18\x04 \x03(\x0b\x32\x1e.mmserve.decoder.v1.TopLogprob\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_media\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\x8b\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .mmserve.decoder.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.mmserve.decoder.v1.Usage\x12\x32\n\x08logprobs\x18\x06 \x03(\x0b\x32 .mmserve.decoder.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\x07 \x03(\x0b\x32\x1c.mmserve.decoder.v1.ToolCall\"\x13\n\x11ListModelsRequest\"\xef\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12/\n\nmodalities\x18\x06 \x03(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x16\n\x0erandom_weights\x18\x08 \x01(\x08\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\x18\n\x10max_prompt_chars\x18\n \x01(\x04\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.mmserve.decoder.v1.ModelCard*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xc6\x01\n\x0e\x44\x65\x63oderService\x12W\n\x08Generate\x12#.mmserve.decoder.v1.GenerateRequest\x1a$.mmserve.decoder.v1.GenerateResponse0\x01\x12[\n\nListModels\x12%.mmserve.decoder.v1.ListModelsRequest\x1a&.mmserve.decoder.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.decoder.v1.decoder_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1329
-  _globals['_ROLE']._serialized_end=1409
-  _globals['_FINISHREASON']._serialized_start=1411
-  _globals['_FINISHREASON']._serialized_end=1506
-  _globals['_CONTENTPART']._serialized_start=95
-  _globals['_CONTENTPART']._serialized_end=180
-  _globals['_CHATMESSAGE']._serialized_start=182
-  _globals['_CHATMESSAGE']._serialized_end=285
-  _globals['_SAMPLINGPARAMS']._serialized_start=288
-  _globals['_SAMPLINGPARAMS']._serialized_end=530
-  _globals['_GENERATEREQUEST']._serialized_start=533
-  _globals['_GENERATEREQUEST']._serialized_end=693
-  _globals['_USAGE']._serialized_start=696
-  _globals['_USAGE']._serialized_end=827
-  _globals['_GENERATERESPONSE']._serialized_start=830
-  _globals['_GENERATERESPONSE']._serialized_end=995
-  _globals['_LISTMODELSREQUEST']._serialized_start=997
-  _globals['_LISTMODELSREQUEST']._serialized_end=1016
-  _globals['_MODELCARD']._serialized_start=1019
-  _globals['_MODELCARD']._serialized_end=1258
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1260
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1327
-  _globals['_DECODERSERVICE']._serialized_start=1509
-  _globals['_DECODERSERVICE']._serialized_end=1707
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=2657
+  _globals['_ROLE']._serialized_end=2752
+  _globals['_FINISHREASON']._serialized_start=2754
+  _globals['_FINISHREASON']._serialized_end=2879
+  _globals['_TOOL']._serialized_start=95
+  _globals['_TOOL']._serialized_end=156
+  _globals['_TOOLCALL']._serialized_start=158
+  _globals['_TOOLCALL']._serialized_end=213
+  _globals['_TOOLCHOICE']._serialized_start=216
+  _globals['_TOOLCHOICE']._serialized_end=388
+  _globals['_TOOLCHOICE_MODE']._serialized_start=303
+  _globals['_TOOLCHOICE_MODE']._serialized_end=380
+  _globals['_CONTENTPART']._serialized_start=390
+  _globals['_CONTENTPART']._serialized_end=475
+  _globals['_CHATMESSAGE']._serialized_start=478
+  _globals['_CHATMESSAGE']._serialized_end=653
+  _globals['_SAMPLINGPARAMS']._serialized_start=656
+  _globals['_SAMPLINGPARAMS']._serialized_end=1319
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1129
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1177
+  _globals['_GUIDANCE']._serialized_start=1321
+  _globals['_GUIDANCE']._serialized_end=1385
+  _globals['_GENERATEREQUEST']._serialized_start=1388
+  _globals['_GENERATEREQUEST']._serialized_end=1732
+  _globals['_TOPLOGPROB']._serialized_start=1734
+  _globals['_TOPLOGPROB']._serialized_end=1811
+  _globals['_TOKENLOGPROB']._serialized_start=1813
+  _globals['_TOKENLOGPROB']._serialized_end=1919
+  _globals['_USAGE']._serialized_start=1922
+  _globals['_USAGE']._serialized_end=2053
+  _globals['_GENERATERESPONSE']._serialized_start=2056
+  _globals['_GENERATERESPONSE']._serialized_end=2323
+  _globals['_LISTMODELSREQUEST']._serialized_start=2325
+  _globals['_LISTMODELSREQUEST']._serialized_end=2344
+  _globals['_MODELCARD']._serialized_start=2347
+  _globals['_MODELCARD']._serialized_end=2586
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2588
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2655
+  _globals['_DECODERSERVICE']._serialized_start=2882
+  _globals['_DECODERSERVICE']._serialized_end=3080
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ time-series adapter (`time_series/`).
 
 from __future__ import annotations
 
-from mmserve.models.families.base import EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.qwen2_5_omni import Qwen2_5_Omni
 from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
 from mmserve.models.families.qwen3_vl import Qwen3_VL
@@ -18,4 +18,4 @@ FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Qwen2_5_VL, Qwen3
 #: Other model_type values of the same architectures (a thinker-only Omni checkpoint).
 FAMILIES["qwen2_5_omni_thinker"] = Qwen2_5_Omni
 
-__all__ = ["FAMILIES", "EncodedItem", "Family", "PrefillInputs", "PreparedItem"]
+__all__ = ["FAMILIES", "ChatPrompt", "EncodedItem", "Family", "PrefillInputs", "PreparedItem"]

@@ -17,6 +17,27 @@ from mmserve.store import RawTensor
 
 
 @dataclass
+class ChatPrompt:
+    """What the decoder renders: template messages and the tools offered, or a raw completion prompt (no template)."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool objects, for templates with a tool section
+    text: str | None = None  # /v1/completions: the prompt exactly as given
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How a family's models write a tool call: `open` + a {"name", "arguments"} JSON object + `close`."""
+
+    open: str
+    close: str
+
+
+#: Hermes-style calls, as Qwen 2.5/3 models write them.
+HERMES_TOOL_CALLS = ToolCallFormat("<tool_call>\n", "\n</tool_call>")
+
+
+@dataclass
 class PreparedItem:
     """One media item turned into model inputs, ready to be batched into a tower."""
 
@@ -55,6 +76,8 @@ class Family(ABC):
     modalities: frozenset[int]
     #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.
     modality_note: str = ""
+    #: How this family's models call tools (None: they do not).
+    tool_call_format: ClassVar[ToolCallFormat | None] = None
 
     def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, *, dtype: torch.dtype | None = None, generation_config: Any = None) -> None:
         """`model` is None for the "prompt" part (another engine runs the LLM); `dtype` then says what it runs in."""
@@ -119,11 +142,11 @@ class Family(ABC):
         """Token strings that a user's text may not contain (they would break placeholder counting)."""
 
     @abstractmethod
-    def prompt_token_ids(self, conversation: list[dict[str, Any]], media: list[Any], *, expand: bool = True) -> list[int]:
+    def prompt_token_ids(self, prompt: ChatPrompt, media: list[Any], *, expand: bool = True) -> list[int]:
         """The rendered prompt as token ids, media placeholders expanded to each item's token count, or one per item (vLLM expands them itself)."""
 
     @abstractmethod
-    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
+    def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
         """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
 
     @abstractmethod
@@ -147,6 +170,20 @@ class Family(ABC):
     @abstractmethod
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `ids` ([batch, len])."""
+
+    def render(self, prompt: ChatPrompt) -> str:
+        """The prompt text: the chat template over the messages (and tools), or a completion prompt as is."""
+        if prompt.text is not None:
+            return prompt.text
+        if prompt.tools is not None:
+            return str(self.processor.apply_chat_template(prompt.messages, tools=prompt.tools, add_generation_prompt=True, tokenize=False))
+        return str(self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False))
+
+    @functools.cached_property
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders tools (as vLLM decides it: the template uses a `tools` variable)."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None) or ""
+        return "tools" in str(template)
 
     @property
     def text_config(self) -> Any:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
-from mmserve.models.families.base import EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.time_series import TimeSeriesSupport
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.models.weights import load_input_embeddings
@@ -56,6 +56,7 @@ class QwenFamily(Family):
     model_class: ClassVar[str]
     base_modalities: ClassVar[frozenset[int]] = frozenset({IMAGE, VIDEO})
     towers: ClassVar[tuple[str, ...]] = ("visual",)
+    tool_call_format = HERMES_TOOL_CALLS  # used where the checkpoint's chat template renders tools
     #: config attributes holding token ids a user's text may not contain
     reserved_id_attrs: ClassVar[tuple[str, ...]] = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -243,21 +244,21 @@ class QwenFamily(Family):
         out.append(text[pos:])
         return "".join(out)
 
-    def prompt_token_ids(self, conversation: list[dict[str, Any]], media: list[Any], *, expand: bool = True) -> list[int]:
+    def prompt_token_ids(self, prompt: ChatPrompt, media: list[Any], *, expand: bool = True) -> list[int]:
         """The rendered prompt's token ids, each media placeholder expanded to its item's token count (or left single)."""
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = self.render(prompt)
         return list(self.tokenizer([self._expand(text, media) if expand else text])["input_ids"][0])
 
-    def prefill_inputs(self, conversation: list[dict[str, Any]], media: list[Any]) -> PrefillInputs:
-        ids, embeds, by_modality, masks = self.prompt_embeds(conversation, media)
+    def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
+        ids, embeds, by_modality, masks = self.prompt_embeds(prompt, media)
         positions, delta = self.rope_index(ids, by_modality)
         return PrefillInputs(ids, embeds, positions, delta, self.prefill_extra(ids, by_modality, masks, embeds))
 
     def prompt_embeds(
-        self, conversation: list[dict[str, Any]], media: list[Any]
+        self, prompt: ChatPrompt, media: list[Any]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
         """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
-        ids = torch.tensor([self.prompt_token_ids(conversation, media)], device=self.device)
+        ids = torch.tensor([self.prompt_token_ids(prompt, media)], device=self.device)
         embeds = self.embed_tokens(ids)
         by_modality: dict[int, list[Any]] = defaultdict(list)
         for stored in media:

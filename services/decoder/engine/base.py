@@ -15,12 +15,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from mmserve.errors import ResourceExhausted
 from mmserve.metrics import QUEUE_SECONDS
+from mmserve.models.families import ChatPrompt
 from services.decoder.conversation import SamplingConfig
 
 
@@ -44,6 +45,19 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+#: The logprob reported for a token that could not be sampled (-inf is not JSON; OpenAI and vLLM use this too).
+MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class Logprob:
+    """A sampled token's log probability and the most likely alternatives at its position ((id, logprob), best first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 @dataclass
 class StepOutput:
     """What one engine step produced for one choice of a request."""
@@ -53,10 +67,12 @@ class StepOutput:
     text: str  # whole characters only, stop strings cut out
     finish: Finish | None = None
     usage: Usage | None = None  # on the request's very last output
+    logprobs: list[Logprob] | None = None  # one per token id, when the request asked for them
 
     def merged(self, later: StepOutput) -> StepOutput:
         """This output followed by a later one of the same choice, as one."""
-        return StepOutput(self.index, self.token_ids + later.token_ids, self.text + later.text, later.finish, later.usage)
+        logprobs = None if self.logprobs is None or later.logprobs is None else self.logprobs + later.logprobs
+        return StepOutput(self.index, self.token_ids + later.token_ids, self.text + later.text, later.finish, later.usage, logprobs)
 
 
 @dataclass
@@ -67,6 +83,7 @@ class EngineRequest:
     prompt: Any  # what `Engine.prepare` returned
     sampling: SamplingConfig
     max_tokens: int  # resolved: within the context
+    grammar: str | None = None  # llguidance grammar the output must follow (structured outputs, tool calls)
 
 
 @dataclass
@@ -114,6 +131,8 @@ class Admission:
 class Engine(ABC):
     """What the decoder servicer drives."""
 
+    #: A warm-up prompt every engine renders before SERVING.
+    WARMUP_PROMPT = ChatPrompt([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
     #: Prompt plus completion tokens one request may use.
     context_limit: int
     admission: Admission
@@ -123,7 +142,7 @@ class Engine(ABC):
         """Start the engine's loop and warm the model (before the service reports SERVING)."""
 
     @abstractmethod
-    async def prepare(self, messages: list[dict[str, Any]], media: list[Any]) -> Any:
+    async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> Any:
         """Render the prompt with its media (stored embeddings, prompt order); the result has `num_tokens`."""
 
     @abstractmethod

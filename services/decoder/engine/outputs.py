@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.decoder.engine.base import Finish, StepOutput, Usage
+from services.decoder.engine.base import Finish, Logprob, StepOutput, Usage
 from services.decoder.engine.textstream import TextStream
 
 
@@ -24,7 +24,7 @@ class ChoiceOutput:
         self.count = 0
         self.finish: Finish | None = None
 
-    def append(self, token: int) -> StepOutput:
+    def append(self, token: int, logprob: Logprob | None = None) -> StepOutput:
         """Account for `token` (which counts as generated even when it is EOS, as in the OpenAI usage)."""
         self.count += 1
         if token in self.eos:
@@ -36,7 +36,7 @@ class ChoiceOutput:
             elif self.count >= self.max_tokens:
                 text += self.stream.finish()
                 self.finish = Finish.LENGTH
-        return StepOutput(self.index, [token], text, self.finish)
+        return StepOutput(self.index, [token], text, self.finish, logprobs=None if logprob is None else [logprob])
 
 
 class RequestOutput:
@@ -51,8 +51,8 @@ class RequestOutput:
     def finished(self) -> bool:
         return all(c.finish is not None for c in self.choices)
 
-    def append(self, index: int, token: int) -> StepOutput:
-        out = self.choices[index].append(token)
+    def append(self, index: int, token: int, logprob: Logprob | None = None) -> StepOutput:
+        out = self.choices[index].append(token, logprob)
         if self.finished:
             out.usage = Usage(self.prompt_tokens, sum(c.count for c in self.choices), self.cached_prompt_tokens)
         return out

@@ -32,7 +32,7 @@ from mmserve.metrics import (
     PREFIX_CACHE_QUERIES,
 )
 from mmserve.models.families import Family, PrefillInputs
-from services.decoder.engine.base import EngineRequest, StepOutput
+from services.decoder.engine.base import EngineRequest, Logprob, StepOutput
 from services.decoder.engine.builtin.kv import BatchKV, KVShape, SequenceKV
 from services.decoder.engine.builtin.prefix import PrefixCache
 from services.decoder.engine.builtin.sampling import Sampler
@@ -85,13 +85,21 @@ class Scheduler:
     """See the module docstring. Public methods are thread-safe; everything else runs on the loop thread."""
 
     def __init__(
-        self, family: Family, shape: KVShape, capacity: int, *, prefill_chunk_tokens: int, prefix: PrefixCache | None
+        self,
+        family: Family,
+        shape: KVShape,
+        capacity: int,
+        *,
+        prefill_chunk_tokens: int,
+        prefix: PrefixCache | None,
+        threads: int | None = None,
     ) -> None:
         self.family = family
         self.shape = shape
         self.capacity = capacity
         self.chunk = prefill_chunk_tokens
         self.prefix = prefix
+        self.threads = threads  # intra-op threads of the loop thread (None: torch's default)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -141,6 +149,8 @@ class Scheduler:
 
     # --- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self._stop:
                 self._wake.wait()
@@ -275,8 +285,8 @@ class Scheduler:
             row.copy_prefix_from(first, first.length)
             job.rows.append(row)
         choices = list(range(job.n))
-        tokens = job.sampler(logits.expand(job.n, -1), choices)
-        self._deliver(job, choices, tokens)
+        tokens, logprobs = job.sampler(logits.expand(job.n, -1), choices)
+        self._deliver(job, choices, tokens, logprobs)
         if job.request.request_id in self._by_id:
             self._running.append(job)
 
@@ -305,16 +315,16 @@ class Scheduler:
         BATCH_SIZE.observe(len(rows))
         at = 0
         for job, choices in spans:
-            picked = job.sampler(logits[at : at + len(choices)], choices)
+            picked, logprobs = job.sampler(logits[at : at + len(choices)], choices)
             at += len(choices)
-            self._deliver(job, choices, picked)
+            self._deliver(job, choices, picked, logprobs)
         ENGINE_STEP_SECONDS.labels("decode").observe(time.perf_counter() - began)
 
-    def _deliver(self, job: Job, choices: list[int], tokens: list[int]) -> None:
+    def _deliver(self, job: Job, choices: list[int], tokens: list[int], logprobs: list[Logprob] | None) -> None:
         """Turn picked tokens into outputs; free the rows that finished; hand the outputs over."""
         outs = []
-        for choice, token in zip(choices, tokens, strict=True):
-            out = job.output.append(choice, token)
+        for r, (choice, token) in enumerate(zip(choices, tokens, strict=True)):
+            out = job.output.append(choice, token, logprobs[r] if logprobs is not None else None)
             outs.append(out)
             job.next_tokens[choice] = token
             if out.finish is not None:

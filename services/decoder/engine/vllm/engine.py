@@ -30,7 +30,7 @@ from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
-from mmserve.models.families import Family
+from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import dtype_name
 from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
@@ -132,23 +132,23 @@ class VllmEngine(Engine):
         KV_CACHE_TOKENS.labels("total").set_function(lambda: self._kv_tokens)
         KV_CACHE_USAGE.set_function(lambda: self._view.kv_usage)
         log.info("vLLM engine up: %s, KV cache %d tokens", self.model_path, self._kv_tokens)
-        prompt = await self.prepare([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], [])
+        prompt = await self.prepare(self.WARMUP_PROMPT, [])
         config = SamplingConfig(max_tokens=2, temperature=0.0, top_p=1.0, top_k=0, seed=0, stop=[], n=1, ignore_eos=True)
         async for _ in self.generate(EngineRequest(f"warmup-{uuid.uuid4().hex}", prompt, config, 2)):
             pass
 
-    async def prepare(self, messages: list[dict[str, Any]], media: list[Any]) -> VllmPrompt:
-        return await asyncio.to_thread(self._render, messages, media)
+    async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> VllmPrompt:
+        return await asyncio.to_thread(self._render, prompt, media)
 
-    def _render(self, messages: list[dict[str, Any]], media: list[StoredEmbedding]) -> VllmPrompt:
+    def _render(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> VllmPrompt:
         modalities = {int(m.descriptor.modality) for m in media}
         if TIME_SERIES in modalities:
-            return self._render_embeds(messages, media, modalities - {TIME_SERIES})
-        ids = self.family.prompt_token_ids(messages, media, expand=False)
+            return self._render_embeds(prompt, media, modalities - {TIME_SERIES})
+        ids = self.family.prompt_token_ids(prompt, media, expand=False)
         expanded = len(ids) + sum(int(m.descriptor.token_count) - 1 for m in media)
         return VllmPrompt(ids, vllm_media(self.family, media), expanded)
 
-    def _render_embeds(self, messages: list[dict[str, Any]], media: list[StoredEmbedding], others: set[int]) -> VllmPrompt:
+    def _render_embeds(self, prompt: ChatPrompt, media: list[StoredEmbedding], others: set[int]) -> VllmPrompt:
         """A time-series prompt as vLLM prompt embeddings: text embeddings with each series' spliced in.
 
         vLLM gives prompt embeddings text positions (M-RoPE included), as the built-in engine gives a
@@ -160,7 +160,7 @@ class VllmEngine(Engine):
                 f"with the vllm engine a time series cannot share a request with {names}: vLLM then takes the whole prompt as embeddings",
                 field="messages",
             )
-        ids, embeds, _, _ = self.family.prompt_embeds(messages, media)
+        ids, embeds, _, _ = self.family.prompt_embeds(prompt, media)
         return VllmPrompt(ids[0].tolist(), VllmMedia(), int(ids.shape[1]), embeds[0])
 
     def check_capacity(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
