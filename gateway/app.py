@@ -39,8 +39,10 @@ log = logging.getLogger("mmserve.gateway")
 DESCRIPTION = """OpenAI-compatible chat completions over mmserve's encoder and decoder services.
 
 mmserve extensions: content parts `video_url`, `audio_url`, `input_audio`, `time_series_url`; a `uuid` on any media
-part (and a null payload to reuse a stored embedding); top-level `media_io_kwargs`, `mm_processor_kwargs`, `top_k`,
-`ignore_eos`; and `/v1/mm/*` to precompute embeddings for later requests."""
+part (and a null or `{}` payload to reuse a stored embedding); video as a frame-list data URL
+(`data:video/jpeg;base64,<frame>,<frame>,...`); an image's `detail` as its pixel budget (`low` = at most 200,704
+pixels); top-level `media_io_kwargs`, `mm_processor_kwargs`, `top_k`, `ignore_eos`; and `/v1/mm/*` to precompute
+embeddings for later requests. Every validation error is a 400 whose `param` names the field."""
 
 
 def create_app(settings: Settings) -> FastAPI:
