@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import chat, precompute
-from gateway.errors import error_response, mm_error_response
+from gateway.errors import error_response, mm_error_response, validation_param
 from gateway.limits import BodyLimit
 from gateway.state import gateway
 from mmserve import tracing
@@ -39,8 +39,10 @@ log = logging.getLogger("mmserve.gateway")
 DESCRIPTION = """OpenAI-compatible chat completions over mmserve's encoder and decoder services.
 
 mmserve extensions: content parts `video_url`, `audio_url`, `input_audio`, `time_series_url`; a `uuid` on any media
-part (and a null payload to reuse a stored embedding); top-level `media_io_kwargs`, `mm_processor_kwargs`, `top_k`,
-`ignore_eos`; and `/v1/mm/*` to precompute embeddings for later requests."""
+part (and a null or `{}` payload to reuse a stored embedding); video as a frame-list data URL
+(`data:video/jpeg;base64,<frame>,<frame>,...`); an image's `detail` as its pixel budget (`low` = at most 200,704
+pixels); top-level `media_io_kwargs`, `mm_processor_kwargs`, `top_k`, `ignore_eos`; and `/v1/mm/*` to precompute
+embeddings for later requests. Every validation error is a 400 whose `param` names the field."""
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -107,11 +109,11 @@ def create_app(settings: Settings) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return error_response(f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json", request_id=rid(request))
-        param = ""
-        for part in (str(p) for p in first.get("loc", ()) if p != "body"):
-            param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
-        return error_response(f"{param or 'body'}: {first.get('msg')}", status=400, param=param or None,
-                              code="invalid_request", request_id=rid(request))
+        param = (first.get("ctx") or {}).get("param") or validation_param(first, exc.body)
+        message = str(first.get("msg"))
+        if not message.startswith(f"{param}:"):
+            message = f"{param or 'body'}: {message}"
+        return error_response(message, status=400, param=param or None, code="invalid_request", request_id=rid(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -125,7 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def health(request: Request) -> JSONResponse:
         """200 when the decoder behind this gateway reports SERVING, 503 otherwise."""
         try:
-            reply = await gateway(request).health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            reply = await (await gateway(request)).health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             serving = False

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import grpc
 from fastapi.responses import JSONResponse
 
-from mmserve.errors import MmserveError
+from mmserve.errors import InvalidArgument, MmserveError
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -43,10 +44,33 @@ _PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?|content\[\d+\])")
 _SAMPLING = {"sampling.guidance": "response_format"}
 
 
-def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_tokens") -> str | None:
-    """The request field, in OpenAI's words, that a gRPC field path points at."""
+class RequestFieldError(InvalidArgument):
+    """A gateway-side error whose field is already the JSON path in the request (`param` is it, untouched)."""
+
+
+def validation_param(error: dict[str, Any], body: Any) -> str:
+    """The JSON path a pydantic error's `loc` points at in `body`, in the request's own terms.
+
+    Union members (`str`, `list[str]`, ...) appear in `loc` but not in the
+    body; following the body skips them, so `stop: 5` is `stop`, not
+    `stop.str`. A missing field is named although the body lacks it.
+    """
+    loc = [p for p in error.get("loc", ()) if p != "body"]
+    param, node = "", body
+    for i, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            param, node = f"{param}[{part}]", node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and (part in node or (i == len(loc) - 1 and error.get("type") == "missing")):
+            param, node = f"{param}.{part}" if param else part, node.get(part)
+    return param
+
+
+def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_tokens", exact: bool = False) -> str | None:
+    """The request field, in OpenAI's words, that a gRPC field path points at (`exact`: it already is one)."""
     if not field:
         return None
+    if exact:
+        return field
     match = _PART.match(field)
     if match:
         return match.group(1)
@@ -77,7 +101,7 @@ def http_status(err: MmserveError) -> int:
 def mm_error_response(err: MmserveError, *, request_id: str | None, max_tokens_name: str = "max_completion_tokens") -> JSONResponse:
     status = http_status(err)
     message = err.message
-    param = rest_param(err.field, max_tokens_name=max_tokens_name)
+    param = rest_param(err.field, max_tokens_name=max_tokens_name, exact=isinstance(err, RequestFieldError))
     detail = _below_part(err.field, param)
     if detail and not message.startswith(detail.rsplit(".", 1)[-1]):
         message = f"{detail}: {message}"  # e.g. "video.num_frames: must be ...": param names only the part

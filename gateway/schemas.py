@@ -2,15 +2,78 @@
 
 Unknown top-level fields are accepted (and logged by the app), as OpenAI
 clients send fields a server may not know. Content parts are kept as plain
-dicts here and checked one by one in `translate`, so that an unknown or
+JSON values here and checked one by one in `translate`, so that an unknown or
 malformed part gets an error naming exactly that part.
+
+Every value must be representable downstream: integers are bounded by the
+width of their protobuf field (uint32, uint64), and no string may hold a lone
+UTF-16 surrogate (JSON allows `"\\ud800"`, UTF-8 and protobuf do not): one
+check over the whole parsed body names the JSON path of the first such string.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+#: Largest values of the protobuf fields the integers travel in (decoder_service.proto).
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(text: str) -> bool:
+    """True if `text` holds a lone surrogate (ASCII strings, e.g. base64 payloads, are skipped in O(1))."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _shown(key: str) -> str:
+    """A key as it may appear in an error message (surrogates escaped, so the message is valid UTF-8)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """The JSON path (`messages[0].content[1].text`) of the first string or key holding a lone surrogate.
+
+    Walks iteratively, in document order, so deeply nested bodies cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if _has_surrogate(node):
+                return path or "body"
+        elif isinstance(node, dict):
+            children = []
+            for key, child in node.items():
+                name = f"{path}.{_shown(key)}" if path else _shown(key)
+                if isinstance(key, str) and _has_surrogate(key):
+                    children.append((key, name))  # the key itself is the offending string
+                else:
+                    children.append((child, name))
+            stack.extend(reversed(children))
+        elif isinstance(node, list):
+            stack.extend((node[i], f"{path}[{i}]") for i in reversed(range(len(node))))
+    return None
+
+
+class StrictText(BaseModel):
+    """Refuses, before any field is validated, a body with a lone surrogate in any string (400 naming it)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        path = lone_surrogate_path(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{param}: the string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid Unicode",
+                {"param": path},
+            )
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -35,28 +98,33 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(..., description="system, developer, user or assistant.")
-    content: str | list[dict[str, Any]] | None = Field(
+    content: str | list[Any] | None = Field(
         None,
         description=(
             "A string, or a list of parts: text, image_url, video_url, audio_url, input_audio, time_series_url. "
-            "A media part with a null payload and a `uuid` refers to an embedding stored earlier."
+            "A media part whose payload is null or an object without `url` (`{}`), with a `uuid`, refers to an "
+            "embedding stored earlier. Each part is an object with a string `type`."
         ),
     )
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(StrictText):
     """POST /v1/chat/completions body, with mmserve's extensions as extra top-level fields."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="Model id from /v1/models (optional: the served model).")
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Completion tokens at most (wins over max_tokens).")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=UINT32_MAX, description="Completion tokens at most (wins over max_tokens)."
+    )
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="Deprecated alias of max_completion_tokens.")
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="mmserve extension: keep the k most likely tokens (0 = all).")
-    seed: int | None = Field(None, ge=0, description="Same seed and inputs give the same completion.")
+    top_k: int | None = Field(
+        None, ge=0, le=UINT32_MAX, description="mmserve extension: keep the k most likely tokens (0 = all)."
+    )
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX, description="Same seed and inputs give the same completion.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion (excluded from it).")
     n: int | None = Field(None, ge=1, le=16, description="Number of choices.")
     stream: bool = False
@@ -95,12 +163,12 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
-class EncodeRequest(BaseModel):
+class EncodeRequest(StrictText):
     """POST /v1/mm/encode body: media parts to embed and store for later requests."""
 
     model_config = ConfigDict(extra="allow")
 
-    content: list[dict[str, Any]] = Field(
+    content: list[Any] = Field(
         ...,
         min_length=1,
         description=(

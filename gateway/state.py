@@ -64,8 +64,8 @@ class Gateway:
         await self._encoder_channel.close()
 
 
-def gateway(request: Request) -> Gateway:
-    """The app's Gateway (FastAPI dependency)."""
+async def gateway(request: Request) -> Gateway:
+    """The app's Gateway (FastAPI dependency); async so its channels are made on the serving loop, not a worker thread."""
     state = request.app.state
     if getattr(state, "gateway", None) is None:
         state.gateway = Gateway(state.settings)

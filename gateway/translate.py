@@ -2,10 +2,12 @@
 
 Content parts follow ../docs/inputs.md: text, image_url, video_url,
 audio_url, input_audio, time_series_url, each optionally with a `uuid`; a
-media part whose payload is null and that has a uuid is a reference to a
-stored embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked
-against an allowlist of keys and become per-item options (the encoder clamps
-them to its limits).
+media part whose payload is null, or an object without its url (`{}`, as
+vLLM's clients send), and that has a uuid is a reference to a stored
+embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked against an
+allowlist of keys and become per-item options (the encoder clamps them to its
+limits). An image's `detail` maps to a pixel budget: `low` caps max_pixels at
+LOW_DETAIL_MAX_PIXELS, `high` and `auto` keep the model's default.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 from typing import Any
 
+from gateway.errors import RequestFieldError
 from gateway.schemas import ChatCompletionRequest, EncodeRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
@@ -33,6 +36,11 @@ MEDIA_PARTS = {
 }
 SUPPORTED_PARTS = ("text", *MEDIA_PARTS)
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+#: The key of a part's payload object that holds the media itself (absent: a reference, given a uuid).
+PAYLOAD_KEY = {"input_audio": "data"}
+DETAILS = ("low", "high", "auto")
+#: `detail: "low"`: at most 256 tokens of 28x28 pixels (Qwen2.5-VL/Omni; ~196 of 32x32 for Qwen3-VL).
+LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
 #: Allowed keys of media_io_kwargs / mm_processor_kwargs, per modality.
 MEDIA_IO_KEYS = {"image": {"rgba_background_color"}, "video": {"fps", "num_frames"}, "audio": set(), "time_series": set()}
 PROCESSOR_KEYS = {"image": {"min_pixels", "max_pixels"}, "video": {"min_pixels", "max_pixels"}, "audio": set(), "time_series": set()}
@@ -68,16 +76,26 @@ def _color(value: Any, field: str) -> str:
 
 
 def _number(value: Any, field: str, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not float(value).is_integer()):
-        raise InvalidArgument(f"must be a{'n integer' if kind is int else ' number'}", field=field)
-    return kind(value)
+    """`value` as an int or float; wrong types and numbers no float can hold (10**400) are a 400."""
+    wanted = f"must be a{'n integer' if kind is int else ' number'}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(wanted, field=field)
+    if kind is int and isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidArgument("is too large", field=field) from None
+    if kind is int and not number.is_integer():
+        raise InvalidArgument(wanted, field=field)
+    return kind(number)
 
 
 def _set(opts: Any, key: str, value: Any, field: str) -> None:
     """Set one option; a value the wire type cannot hold (e.g. num_frames beyond int32) is a 400, not a 500."""
     try:
         setattr(opts, key, value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidArgument(f"{key} is out of range", field=field) from None
 
 
@@ -106,33 +124,34 @@ def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]
         item.ClearField(name)
 
 
-def media_part(part: dict[str, Any], kind: str, field: str) -> media_pb2.MediaInput:
-    """One media content part -> MediaInput (payload, uuid, per-part options)."""
-    modality = MEDIA_PARTS[kind]
-    uuid = part.get("uuid")
-    if uuid is not None and not isinstance(uuid, str):
-        raise InvalidArgument("uuid must be a string", field=field)
-    item = media_pb2.MediaInput(modality=modality)
-    payload = part.get(kind)
-    if payload is None:
-        if not uuid:
-            raise InvalidArgument(f"{kind} is null: give a payload, or a uuid to use a stored embedding", field=field)
-        if uuid.startswith(CONTENT_ID_PREFIX):
-            item.source.embedding_id = uuid  # a content id returned by an earlier encode
-        else:
-            item.uuid = uuid
-        return item
-    if uuid:
+def _is_reference_payload(payload: Any, kind: str) -> bool:
+    """A payload that names no media: null, or an object without its url/data (`{}`)."""
+    return payload is None or (isinstance(payload, dict) and payload.get(PAYLOAD_KEY.get(kind, "url")) is None)
+
+
+def _reference(item: media_pb2.MediaInput, kind: str, uuid: str | None, field: str) -> media_pb2.MediaInput:
+    """A part that refers to a stored embedding by its uuid (or content id)."""
+    if not uuid:
+        key = PAYLOAD_KEY.get(kind, "url")
+        raise InvalidArgument(f"{kind} has no {key}: give a payload, or a uuid to use a stored embedding", field=field)
+    if uuid.startswith(CONTENT_ID_PREFIX):
+        item.source.embedding_id = uuid  # a content id returned by an earlier encode
+    else:
         item.uuid = uuid
-    if kind == "input_audio":
-        if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
-            raise InvalidArgument('input_audio must be {"data": "<base64>", "format": "wav"}', field=field)
-        fmt = payload.get("format")
-        if fmt not in AUDIO_FORMATS:
-            raise InvalidArgument(f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", field=field)
-        item.source.url = f"data:audio/{fmt};base64,{payload['data']}"
-        item.audio.format = fmt
-        return item
+    return item
+
+
+def _input_audio(item: media_pb2.MediaInput, payload: Any, field: str) -> None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
+        raise InvalidArgument('input_audio must be {"data": "<base64>", "format": "wav"}', field=field)
+    fmt = payload.get("format")
+    if not isinstance(fmt, str) or fmt not in AUDIO_FORMATS:
+        raise InvalidArgument(f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", field=field)
+    item.source.url = f"data:audio/{fmt};base64,{payload['data']}"
+    item.audio.format = fmt
+
+
+def _url_payload(item: media_pb2.MediaInput, payload: Any, kind: str, field: str) -> None:
     url = payload if isinstance(payload, str) else payload.get("url") if isinstance(payload, dict) else None
     if not isinstance(url, str) or not url:
         raise InvalidArgument(f"{kind}.url must be a non-empty string", field=field)
@@ -141,11 +160,68 @@ def media_part(part: dict[str, Any], kind: str, field: str) -> media_pb2.MediaIn
         rate = payload.get("sampling_rate") if isinstance(payload, dict) else None
         if rate is None:
             raise InvalidArgument("time_series_url.sampling_rate (Hz) is required", field=field)
-        rate = _number(rate, field, float)
+        where = f"{field}.time_series_url.sampling_rate"  # param: the part; the message names the key
+        rate = _number(rate, where, float)
         if rate <= 0:
-            raise InvalidArgument("time_series_url.sampling_rate must be > 0", field=field)
-        item.time_series.sampling_rate = rate
+            raise InvalidArgument("must be > 0", field=where)
+        _set(item.time_series, "sampling_rate", rate, where)
+
+
+def _check_detail(payload: Any, field: str) -> str | None:
+    """The image part's `detail`, if given: one of DETAILS, else a 400 naming `...image_url.detail`."""
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    if detail is not None and (not isinstance(detail, str) or detail not in DETAILS):
+        raise RequestFieldError(f"detail must be one of {', '.join(DETAILS)}", field=f"{field}.image_url.detail")
+    return detail
+
+
+def apply_detail(item: media_pb2.MediaInput, payload: Any, field: str) -> None:
+    """OpenAI's image `detail`: "low" caps the pixel budget at LOW_DETAIL_MAX_PIXELS; "high"/"auto" keep the default."""
+    if _check_detail(payload, field) == "low":
+        current = item.image.max_pixels if item.image.HasField("max_pixels") else LOW_DETAIL_MAX_PIXELS
+        item.image.max_pixels = min(current, LOW_DETAIL_MAX_PIXELS)
+
+
+def media_part(
+    part: dict[str, Any], kind: str, field: str,
+    io_kwargs: dict[str, dict[str, Any]] | None = None, proc_kwargs: dict[str, dict[str, Any]] | None = None,
+) -> media_pb2.MediaInput:
+    """One media content part -> MediaInput (payload or reference, uuid, per-request and per-part options)."""
+    uuid = part.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):
+        raise InvalidArgument("uuid must be a string", field=field)
+    item = media_pb2.MediaInput(modality=MEDIA_PARTS[kind])
+    payload = part.get(kind)
+    if _is_reference_payload(payload, kind):
+        if kind == "image_url":
+            _check_detail(payload, field)  # a stored embedding keeps the budget it was encoded with
+        return _reference(item, kind, uuid, field)
+    if uuid:
+        item.uuid = uuid
+    if kind == "input_audio":
+        _input_audio(item, payload, field)
+    else:
+        _url_payload(item, payload, kind, field)
+    item_options(item, io_kwargs or {}, proc_kwargs or {})
+    if kind == "image_url":
+        apply_detail(item, payload, field)
     return item
+
+
+def _part_kind(part: Any, field: str) -> str:
+    """A content part's `type`; a part that is not an object, or a type that is not a string, is a 400."""
+    if not isinstance(part, dict):
+        raise RequestFieldError("a content part must be an object with a string `type`", field=field)
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise RequestFieldError(f"type must be a string, not {_json_type(kind)}", field=f"{field}.type")
+    return kind
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type, for error messages."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), "a value of another type")
 
 
 def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
@@ -166,16 +242,13 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
             continue
         for j, part in enumerate(content):
             field = f"messages[{i}].content[{j}]"
-            kind = part.get("type")
+            kind = _part_kind(part, field)
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise InvalidArgument("text must be a string", field=field)
                 out.content.add(text=part["text"])
             elif kind in MEDIA_PARTS:
-                item = media_part(part, kind, field)
-                if item.HasField("source"):
-                    item_options(item, io_kwargs, proc_kwargs)
-                out.content.add(media=item)
+                out.content.add(media=media_part(part, kind, field, io_kwargs, proc_kwargs))
             else:
                 raise InvalidArgument(f"unknown content part type {kind!r}; supported: {', '.join(SUPPORTED_PARTS)}", field=field)
     sampling = request.sampling
@@ -228,11 +301,8 @@ def to_encode_items(body: EncodeRequest) -> list[media_pb2.MediaInput]:
     items = []
     for i, part in enumerate(body.content):
         field = f"content[{i}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = _part_kind(part, field)
         if kind not in MEDIA_PARTS:
             raise InvalidArgument(f"only media parts can be encoded; supported: {', '.join(MEDIA_PARTS)}", field=field)
-        item = media_part(part, kind, field)
-        if item.HasField("source"):
-            item_options(item, io_kwargs, proc_kwargs)
-        items.append(item)
+        items.append(media_part(part, kind, field, io_kwargs, proc_kwargs))
     return items

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 from typing import Any
 
@@ -246,17 +247,21 @@ def test_forged_channel_count_is_refused() -> None:
     assert "channels" in info.value.message
 
 
-def test_format_must_match_the_bytes() -> None:
+def test_a_wrong_format_label_is_decoded_by_the_bytes(caplog: pytest.LogCaptureFixture) -> None:
     wav = write_sf(sine(440, 16000, 0.1), 16000, "WAV", "PCM_16")
-    assert decode(wav, format="wav").format == "wav"
+    want = decode(wav, format="wav")
+    assert want.format == "wav"
     for claimed in ("mp3", "flac", "ogg"):
-        with pytest.raises(InvalidArgument) as info:
-            decode(wav, format=claimed)
-        assert info.value.field == "audio.format"
-        assert "wav" in info.value.message
+        with caplog.at_level(logging.INFO, logger="services.encoder.media.audio"):
+            got = decode(wav, format=claimed)
+        assert got.format == "wav" and np.array_equal(got.samples, want.samples)
+        assert f"labelled {claimed} is wav" in caplog.text
     with pytest.raises(InvalidArgument) as info:
-        decode(wav, format="aac")
+        decode(wav, format="aac")  # not a label the contract knows
     assert info.value.field == "audio.format"
+    with pytest.raises(InvalidArgument) as info:
+        decode(b"not audio at all" * 8, format="wav")  # no supported container
+    assert info.value.field == "audio.format" and "not a recognised audio format" in info.value.message
 
 
 def test_decoded_size_cap() -> None:

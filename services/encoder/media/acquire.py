@@ -1,7 +1,8 @@
 """Get a media item's source material, whatever form it came in, with the digest that identifies it.
 
 Bytes (inline, data:, file://, http(s)://) go through `sources`; a video given
-as frames and a raw sample array are taken as they are. The digest (sha256) is
+as frames (gRPC `VideoFrames`, or a frame-list data URL, which is the same
+video and gets the same digest) and a raw sample array are taken as they are. The digest (sha256) is
 over exactly what decoding will read, framed so that different forms can never
 collide: it is the content part of the embedding's identity.
 """
@@ -18,7 +19,8 @@ from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from services.encoder.media.budget import RequestBudget, item_too_large
 from services.encoder.media.fetch import GuardedFetcher
-from services.encoder.media.sources import load_source_bytes
+from services.encoder.media.sources import decode_frame_list_url, is_frame_list_url, load_source_bytes
+from services.encoder.media.video import resolve_sampling
 
 #: Element types accepted for raw arrays (audio PCM, time series).
 ARRAY_DTYPES = {
@@ -61,6 +63,21 @@ def _array(tensor: tensor_pb2.Tensor, settings: Settings, budget: RequestBudget)
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
+def frame_list_fps(item: media_pb2.MediaInput, settings: Settings) -> float:
+    """The rate a frame-list data URL is played at: `media_io_kwargs.video.fps`, else the default fps."""
+    fps = item.video.fps if item.HasField("video") and item.video.HasField("fps") else None
+    return resolve_sampling(settings, fps, None)[0]
+
+
+def _frames(frames: list[bytes], fps: float) -> Acquired:
+    """A video given as encoded frames; the digest frames the rate and each frame's length."""
+    digest = hashlib.sha256(b"frames\0%r\0" % fps)
+    for frame in frames:
+        digest.update(len(frame).to_bytes(8, "little"))
+        digest.update(frame)
+    return Acquired(digest.hexdigest(), frames=frames, frames_fps=fps)
+
+
 async def acquire(
     item: media_pb2.MediaInput,
     *,
@@ -87,11 +104,10 @@ async def acquire(
         if total > settings.max_item_bytes:
             raise item_too_large(settings.max_item_bytes, "source.frames")
         budget.take_bytes(total, "source.frames")
-        digest.update(b"frames\0%r\0" % source.frames.fps)
-        for frame in frames:
-            digest.update(len(frame).to_bytes(8, "little"))
-            digest.update(frame)
-        return Acquired(digest.hexdigest(), frames=frames, frames_fps=float(source.frames.fps))
+        return _frames(frames, float(source.frames.fps))
+    if kind == "url" and item.modality == media_pb2.MODALITY_VIDEO and is_frame_list_url(source.url):
+        frames = decode_frame_list_url(source.url, settings=settings, budget=budget, field="source.url")
+        return _frames(frames, frame_list_fps(item, settings))
     if kind == "array":
         if item.modality not in (media_pb2.MODALITY_AUDIO, media_pb2.MODALITY_TIME_SERIES):
             raise InvalidArgument("raw arrays are only accepted for audio and time series", field="source.array")

@@ -23,8 +23,11 @@ Rules (inputs.md section 3):
   instead), as is a FLAC/Ogg whose declared length is over the cap.
 * Header sanity: a sample rate outside 1 kHz..384 kHz or more than 64
   channels is refused before anything is allocated, whatever the header says.
-* If the caller names a `format` (OpenAI `input_audio.format`), the bytes
-  must be that format.
+* If the caller names a `format` (OpenAI `input_audio.format`), it must be
+  one of AUDIO_FORMATS; bytes that are another supported container (vLLM's
+  example client sends Ogg labelled "wav") are decoded as what their magic
+  bytes say, and the mismatch is logged at INFO. Bytes no sniffer recognises
+  are refused.
 
 `decode_audio` takes the request budget for a uniform decoder signature; the
 budget only counts pixels and encoded bytes, so audio is bounded by the
@@ -170,7 +173,7 @@ def decode_audio(
     _check_target_rate(target_rate)
     kind = sniff_audio_format(data)
     if format is not None:
-        _check_format(format, kind)
+        _check_label(format, kind)
     if not data:
         raise InvalidArgument("audio is empty", field=field)
     if kind == "wav":
@@ -297,13 +300,15 @@ def _check_target_rate(target_rate: int) -> None:
         raise ValueError(f"target_rate must be an int in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}], got {target_rate!r}")
 
 
-def _check_format(format: str, kind: str | None) -> None:
+def _check_label(format: str, kind: str | None) -> None:
+    """The caller's format label must be a known name; bytes of another supported container win over it."""
     name = format.strip().lower() if isinstance(format, str) else ""
     if name not in AUDIO_FORMATS:
         raise InvalidArgument(f"must be one of {', '.join(AUDIO_FORMATS)}", field="audio.format")
+    if kind is None:
+        raise InvalidArgument(f"the data is not {name} (it is not a recognised audio format)", field="audio.format")
     if kind != name:
-        seen = f"looks like {kind}" if kind else "is not a recognised audio format"
-        raise InvalidArgument(f"the data is not {name} (it {seen})", field="audio.format")
+        logger.info("audio labelled %s is %s: decoding it as %s", name, kind, kind)
 
 
 def _check_source(rate: int, channels: int, field: str) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
-from services.encoder.media.acquire import Acquired
+from services.encoder.media.acquire import Acquired, frame_list_fps
 from services.encoder.media.audio import audio_from_array, decode_audio
 from services.encoder.media.budget import RequestBudget
 from services.encoder.media.image import decode_image, parse_color
+from services.encoder.media.sources import is_frame_list_url
 from services.encoder.media.timeseries import load_time_series, series_from_array
 from services.encoder.media.video import decode_video, frames_from_images, resolve_sampling
 
@@ -38,6 +39,8 @@ def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, A
             if not fps > 0:
                 raise InvalidArgument("frames.fps must be > 0", field="source.frames.fps")
             return {"frames_fps": float(fps)}
+        if kind == "url" and is_frame_list_url(item.source.url):
+            return {"frames_fps": frame_list_fps(item, settings)}  # as the same frames over gRPC: one identity
         opts = item.video
         fps, num_frames = resolve_sampling(
             settings, opts.fps if opts.HasField("fps") else None, opts.num_frames if opts.HasField("num_frames") else None

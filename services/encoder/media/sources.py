@@ -9,6 +9,11 @@ and the guarded fetcher for http(s). Source kinds that carry no encoded file
 Data URLs are parsed by hand: the stdlib has no data-URL parser, and
 `urllib.request`'s handler decodes leniently (it skips invalid base64
 characters), which the contract forbids.
+
+A video may also come as vLLM's frame-list data URL,
+`data:video/jpeg;base64,<frame>,<frame>,...`: comma-separated base64 images,
+one per frame (`is_frame_list_url`, `decode_frame_list_url`). The frame count
+and the decoded size are checked before any frame is decoded.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from pathlib import Path
 
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
-from mmserve.errors import FetchRefused, InvalidArgument
+from mmserve.errors import FetchRefused, InvalidArgument, MediaTooLarge
 from services.encoder.media.budget import RequestBudget, item_too_large
 from services.encoder.media.fetch import GuardedFetcher
 
 ACCEPTED_SCHEMES = ("http", "https", "data", "file")
 _BASE64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+#: Media types of a data URL whose payload is comma-separated base64 images, one per video frame (vLLM's form).
+FRAME_LIST_MIMES = frozenset({"video/jpeg", "video/png"})
+_MAX_HEADER = 256  # a data URL's media type and parameters fit in this many characters
 
 
 async def load_source_bytes(
@@ -103,24 +111,62 @@ def decode_data_url(url: str, *, settings: Settings, budget: RequestBudget, fiel
     if decoded_size > settings.max_item_bytes:
         raise item_too_large(settings.max_item_bytes, field)
     budget.ensure_bytes(decoded_size, field)
-    if not payload.isascii() or len(payload) % 4:
-        raise InvalidArgument(_bad_base64(payload), field=field)
-    try:
-        data = binascii.a2b_base64(payload.encode("ascii"), strict_mode=True)
-    except binascii.Error:
-        raise InvalidArgument(_bad_base64(payload), field=field) from None
+    data = _strict_base64(payload, field)
     budget.take_bytes(len(data), field)
     return data
 
 
-def _bad_base64(payload: str) -> str:
+def is_frame_list_url(url: str) -> bool:
+    """True for a frame-list data URL: `data:video/jpeg;base64,...` (or video/png), each frame a base64 image."""
+    if url[:5].lower() != "data:":
+        return False
+    comma = url.find(",", 5, _MAX_HEADER)
+    params = [p.strip().lower() for p in url[5:comma].split(";")] if comma > 0 else []
+    return len(params) >= 2 and params[0] in FRAME_LIST_MIMES and params[-1] == "base64"
+
+
+def decode_frame_list_url(url: str, *, settings: Settings, budget: RequestBudget, field: str) -> list[bytes]:
+    """The encoded images of a frame-list data URL; frame count and decoded size checked before decoding."""
+    payload = url[url.index(",") + 1 :]
+    frames = payload.split(",")
+    cap = settings.video_max_num_frames
+    if len(frames) > cap:
+        raise MediaTooLarge(
+            f"the frame list has {len(frames)} frames, more than the allowed {cap}",
+            field=field,
+            metadata={"limit": str(cap), "setting": "video_max_num_frames"},
+        )
+    decoded_size = sum(_base64_decoded_size(frame) for frame in frames)
+    if decoded_size > settings.max_item_bytes:
+        raise item_too_large(settings.max_item_bytes, field)
+    budget.ensure_bytes(decoded_size, field)
+    out = []
+    for index, frame in enumerate(frames):
+        if not frame:
+            raise InvalidArgument(f"frame {index} of the frame list is empty", field=field)
+        out.append(_strict_base64(frame, field, what=f"frame {index} of the frame list"))
+    budget.take_bytes(sum(len(f) for f in out), field)
+    return out
+
+
+def _strict_base64(payload: str, field: str, what: str = "data URL payload") -> bytes:
+    """Decode base64 that must be exactly valid (no skipped characters, padding in place)."""
+    if not payload.isascii() or len(payload) % 4:
+        raise InvalidArgument(_bad_base64(payload, what), field=field)
+    try:
+        return binascii.a2b_base64(payload.encode("ascii"), strict_mode=True)
+    except binascii.Error:
+        raise InvalidArgument(_bad_base64(payload, what), field=field) from None
+
+
+def _bad_base64(payload: str, what: str = "data URL payload") -> str:
     """Say where the base64 goes wrong, without echoing the payload."""
     for index, char in enumerate(payload):
         if not char.isascii() or ord(char) not in _BASE64_ALPHABET:
-            return f"data URL payload is not valid base64 (invalid character at offset {index})"
+            return f"{what} is not valid base64 (invalid character at offset {index})"
     if len(payload) % 4:
-        return "data URL payload is not valid base64 (length is not a multiple of 4)"
-    return "data URL payload is not valid base64 (misplaced '=' padding)"
+        return f"{what} is not valid base64 (length is not a multiple of 4)"
+    return f"{what} is not valid base64 (misplaced '=' padding)"
 
 
 async def read_file_url(url: str, *, settings: Settings, budget: RequestBudget, field: str) -> bytes:
@@ -180,7 +226,10 @@ def _read_below_root(path: str, root: Path, limit: int, budget: RequestBudget, f
 
 __all__ = [
     "ACCEPTED_SCHEMES",
+    "FRAME_LIST_MIMES",
     "decode_data_url",
+    "decode_frame_list_url",
+    "is_frame_list_url",
     "load_source_bytes",
     "load_url_bytes",
     "read_file_url",
