@@ -39,6 +39,10 @@ ERROR_TYPE = {
 }
 
 _PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?|content\[\d+\])")
+#: Fields below a content part that are named in full (the JSON of a client embedding part).
+_EMBEDS_PARAM = re.compile(
+    r"^(?:messages\[\d+\]\.content\[\d+\]|content\[\d+\])\.(?:image_embeds|audio_embeds|image_grid_thw|audio_feature_length|deepstack)\b"
+)
 _SAMPLING = {"sampling.temperature": "temperature", "sampling.top_p": "top_p", "sampling.top_k": "top_k",
              "sampling.seed": "seed", "sampling.stop": "stop", "sampling.n": "n", "sampling.max_tokens": "max_completion_tokens"}
 
@@ -47,6 +51,8 @@ def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_toke
     """The request field, in OpenAI's words, that a gRPC field path points at."""
     if not field:
         return None
+    if _EMBEDS_PARAM.match(field):
+        return field
     match = _PART.match(field)
     if match:
         return match.group(1)

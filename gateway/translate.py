@@ -1,7 +1,8 @@
 """OpenAI chat request JSON -> DecoderService GenerateRequest.
 
 Content parts follow ../docs/inputs.md: text, image_url, video_url,
-audio_url, input_audio, time_series_url, each optionally with a `uuid`; a
+audio_url, input_audio, time_series_url, and client-supplied embeddings
+(image_embeds, audio_embeds: see gateway/embeds.py), each optionally with a `uuid`; a
 media part whose payload is null and that has a uuid is a reference to a
 stored embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked
 against an allowlist of keys and become per-item options (the encoder clamps
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from gateway.embeds import PLACEMENT_KEYS, fill_embeds
 from gateway.schemas import ChatCompletionRequest, EncodeRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
@@ -29,6 +31,8 @@ MEDIA_PARTS = {
     "audio_url": media_pb2.MODALITY_AUDIO,
     "input_audio": media_pb2.MODALITY_AUDIO,
     "time_series_url": media_pb2.MODALITY_TIME_SERIES,
+    "image_embeds": media_pb2.MODALITY_IMAGE,
+    "audio_embeds": media_pb2.MODALITY_AUDIO,
 }
 SUPPORTED_PARTS = ("text", *MEDIA_PARTS)
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -81,7 +85,9 @@ def _set(opts: Any, key: str, value: Any, field: str) -> None:
 
 
 def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]], proc_kwargs: dict[str, dict[str, Any]]) -> None:
-    """Set the request-level options of the item's modality on the item."""
+    """Set the request-level options of the item's modality on the item (none apply to a client embedding)."""
+    if item.source.WhichOneof("kind") == "embeds":
+        return
     name = OPTION_FIELD[item.modality]
     io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
     if item.modality == media_pb2.MODALITY_IMAGE:
@@ -123,6 +129,9 @@ def media_part(part: dict[str, Any], kind: str, field: str) -> media_pb2.MediaIn
         return item
     if uuid:
         item.uuid = uuid
+    if kind in PLACEMENT_KEYS:
+        fill_embeds(part, kind, field, item)
+        return item
     if kind == "input_audio":
         if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
             raise InvalidArgument('input_audio must be {"data": "<base64>", "format": "wav"}', field=field)
