@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.disconnect import ClientDisconnected, ClosingStreamingResponse, unless_disconnected
+from gateway.embeds import chat_part_type, json_field
 from gateway.errors import error_body, http_status, rest_param
 from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
 from gateway.state import Gateway, call_metadata, gateway, tenant
@@ -68,7 +69,9 @@ async def chat_completions(
     try:
         first = await unless_disconnected(request, call.read())
     except grpc.RpcError as exc:
-        raise ChatError(from_rpc_error(exc), max_tokens_name) from None
+        err = from_rpc_error(exc)
+        err.field = json_field(err.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
+        raise ChatError(err, max_tokens_name) from None
     except asyncio.CancelledError:
         call.cancel()
         raise

@@ -42,6 +42,10 @@ ERROR_TYPE = {
 _PART = re.compile(r"^(messages\[\d+\](?:\.content\[\d+\])?|content\[\d+\])")
 #: gRPC sampling fields whose OpenAI name differs (others are `sampling.<name>` -> `<name>`).
 _SAMPLING = {"sampling.guidance": "response_format"}
+#: Fields below a content part that are named in full (the JSON of a client embedding part).
+_EMBEDS_PARAM = re.compile(
+    r"^(?:messages\[\d+\]\.content\[\d+\]|content\[\d+\])\.(?:image_embeds|audio_embeds|image_grid_thw|audio_feature_length|deepstack)\b"
+)
 
 
 class RequestFieldError(InvalidArgument):
@@ -69,7 +73,7 @@ def rest_param(field: str | None, *, max_tokens_name: str = "max_completion_toke
     """The request field, in OpenAI's words, that a gRPC field path points at (`exact`: it already is one)."""
     if not field:
         return None
-    if exact:
+    if exact or _EMBEDS_PARAM.match(field):
         return field
     match = _PART.match(field)
     if match:

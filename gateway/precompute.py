@@ -7,9 +7,12 @@ with no refetch and no re-encode.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from fastapi import APIRouter, Depends, Path, Request
 
+from gateway.embeds import content_part_type, json_field
 from gateway.schemas import DeletedEmbedding, EmbeddingObject, EncodeRequest, EncodeResponse
 from gateway.state import Gateway, call_metadata, gateway, tenant
 from gateway.translate import to_encode_items
@@ -29,11 +32,13 @@ def _object(desc: embedding_pb2.EmbeddingDescriptor, cached: bool | None = None)
     )
 
 
-def _rest_error(exc: grpc.RpcError) -> MmserveError:
-    """The encoder's error with its `items[i]` field renamed to this API's `content[i]`."""
+def _rest_error(exc: grpc.RpcError, content: list[Any] | None = None) -> MmserveError:
+    """The encoder's error with its `items[i]` field renamed to this API's `content[i]` (client embeddings: JSON names)."""
     err = from_rpc_error(exc)
     if err.field and err.field.startswith("items"):
         err.field = "content" + err.field[len("items") :]
+        if content is not None:
+            err.field = json_field(err.field, content_part_type(content))
     return err
 
 
@@ -46,7 +51,7 @@ async def encode(body: EncodeRequest, request: Request, gw: Gateway = Depends(ga
             enc_pb.EncodeRequest(items=items), metadata=call_metadata(request, caller), timeout=gw.settings.gateway_request_timeout_s
         )
     except grpc.RpcError as exc:
-        raise _rest_error(exc) from None
+        raise _rest_error(exc, body.content) from None
     return EncodeResponse(data=[_object(r.embedding, r.cached) for r in reply.results])
 
 

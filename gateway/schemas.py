@@ -101,9 +101,17 @@ class ChatMessage(BaseModel):
     content: str | list[Any] | None = Field(
         None,
         description=(
-            "A string, or a list of parts: text, image_url, video_url, audio_url, input_audio, time_series_url. "
-            "A media part whose payload is null or an object without `url` (`{}`), with a `uuid`, refers to an "
-            "embedding stored earlier. Each part is an object with a string `type`."
+            "A string, or a list of parts: text, image_url, video_url, audio_url, input_audio, time_series_url, "
+            "image_embeds, audio_embeds. Each part is an object with a string `type`. A media part whose payload is null "
+            "or an object without `url` (`{}`), with a `uuid`, refers to an embedding stored earlier. "
+            "Client-supplied embeddings (never pickle): "
+            '`{"type": "image_embeds", "image_embeds": "<base64 safetensors with tensor image_embeds [tokens, hidden] '
+            '(+ deepstack.<k> for Qwen3-VL)>", "image_grid_thw": [1, h, w]}`, or the tensor raw as '
+            '`"image_embeds": {"data": "<base64 little-endian>", "dtype": "float32|float16|bfloat16|float64", '
+            '"shape": [tokens, hidden]}` (Qwen3-VL: plus `"deepstack": [<raw tensor>, ...]`); '
+            '`{"type": "audio_embeds", "audio_embeds": ..., "audio_feature_length": <mel frames>}` (Qwen2.5-Omni). '
+            "Checked against the model (hidden size, tokens vs image_grid_thw / audio_feature_length, dtype, finite "
+            "values): a 400 naming the field otherwise, e.g. `messages[0].content[1].image_embeds.shape`."
         ),
     )
 
@@ -173,7 +181,8 @@ class EncodeRequest(StrictText):
         min_length=1,
         description=(
             "Media parts, with the same shapes as chat content parts (image_url, video_url, audio_url, input_audio, "
-            "time_series_url), each optionally with a `uuid` to name the stored embedding."
+            "time_series_url, and client-supplied image_embeds / audio_embeds, stored as they are after the same "
+            "checks), each optionally with a `uuid` to name the stored embedding."
         ),
     )
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(None, description="As in chat completions.")

@@ -1,13 +1,14 @@
 """OpenAI chat request JSON -> DecoderService GenerateRequest.
 
 Content parts follow ../docs/inputs.md: text, image_url, video_url,
-audio_url, input_audio, time_series_url, each optionally with a `uuid`; a
-media part whose payload is null, or an object without its url (`{}`, as
-vLLM's clients send), and that has a uuid is a reference to a stored
-embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked against an
-allowlist of keys and become per-item options (the encoder clamps them to its
-limits). An image's `detail` maps to a pixel budget: `low` caps max_pixels at
-LOW_DETAIL_MAX_PIXELS, `high` and `auto` keep the model's default.
+audio_url, input_audio, time_series_url, and client-supplied embeddings
+(image_embeds, audio_embeds: see gateway/embeds.py), each optionally with a
+`uuid`; a media part whose payload is null, or an object without its url
+(`{}`, as vLLM's clients send), and that has a uuid is a reference to a
+stored embedding. `media_io_kwargs` and `mm_processor_kwargs` are checked
+against an allowlist of keys and become per-item options (the encoder clamps
+them to its limits). An image's `detail` maps to a pixel budget: `low` caps
+max_pixels at LOW_DETAIL_MAX_PIXELS, `high` and `auto` keep the model's default.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 from typing import Any
 
 from gateway.errors import RequestFieldError
+from gateway.embeds import PLACEMENT_KEYS, fill_embeds
 from gateway.schemas import ChatCompletionRequest, EncodeRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
@@ -33,11 +35,13 @@ MEDIA_PARTS = {
     "audio_url": media_pb2.MODALITY_AUDIO,
     "input_audio": media_pb2.MODALITY_AUDIO,
     "time_series_url": media_pb2.MODALITY_TIME_SERIES,
+    "image_embeds": media_pb2.MODALITY_IMAGE,
+    "audio_embeds": media_pb2.MODALITY_AUDIO,
 }
 SUPPORTED_PARTS = ("text", *MEDIA_PARTS)
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 #: The key of a part's payload object that holds the media itself (absent: a reference, given a uuid).
-PAYLOAD_KEY = {"input_audio": "data"}
+PAYLOAD_KEY = {"input_audio": "data", "image_embeds": "data", "audio_embeds": "data"}
 DETAILS = ("low", "high", "auto")
 #: `detail: "low"`: at most 256 tokens of 28x28 pixels (Qwen2.5-VL/Omni; ~196 of 32x32 for Qwen3-VL).
 LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
@@ -100,7 +104,9 @@ def _set(opts: Any, key: str, value: Any, field: str) -> None:
 
 
 def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]], proc_kwargs: dict[str, dict[str, Any]]) -> None:
-    """Set the request-level options of the item's modality on the item."""
+    """Set the request-level options of the item's modality on the item (none apply to a client embedding)."""
+    if item.source.WhichOneof("kind") == "embeds":
+        return
     name = OPTION_FIELD[item.modality]
     io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
     if item.modality == media_pb2.MODALITY_IMAGE:
@@ -198,6 +204,9 @@ def media_part(
         return _reference(item, kind, uuid, field)
     if uuid:
         item.uuid = uuid
+    if kind in PLACEMENT_KEYS:  # a client-supplied embedding: no media options apply
+        fill_embeds(part, kind, field, item)
+        return item
     if kind == "input_audio":
         _input_audio(item, payload, field)
     else:

@@ -27,7 +27,7 @@ from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
-from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of
+from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, STORE_BYTES
 from mmserve.models.families import EncodedItem
 from mmserve.models.loading import LoadedModel
@@ -36,6 +36,7 @@ from services.encoder.batcher import Batcher
 from services.encoder.media.acquire import Acquired, acquire
 from services.encoder.media.budget import RequestBudget
 from services.encoder.media.decode import decode_media, media_options
+from services.encoder.media.embeds import check_size, client_embedding
 from services.encoder.media.fetch import GuardedFetcher
 
 log = logging.getLogger("mmserve.encoder")
@@ -105,6 +106,8 @@ class EncoderPipeline:
                 validate_uuid(item.uuid, f"{job.field}.uuid")
             if not is_reference(item) and not item.HasField("source"):
                 raise InvalidArgument("source is required (or a uuid to refer to a stored embedding)", field=f"{job.field}.source")
+            if source_kind(item) == "embeds" and opts is not None:
+                raise InvalidArgument("processing options do not apply to a client embedding", field=f"{job.field}.{opts}")
         tally = Tally(MODALITY_NAMES[job.modality] for job in jobs)
         for name, limit in self.settings.item_limits().items():
             if tally[name] > limit:
@@ -163,6 +166,8 @@ class EncoderPipeline:
             )
 
     async def _acquire(self, job: _Job, budget: RequestBudget, preloaded: bytes | None) -> None:
+        if source_kind(job.item) == "embeds" and preloaded is None:
+            return await self._take_embedding(job, budget)
         start = time.perf_counter()
         try:
             job.acquired = await acquire(
@@ -174,9 +179,23 @@ class EncoderPipeline:
         FETCH_SECONDS.labels(MODALITY_NAMES[job.modality]).observe(time.perf_counter() - start)
         job.content_sha256 = job.acquired.sha256
 
+    async def _take_embedding(self, job: _Job, budget: RequestBudget) -> None:
+        """A client-supplied embedding: checked against the model (off the event loop) and ready to store, no tower."""
+        embeds = job.item.source.embeds
+        try:
+            check_size(embeds, self.settings, budget)
+            job.encoded, job.content_sha256 = await asyncio.to_thread(
+                client_embedding, self.family, job.modality, embeds, MODALITY_NAMES[job.modality]
+            )
+        except MmserveError as err:
+            raise err.at(job.field) from None
+
     def _identify(self, job: _Job) -> None:
         try:
-            job.options = {**media_options(job.item, self.settings), **self.family.effective_options(job.item)}
+            if job.encoded is not None:  # a client embedding: kept apart from anything encoded here
+                job.options = {"client_embeddings": True}
+            else:
+                job.options = {**media_options(job.item, self.settings), **self.family.effective_options(job.item)}
         except MmserveError as err:
             raise err.at(job.field) from None
         job.options_json = canonical_options_json(job.options)

@@ -25,27 +25,29 @@ _sym_db = _symbol_database.Default()
 from mmserve.common.v1 import tensor_pb2 as mmserve_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmmserve/common/v1/media.proto\x12\x11mmserve.common.v1\x1a\x1emmserve/common/v1/tensor.proto\"*\n\x0bVideoFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\xbd\x01\n\x0bMediaSource\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x16\n\x0c\x65mbedding_id\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x66rames\x18\x04 \x01(\x0b\x32\x1e.mmserve.common.v1.VideoFramesH\x00\x12*\n\x05\x61rray\x18\x05 \x01(\x0b\x32\x19.mmserve.common.v1.TensorH\x00\x12\x11\n\tmime_type\x18\x06 \x01(\tB\x06\n\x04kind\"\x9c\x01\n\x0cImageOptions\x12\x17\n\nmin_pixels\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\"\n\x15rgba_background_color\x18\x03 \x01(\tH\x02\x88\x01\x01\x42\r\n\x0b_min_pixelsB\r\n\x0b_max_pixelsB\x18\n\x16_rgba_background_color\"\xa0\x01\n\x0cVideoOptions\x12\x10\n\x03\x66ps\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nnum_frames\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x06\n\x04_fpsB\r\n\x0b_num_framesB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixels\"\\\n\x0c\x41udioOptions\x12\x13\n\x06\x66ormat\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rsampling_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_formatB\x10\n\x0e_sampling_rate\"a\n\x11TimeSeriesOptions\x12\x1a\n\rsampling_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x66ormat\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_sampling_rateB\t\n\x07_format\"\xd7\x02\n\nMediaInput\x12-\n\x08modality\x18\x01 \x01(\x0e\x32\x1b.mmserve.common.v1.Modality\x12.\n\x06source\x18\x02 \x01(\x0b\x32\x1e.mmserve.common.v1.MediaSource\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x30\n\x05image\x18\x04 \x01(\x0b\x32\x1f.mmserve.common.v1.ImageOptionsH\x00\x12\x30\n\x05video\x18\x05 \x01(\x0b\x32\x1f.mmserve.common.v1.VideoOptionsH\x00\x12\x30\n\x05\x61udio\x18\x06 \x01(\x0b\x32\x1f.mmserve.common.v1.AudioOptionsH\x00\x12;\n\x0btime_series\x18\x07 \x01(\x0b\x32$.mmserve.common.v1.TimeSeriesOptionsH\x00\x42\t\n\x07options*z\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x12\x18\n\x14MODALITY_TIME_SERIES\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmmserve/common/v1/media.proto\x12\x11mmserve.common.v1\x1a\x1emmserve/common/v1/tensor.proto\"*\n\x0bVideoFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\xf2\x01\n\x0bMediaSource\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x16\n\x0c\x65mbedding_id\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x66rames\x18\x04 \x01(\x0b\x32\x1e.mmserve.common.v1.VideoFramesH\x00\x12*\n\x05\x61rray\x18\x05 \x01(\x0b\x32\x19.mmserve.common.v1.TensorH\x00\x12\x33\n\x06\x65mbeds\x18\x07 \x01(\x0b\x32!.mmserve.common.v1.EmbeddingInputH\x00\x12\x11\n\tmime_type\x18\x06 \x01(\tB\x06\n\x04kind\"\x86\x01\n\x0e\x45mbeddingInput\x12\x13\n\x0bsafetensors\x18\x01 \x01(\x0c\x12/\n\x07tensors\x18\x02 \x03(\x0b\x32\x1e.mmserve.common.v1.NamedTensor\x12\x10\n\x08grid_thw\x18\x03 \x03(\x03\x12\x1c\n\x14\x61udio_feature_length\x18\x04 \x01(\x03\"\x9c\x01\n\x0cImageOptions\x12\x17\n\nmin_pixels\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\"\n\x15rgba_background_color\x18\x03 \x01(\tH\x02\x88\x01\x01\x42\r\n\x0b_min_pixelsB\r\n\x0b_max_pixelsB\x18\n\x16_rgba_background_color\"\xa0\x01\n\x0cVideoOptions\x12\x10\n\x03\x66ps\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nnum_frames\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nmin_pixels\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_pixels\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x06\n\x04_fpsB\r\n\x0b_num_framesB\r\n\x0b_min_pixelsB\r\n\x0b_max_pixels\"\\\n\x0c\x41udioOptions\x12\x13\n\x06\x66ormat\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rsampling_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\t\n\x07_formatB\x10\n\x0e_sampling_rate\"a\n\x11TimeSeriesOptions\x12\x1a\n\rsampling_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x66ormat\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_sampling_rateB\t\n\x07_format\"\xd7\x02\n\nMediaInput\x12-\n\x08modality\x18\x01 \x01(\x0e\x32\x1b.mmserve.common.v1.Modality\x12.\n\x06source\x18\x02 \x01(\x0b\x32\x1e.mmserve.common.v1.MediaSource\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x30\n\x05image\x18\x04 \x01(\x0b\x32\x1f.mmserve.common.v1.ImageOptionsH\x00\x12\x30\n\x05video\x18\x05 \x01(\x0b\x32\x1f.mmserve.common.v1.VideoOptionsH\x00\x12\x30\n\x05\x61udio\x18\x06 \x01(\x0b\x32\x1f.mmserve.common.v1.AudioOptionsH\x00\x12;\n\x0btime_series\x18\x07 \x01(\x0b\x32$.mmserve.common.v1.TimeSeriesOptionsH\x00\x42\t\n\x07options*z\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02\x12\x12\n\x0eMODALITY_AUDIO\x10\x03\x12\x18\n\x14MODALITY_TIME_SERIES\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.common.v1.media_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1181
-  _globals['_MODALITY']._serialized_end=1303
+  _globals['_MODALITY']._serialized_start=1371
+  _globals['_MODALITY']._serialized_end=1493
   _globals['_VIDEOFRAMES']._serialized_start=84
   _globals['_VIDEOFRAMES']._serialized_end=126
   _globals['_MEDIASOURCE']._serialized_start=129
-  _globals['_MEDIASOURCE']._serialized_end=318
-  _globals['_IMAGEOPTIONS']._serialized_start=321
-  _globals['_IMAGEOPTIONS']._serialized_end=477
-  _globals['_VIDEOOPTIONS']._serialized_start=480
-  _globals['_VIDEOOPTIONS']._serialized_end=640
-  _globals['_AUDIOOPTIONS']._serialized_start=642
-  _globals['_AUDIOOPTIONS']._serialized_end=734
-  _globals['_TIMESERIESOPTIONS']._serialized_start=736
-  _globals['_TIMESERIESOPTIONS']._serialized_end=833
-  _globals['_MEDIAINPUT']._serialized_start=836
-  _globals['_MEDIAINPUT']._serialized_end=1179
+  _globals['_MEDIASOURCE']._serialized_end=371
+  _globals['_EMBEDDINGINPUT']._serialized_start=374
+  _globals['_EMBEDDINGINPUT']._serialized_end=508
+  _globals['_IMAGEOPTIONS']._serialized_start=511
+  _globals['_IMAGEOPTIONS']._serialized_end=667
+  _globals['_VIDEOOPTIONS']._serialized_start=670
+  _globals['_VIDEOOPTIONS']._serialized_end=830
+  _globals['_AUDIOOPTIONS']._serialized_start=832
+  _globals['_AUDIOOPTIONS']._serialized_end=924
+  _globals['_TIMESERIESOPTIONS']._serialized_start=926
+  _globals['_TIMESERIESOPTIONS']._serialized_end=1023
+  _globals['_MEDIAINPUT']._serialized_start=1026
+  _globals['_MEDIAINPUT']._serialized_end=1369
 # @@protoc_insertion_point(module_scope)

@@ -99,6 +99,7 @@ class MediaSource(_message.Message):
     EMBEDDING_ID_FIELD_NUMBER: _builtins.int
     FRAMES_FIELD_NUMBER: _builtins.int
     ARRAY_FIELD_NUMBER: _builtins.int
+    EMBEDS_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded file as raw bytes (PNG, MP4, WAV, NPY, CSV, ...). The native
@@ -129,6 +130,14 @@ class MediaSource(_message.Message):
         TimeSeriesOptions.sampling_rate.
         """
 
+    @_builtins.property
+    def embeds(self) -> Global___EmbeddingInput:
+        """Image or audio only: an embedding computed elsewhere (e.g. read back
+        with EncoderService.GetEmbedding), stored as if this server had encoded
+        it; no tower runs. Checked against the model first (INVALID_ARGUMENT
+        naming the field otherwise).
+        """
+
     def __init__(
         self,
         *,
@@ -137,17 +146,73 @@ class MediaSource(_message.Message):
         embedding_id: _builtins.str = ...,
         frames: Global___VideoFrames | None = ...,
         array: _tensor_pb2.Tensor | None = ...,
+        embeds: Global___EmbeddingInput | None = ...,
         mime_type: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "data", b"data", "embedding_id", b"embedding_id", "frames", b"frames", "kind", b"kind", "url", b"url"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "data", b"data", "embedding_id", b"embedding_id", "embeds", b"embeds", "frames", b"frames", "kind", b"kind", "url", b"url"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "data", b"data", "embedding_id", b"embedding_id", "frames", b"frames", "kind", b"kind", "mime_type", b"mime_type", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "data", b"data", "embedding_id", b"embedding_id", "embeds", b"embeds", "frames", b"frames", "kind", b"kind", "mime_type", b"mime_type", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["data", "url", "embedding_id", "frames", "array"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["data", "url", "embedding_id", "frames", "array", "embeds"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___MediaSource: _TypeAlias = MediaSource  # noqa: Y015
+
+@_typing.final
+class EmbeddingInput(_message.Message):
+    """A client-supplied embedding and the placement metadata the model needs for
+    it. Tensors, by name: "embeddings" [tokens, hidden] in the LLM's hidden
+    space ("image_embeds" or "audio_embeds" are accepted as its name), and for
+    Qwen3-VL images also "deepstack.<k>" [tokens, hidden] for every deepstack
+    layer k (required: dropping them changes the output). Element types:
+    float32, float16, bfloat16 or float64, cast to the model's dtype; values
+    must be finite. The declared sizes are checked against the bytes before
+    anything is parsed, and the total against the server's item byte limit.
+    Never pickle: pickle or torch.save bytes are INVALID_ARGUMENT. The content
+    id is derived from the tensors and the placement.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAFETENSORS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    GRID_THW_FIELD_NUMBER: _builtins.int
+    AUDIO_FEATURE_LENGTH_FIELD_NUMBER: _builtins.int
+    safetensors: _builtins.bytes
+    """The tensors as one safetensors file (the format of the safetensors
+    library). Set exactly one of `safetensors` and `tensors`.
+    """
+    audio_feature_length: _builtins.int
+    """Audio (Qwen2.5-Omni): mel feature frames the embedding was made from
+    (100 per second); the token count must be what the audio tower makes of
+    that many frames. Required for audio.
+    """
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.NamedTensor]:
+        """The tensors as raw little-endian row-major bytes, each with its name."""
+
+    @_builtins.property
+    def grid_thw(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Images: the patch grid [t, h, w] before spatial merging (t is 1); the
+        token count must be t*h*w / spatial_merge_size^2. Required for images.
+        """
+
+    def __init__(
+        self,
+        *,
+        safetensors: _builtins.bytes = ...,
+        tensors: _abc.Iterable[_tensor_pb2.NamedTensor] | None = ...,
+        grid_thw: _abc.Iterable[_builtins.int] | None = ...,
+        audio_feature_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_feature_length", b"audio_feature_length", "grid_thw", b"grid_thw", "safetensors", b"safetensors", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbeddingInput: _TypeAlias = EmbeddingInput  # noqa: Y015
 
 @_typing.final
 class ImageOptions(_message.Message):

@@ -128,6 +128,14 @@ class Family(ABC):
     def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         """Run the modality tower on a batch; one result per item, in order."""
 
+    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+        """Tensors a client-supplied embedding of `modality` must carry ("embeddings" first); () if not accepted."""
+        return ()
+
+    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Message:
+        """The placement of a client-supplied embedding of `tokens` tokens, checked; errors name fields under source.embeds."""
+        raise InvalidArgument(f"this model ({self.name}) does not accept client embeddings", field="source.embeds")
+
     @abstractmethod
     def warmup(self) -> None:
         """Run every tower once so the first request does not pay for lazy init."""

@@ -204,6 +204,27 @@ class QwenFamily(Family):
     def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         raise InvalidArgument("unsupported modality", field="modality")
 
+    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+        return ("embeddings",) if modality == IMAGE else ()
+
+    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Any:
+        """Images: the grid [1, h, w] must give exactly `tokens` merged tokens, as the processor's grid would."""
+        if modality != IMAGE:
+            return super().client_placement(modality, embeds, tokens)
+        where = "source.embeds.grid_thw"
+        grid = [int(v) for v in embeds.grid_thw]
+        merge = int(self.config.vision_config.spatial_merge_size)
+        if len(grid) != 3 or grid[0] != 1 or min(grid) <= 0:
+            raise InvalidArgument(f"grid_thw must be [1, h, w] with positive h and w (an image), got {grid}", field=where)
+        if grid[1] % merge or grid[2] % merge:
+            raise InvalidArgument(f"h and w of grid_thw {grid} must be multiples of the spatial merge size {merge}", field=where)
+        if grid[1] * grid[2] // merge**2 != tokens:
+            raise InvalidArgument(
+                f"grid_thw {grid} makes {grid[1] * grid[2] // merge**2} tokens (t*h*w/{merge}^2), the embeddings have {tokens}",
+                field=where,
+            )
+        return embedding_pb2.ImagePlacement(grid_thw=grid, spatial_merge_size=merge)
+
     def warmup(self) -> None:
         image = Image.new("RGB", (self._factor * 2, self._factor * 2), (127, 127, 127))
         options = self.effective_options(media_pb2.MediaInput(modality=IMAGE))

@@ -25,6 +25,11 @@ from mmserve.models.families.qwen import AUDIO, IMAGE, VIDEO, QwenFamily, placem
 from mmserve.models.tensors import to_raw
 
 
+def audio_tokens(feature_length: int) -> int:
+    """Tokens the audio tower makes of `feature_length` mel frames (two stride-2 stages)."""
+    return ((feature_length - 1) // 2 + 1 - 2) // 2 + 1
+
+
 class Qwen2_5_Omni(QwenFamily):
     name = "qwen2_5_omni"
     model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
@@ -75,6 +80,25 @@ class Qwen2_5_Omni(QwenFamily):
             chunk_feature_lengths=[length],
         )
         return PreparedItem(AUDIO, {"input_features": features["input_features"], "mask": mask}, placement)
+
+    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+        return ("embeddings",) if modality == AUDIO else super().client_tensor_names(modality)
+
+    def client_placement(self, modality: int, embeds: Any, tokens: int) -> Any:
+        """Audio: the mel feature length places the item (rope index); the tower's output length for it must be `tokens`."""
+        if modality != AUDIO:
+            return super().client_placement(modality, embeds, tokens)
+        where = "source.embeds.audio_feature_length"
+        extractor = self.processor.feature_extractor
+        length, window = int(embeds.audio_feature_length), extractor.n_samples // extractor.hop_length
+        if not 0 < length <= window:
+            raise InvalidArgument(f"audio_feature_length must be 1..{window} mel frames (100 per second), got {length}", field=where)
+        expected = audio_tokens(length)
+        if expected != tokens:
+            raise InvalidArgument(f"audio_feature_length {length} makes {expected} tokens, the embeddings have {tokens}", field=where)
+        return embedding_pb2.AudioPlacement(
+            feature_length=length, sampling_rate=int(extractor.sampling_rate), chunk_feature_lengths=[length]
+        )
 
     @torch.inference_mode()
     def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:

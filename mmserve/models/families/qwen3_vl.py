@@ -35,6 +35,12 @@ class Qwen3_VL(QwenFamily):
             tensors.append(to_raw(f"deepstack.{layer}", features[index]))
         return tensors
 
+    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+        """Images also need every deepstack layer's features: without them the output changes."""
+        names = super().client_tensor_names(modality)
+        layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
+        return (*names, *(f"deepstack.{k}" for k in range(layers))) if names else names
+
     def block_times(self, placement: Any) -> list[float]:
         """Mean time of the first and last frame of every temporal block (the processor's rule)."""
         times = list(placement.frame_timestamps)
