@@ -17,8 +17,8 @@ import json
 import logging
 from typing import Any
 
-from gateway.errors import RequestFieldError
 from gateway.embeds import PLACEMENT_KEYS, fill_embeds
+from gateway.errors import RequestFieldError
 from gateway.schemas import ChatCompletionRequest, EncodeRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
