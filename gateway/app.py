@@ -111,6 +111,8 @@ def create_app(settings: Settings) -> FastAPI:
             return error_response(f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json", request_id=rid(request))
         param = (first.get("ctx") or {}).get("param") or validation_param(first, exc.body)
         message = str(first.get("msg"))
+        if first.get("type") == "extra_forbidden":
+            message = "unknown field: mmserve does not support it (the README lists every field it takes)"
         if not message.startswith(f"{param}:"):
             message = f"{param or 'body'}: {message}"
         return error_response(message, status=400, param=param or None, code="invalid_request", request_id=rid(request))

@@ -36,7 +36,7 @@ from mmserve.promptsize import check_prompt_size
 log = logging.getLogger("mmserve.gateway")
 router = APIRouter()
 
-FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 class ChatError(Exception):
@@ -51,8 +51,6 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)
 ) -> Response:
     """OpenAI chat completions, streamed (SSE) or not, over the decoder's Generate RPC."""
-    if body.model_extra:
-        log.info("ignoring unknown fields: %s", ", ".join(sorted(body.model_extra)))
     max_tokens_name = "max_tokens" if body.max_tokens is not None and body.max_completion_tokens is None else "max_completion_tokens"
     try:
         grpc_request = to_generate_request(body)
@@ -138,6 +136,18 @@ def logprobs_content(message: pb.GenerateResponse) -> list[dict[str, Any]]:
     ]
 
 
+def tool_call(call: pb.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def assistant_message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reply message; with tool calls and no text, content is null (as OpenAI returns it)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
 async def collect(
     call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str, *, logprobs: bool = False
 ) -> dict[str, Any]:
@@ -146,9 +156,11 @@ async def collect(
     finish: dict[int, str] = {}
     usage: dict[str, Any] = {}
     tokens: dict[int, list[dict[str, Any]]] = {}
+    calls: dict[int, list[dict[str, Any]]] = {}
     message: Any = first
     while message is not grpc.aio.EOF:
         texts.setdefault(message.index, []).append(message.text)
+        calls.setdefault(message.index, []).extend(tool_call(c) for c in message.tool_calls)
         tokens.setdefault(message.index, []).extend(logprobs_content(message))
         if message.finish_reason:
             finish[message.index] = FINISH.get(message.finish_reason, "stop")
@@ -157,7 +169,7 @@ async def collect(
         message = await call.read()
     choices = [
         {
-            "index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+            "index": i, "message": assistant_message("".join(texts[i]), calls[i]),
             "logprobs": {"content": tokens[i]} if logprobs else None, "finish_reason": finish.get(i, "stop"),
         }
         for i in sorted(texts)
@@ -177,6 +189,7 @@ async def sse_events(
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     started: set[int] = set()
+    calls_sent: dict[int, int] = {}
     usage: dict[str, Any] | None = None
     message: Any = first
     pending: asyncio.Future[Any] | None = None
@@ -185,8 +198,12 @@ async def sse_events(
             if message.index not in started:
                 started.add(message.index)
                 yield chunk([{"index": message.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            if message.text or message.finish_reason or message.logprobs:
-                delta = {"content": message.text} if message.text else {}
+            if message.text or message.finish_reason or message.logprobs or message.tool_calls:
+                delta: dict[str, Any] = {"content": message.text} if message.text else {}
+                if message.tool_calls:
+                    first_call = calls_sent.get(message.index, 0)
+                    delta["tool_calls"] = [{"index": first_call + k, **tool_call(c)} for k, c in enumerate(message.tool_calls)]
+                    calls_sent[message.index] = first_call + len(message.tool_calls)
                 choice = {"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}
                 if message.logprobs:
                     choice["logprobs"] = {"content": logprobs_content(message)}

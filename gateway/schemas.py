@@ -1,7 +1,9 @@
 """The OpenAI chat-completions request, as pydantic models (also the OpenAPI document).
 
-Unknown top-level fields are accepted (and logged by the app), as OpenAI
-clients send fields a server may not know. Content parts are kept as plain
+No field is silently ignored: every field is declared, and is either
+honoured or one of the ADVISORY fields OpenAI defines as hints (`user`,
+`metadata`, `store`, ...), accepted and ignored as the README lists them; an
+unknown field anywhere is a 400 naming it. Content parts are kept as plain
 JSON values here and checked one by one in `translate`, so that an unknown or
 malformed part gets an error naming exactly that part.
 
@@ -76,28 +78,74 @@ class StrictText(BaseModel):
         return data
 
 
-class StreamOptions(BaseModel):
+class Closed(BaseModel):
+    """A request object whose unknown fields are a 400 naming them (never silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+#: Fields OpenAI defines as advisory (hints, bookkeeping): accepted and ignored, as the README lists them.
+ADVISORY = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prediction")
+
+
+class StreamOptions(Closed):
     include_usage: bool = Field(False, description="Send one extra chunk with the usage before [DONE].")
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(Closed):
     name: str = Field(..., description="Name of the format (as OpenAI requires; not used for decoding).")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the output must satisfy.")
     strict: bool | None = Field(None, description="Accepted; the schema is always enforced exactly (constrained decoding).")
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Closed):
     """Structured outputs: free text, any JSON object, or JSON following a schema (enforced by masking tokens)."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = Field(None, description="Required when type is json_schema.")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class FunctionDef(Closed):
+    name: str = Field(..., description="The function's name (letters, digits, _ and -, at most 64).")
+    description: str | None = Field(None, description="What it does, shown to the model.")
+    parameters: dict[str, Any] | None = Field(None, description="Its arguments as a JSON Schema object.")
+    strict: bool | None = Field(None, description="Accepted; a required or named call always follows the schema exactly.")
 
-    role: str = Field(..., description="system, developer, user or assistant.")
+
+class ToolDef(Closed):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Closed):
+    name: str
+
+
+class NamedToolChoice(Closed):
+    """Force a call of this function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(Closed):
+    name: str
+    arguments: str = Field(..., description="The arguments, a JSON object as text.")
+
+
+class ToolCallIn(Closed):
+    """A call the assistant made in an earlier turn."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class ChatMessage(Closed):
+    """One message of the conversation."""
+
+    role: str = Field(..., description="system, developer, user, assistant or tool.")
     content: str | list[Any] | None = Field(
         None,
         description=(
@@ -114,12 +162,19 @@ class ChatMessage(BaseModel):
             "values): a 400 naming the field otherwise, e.g. `messages[0].content[1].image_embeds.shape`."
         ),
     )
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Assistant messages: the tools it called.")
+    tool_call_id: str | None = Field(None, description="Tool messages: the call this is the result of.")
+    name: str | None = Field(None, description="Accepted and ignored: the chat templates here have no speaker names.")
+    refusal: str | None = Field(None, description="Accepted and ignored (an earlier reply's refusal, sent back as it came).")
+    annotations: list[Any] | None = Field(None, description="Accepted and ignored (an earlier reply's annotations).")
+    audio: None = Field(None, description="Must be null: this server returns no audio.")
+    function_call: None = Field(None, description="Must be null: the deprecated functions API is not supported; use tool_calls.")
 
 
 class ChatCompletionRequest(StrictText):
     """POST /v1/chat/completions body, with mmserve's extensions as extra top-level fields."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model id from /v1/models (optional: the served model).")
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -144,9 +199,22 @@ class ChatCompletionRequest(StrictText):
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often they are in the completion.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
     repetition_penalty: float | None = Field(None, gt=0, le=2, description="mmserve/vLLM extension: divide logits of prompt and completion tokens (1 = off).")
-    min_tokens: int | None = Field(None, ge=0, description="mmserve/vLLM extension: no end-of-sequence before this many tokens.")
+    min_tokens: int | None = Field(None, ge=0, le=UINT32_MAX, description="mmserve/vLLM extension: no end-of-sequence before this many tokens.")
     min_p: float | None = Field(None, ge=0, le=1, description="mmserve/vLLM extension: drop tokens below min_p x the top token's probability.")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured outputs).")
+    tools: list[ToolDef] | None = Field(None, description="Functions the model may call (rendered by the model's chat template).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none (no tools shown), auto (default with tools), required, or a named function; required and named are enforced by a grammar."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Whether several calls may come in one turn (default true).")
+    modalities: list[Literal["text"]] | None = Field(None, description='Output modalities: only ["text"].')
+    user: str | None = Field(None, description="Advisory: accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="Advisory: accepted and ignored.")
+    store: bool | None = Field(None, description="Advisory: accepted and ignored (nothing is stored for later retrieval).")
+    service_tier: str | None = Field(None, description="Advisory: accepted and ignored (one tier).")
+    safety_identifier: str | None = Field(None, description="Advisory: accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Advisory: accepted and ignored (the prefix cache needs no key).")
+    prediction: dict[str, Any] | None = Field(None, description="Advisory: accepted and ignored (a latency hint).")
     media_io_kwargs: dict[str, dict[str, Any]] | None = Field(
         None, description='mmserve extension: media loading options per modality, e.g. {"video": {"num_frames": 16, "fps": 2}}.'
     )
@@ -174,7 +242,7 @@ class ModelList(BaseModel):
 class EncodeRequest(StrictText):
     """POST /v1/mm/encode body: media parts to embed and store for later requests."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     content: list[Any] = Field(
         ...,

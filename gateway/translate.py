@@ -27,7 +27,8 @@ from mmserve.mediainput import CONTENT_ID_PREFIX
 
 log = logging.getLogger("mmserve.gateway")
 
-ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
+TOOL_MODES = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO, "required": pb.ToolChoice.MODE_REQUIRED}
 #: part type -> (modality, the key holding its payload)
 MEDIA_PARTS = {
     "image_url": media_pb2.MODALITY_IMAGE,
@@ -237,12 +238,16 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
     """Validate and translate; errors name the offending field in OpenAI's terms."""
     io_kwargs = _check_kwargs(body.media_io_kwargs, MEDIA_IO_KEYS, "media_io_kwargs")
     proc_kwargs = _check_kwargs(body.mm_processor_kwargs, PROCESSOR_KEYS, "mm_processor_kwargs")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidArgument("stream_options needs stream to be true", field="stream_options")
     request = pb.GenerateRequest(model=body.model or "", whole_choices=not body.stream)
     for i, message in enumerate(body.messages):
         role = ROLES.get(message.role)
         if role is None:
-            raise InvalidArgument(f"role {message.role!r} is not supported (use system, developer, user or assistant)", field=f"messages[{i}]")
-        out = request.messages.add(role=role)
+            raise InvalidArgument(f"role {message.role!r} is not supported (use system, developer, user, assistant or tool)", field=f"messages[{i}]")
+        out = request.messages.add(role=role, tool_call_id=message.tool_call_id or "")
+        for call in message.tool_calls or ():
+            out.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
         content = message.content
         if content is None:
             continue
@@ -272,7 +277,23 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
         sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
     sampling.ignore_eos = body.ignore_eos
     logit_controls(body, sampling)
+    tool_fields(body, request)
     return request
+
+
+def tool_fields(body: ChatCompletionRequest, request: pb.GenerateRequest) -> None:
+    """tools, tool_choice and parallel_tool_calls (the decoder checks them against the model)."""
+    for tool in body.tools or ():
+        function = tool.function
+        parameters = json.dumps(function.parameters) if function.parameters is not None else ""
+        request.tools.add(name=function.name, description=function.description or "", parameters=parameters)
+    choice = body.tool_choice
+    if isinstance(choice, str):
+        request.tool_choice.mode = TOOL_MODES[choice]
+    elif choice is not None:
+        request.tool_choice.function = choice.function.name
+    if body.parallel_tool_calls is not None:
+        request.parallel_tool_calls = body.parallel_tool_calls
 
 
 def logit_controls(body: ChatCompletionRequest, sampling: pb.SamplingParams) -> None:

@@ -298,10 +298,28 @@ def test_health(stack: Stack) -> None:
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_unknown_top_level_fields_are_accepted(client: openai.OpenAI) -> None:
+def test_unknown_fields_are_400_naming_them_and_advisory_ones_are_accepted(client: openai.OpenAI) -> None:
+    err, _ = api_error(lambda: chat(client, "Hello there", extra_body={"frobnicate": True}), 400)
+    assert err["param"] == "frobnicate" and "unknown field" in err["message"]
+    message = {"role": "user", "content": "Hi", "cache_hint": 1}
+    err, _ = api_error(lambda: client.chat.completions.create(model=MODEL, messages=[message]), 400)  # type: ignore[list-item]
+    assert err["param"] == "messages[0].cache_hint"
+    err, _ = api_error(lambda: chat(client, "Hello there", response_format={"type": "json_object", "extra": 1}), 400)
+    assert err["param"] == "response_format.extra"
+    err, _ = api_error(lambda: chat(client, "Hello there", stream_options={"include_usage": True}), 400)
+    assert err["param"] == "stream_options"
+    err, _ = api_error(lambda: chat(client, "Hello there", modalities=["text", "audio"]), 400)
+    assert err["param"].startswith("modalities")
     plain = chat(client, "Hello there")
-    extra = chat(client, "Hello there", extra_body={"frobnicate": True, "future_option": {"a": [1, 2]}})
-    assert extra.choices[0].message.content == plain.choices[0].message.content != ""
+    advised = chat(
+        client, "Hello there", user="u-1", metadata={"k": "v"}, store=False, service_tier="auto",
+        extra_body={"safety_identifier": "s", "prompt_cache_key": "p", "prediction": {"type": "content", "content": "x"}},
+    )
+    assert advised.choices[0].message.content == plain.choices[0].message.content != ""
+    echoed = [{"role": "user", "content": "Hello there"}, {**plain.choices[0].message.model_dump(), "content": "Hi"},
+              {"role": "user", "content": "Again"}]
+    again = client.chat.completions.create(model=MODEL, messages=echoed, temperature=0, max_completion_tokens=4)  # type: ignore[arg-type]
+    assert again.choices[0].message.content  # an SDK reply message sent back as it came
 
 
 def test_response_shape(client: openai.OpenAI) -> None:
@@ -403,10 +421,10 @@ def test_api_key_is_required(secured: RunningService) -> None:
 
 
 def _body_of(size: int) -> bytes:
-    """A valid chat request of exactly `size` bytes (padded with an unknown top-level field)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "padding": ""}
+    """A valid chat request of exactly `size` bytes (padded with an advisory field, which is accepted and ignored)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": ""}
     base = len(json.dumps(body).encode())
-    body["padding"] = "x" * (size - base)
+    body["user"] = "x" * (size - base)
     data = json.dumps(body).encode()
     assert len(data) == size
     return data

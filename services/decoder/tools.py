@@ -103,6 +103,7 @@ class ToolCallParser:
         self.buffer = ""
         self.in_call = False
         self.calls = 0
+        self.pre = ""  # whitespace held back before the call being read (returned if it is not a call)
 
     def feed(self, text: str) -> tuple[str, list[pb.ToolCall]]:
         self.buffer += text
@@ -116,21 +117,26 @@ class ToolCallParser:
                 body, self.buffer, self.in_call = self.buffer[:end], self.buffer[end + len(self.close) :], False
                 call = _call(body)
                 if call is None:
-                    out.append(f"{self.open}{body}{self.close}")  # not a call after all: the model's text
+                    out.append(f"{self.pre}{self.open}{body}{self.close}")  # not a call after all: the model's text
                 else:
                     calls.append(call)
+                    self.calls += 1
                 continue
             start = self.buffer.find(self.open)
             if start >= 0:
-                out.append(self.buffer[:start])
+                before = self._content(self.buffer[:start])
+                kept = before.rstrip()  # "text\n<tool_call>": the newline is the syntax's, if a call follows
+                out.append(kept)
+                self.pre = before[len(kept) :]
                 self.buffer, self.in_call = self.buffer[start + len(self.open) :], True
                 continue
             keep = _partial_suffix(self.buffer, self.open)
+            if self.calls and not self.buffer[: len(self.buffer) - keep].strip():
+                keep = len(self.buffer)  # whitespace after a call may separate it from the next one
             out.append(self.buffer[: len(self.buffer) - keep])
             self.buffer = self.buffer[len(self.buffer) - keep :]
             break
-        self.calls += len(calls)
-        return self._content("".join(out)), calls
+        return "".join(out), calls
 
     def finish(self) -> tuple[str, list[pb.ToolCall]]:
         """The end of the choice: an unclosed call is parsed if it is whole JSON, else returned as text."""
@@ -141,11 +147,11 @@ class ToolCallParser:
             if call is not None:
                 self.calls += 1
                 return "", [call]
-            rest = self.open + rest
+            rest = self.pre + self.open + rest
         return self._content(rest), []
 
     def _content(self, text: str) -> str:
-        """Whitespace between or around calls is the call syntax's, not content."""
+        """Whitespace between or after calls belongs to the call syntax, not to the content."""
         return "" if self.calls and not text.strip() else text
 
 
