@@ -87,15 +87,17 @@ async def _generate_requests(body: CompletionRequest, gw: Gateway) -> list[pb.Ge
     """One GenerateRequest per prompt, each through the cheap size guard (no decoder call for a hopeless prompt)."""
     try:
         requests = [to_completion_request(body, prompt) for prompt in completion_prompts(body)]
-        card = await gw.model_card()
-        for k, grpc_request in enumerate(requests):
-            try:
-                if card is not None:
-                    check_prompt_size(grpc_request, max_chars=card.max_prompt_chars, longest_token_chars=1)
-            except MmserveError as err:
-                raise _prompt_named(err, body, k) from None
     except MmserveError as err:
         raise ChatError(err, MAX_TOKENS) from None
+    card = await gw.model_card()
+    if card is None:  # no decoder answers yet: the Generate call will say so
+        return requests
+    for k, grpc_request in enumerate(requests):
+        try:
+            # the gateway does not know the longest token: one character per token, a looser bound than the decoder's
+            check_prompt_size(grpc_request, max_chars=card.max_prompt_chars, longest_token_chars=1)
+        except MmserveError as err:
+            raise ChatError(_prompt_named(err, body, k), MAX_TOKENS) from None
     return requests
 
 
