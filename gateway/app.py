@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: routes, request context, and one error shape for everything.
 
-Routes live in `chat` (/v1/chat/completions, /v1/models) and `precompute`
-(/v1/mm/...); this module adds /health and /metrics, the request id
+Routes live in `chat` (/v1/chat/completions, /v1/models), `completions`
+(/v1/completions) and `precompute` (/v1/mm/...); this module adds /health and /metrics, the request id
 (`X-Request-Id` taken or generated, echoed, passed downstream, on every log
 line), the body limit, and the exception handlers that give every error the
 OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import chat, precompute
-from gateway.errors import error_response, mm_error_response, validation_param
+from gateway import chat, completions, precompute
+from gateway.errors import error_response, error_responses, mm_error_response, validation_param
 from gateway.limits import BodyLimit
 from gateway.state import gateway
 from mmserve import tracing
@@ -36,7 +36,7 @@ from mmserve.metrics import IN_FLIGHT, REQUEST_SECONDS, REQUESTS
 
 log = logging.getLogger("mmserve.gateway")
 
-DESCRIPTION = """OpenAI-compatible chat completions over mmserve's encoder and decoder services.
+DESCRIPTION = """OpenAI-compatible chat completions (and legacy completions) over mmserve's encoder and decoder services.
 
 mmserve extensions: content parts `video_url`, `audio_url`, `input_audio`, `time_series_url`; a `uuid` on any media
 part (and a null or `{}` payload to reuse a stored embedding); video as a frame-list data URL
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = None
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.include_router(chat.router)
+    app.include_router(completions.router)
     app.include_router(precompute.router)
     tracing.setup("gateway", settings)
     tracing.instrument_app(app, settings)
@@ -125,7 +126,9 @@ def create_app(settings: Settings) -> FastAPI:
             response.headers[key] = value
         return response
 
-    @app.get("/health", tags=["operations"])
+    health_docs = {503: {"description": 'The decoder is not SERVING: `{"status": "unavailable"}`.'}, "default": error_responses()["default"]}
+
+    @app.get("/health", tags=["operations"], responses=health_docs)
     async def health(request: Request) -> JSONResponse:
         """200 when the decoder behind this gateway reports SERVING, 503 otherwise."""
         try:

@@ -10,8 +10,6 @@ client that disconnects cancels the gRPC call, which frees the decoder slot.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
 import uuid
@@ -24,9 +22,10 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.disconnect import ClientDisconnected, ClosingStreamingResponse, unless_disconnected
 from gateway.embeds import chat_part_type, json_field
-from gateway.errors import error_body, http_status, rest_param
+from gateway.errors import CLIENT_GONE, error_responses
 from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
 from gateway.state import Gateway, call_metadata, gateway, tenant
+from gateway.streaming import client_gone, first_message, relay, sse_data
 from gateway.translate import to_generate_request
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
@@ -46,7 +45,17 @@ class ChatError(Exception):
         self.error, self.max_tokens_name = error, max_tokens_name
 
 
-@router.post("/v1/chat/completions", response_model=None, tags=["chat"])
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The chat completion; with `stream`, `text/event-stream` `chat.completion.chunk` events, then `data: [DONE]`.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **error_responses(400, 401, 404, 409, 413, 422, 429, 503, 504),
+    499: CLIENT_GONE,
+}
+
+
+@router.post("/v1/chat/completions", response_model=None, tags=["chat"], responses=CHAT_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)
 ) -> Response:
@@ -65,19 +74,13 @@ async def chat_completions(
             raise ChatError(err, max_tokens_name) from None
     call = gw.decoder.Generate(grpc_request, metadata=call_metadata(request, caller), timeout=gw.settings.gateway_request_timeout_s)
     try:
-        first = await unless_disconnected(request, call.read())
+        first = await first_message(request, call)
     except grpc.RpcError as exc:
         err = from_rpc_error(exc)
         err.field = json_field(err.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
         raise ChatError(err, max_tokens_name) from None
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
     except ClientDisconnected:
-        call.cancel()
-        return _client_gone()
-    if first is grpc.aio.EOF:
-        raise ChatError(MmserveError("the decoder ended the stream without a result"), max_tokens_name)
+        return client_gone()
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or await gw.served_model()
     if body.stream:
@@ -88,20 +91,14 @@ async def chat_completions(
         whole = collect(call, first, completion_id, created, model, logprobs=bool(body.logprobs))
         return JSONResponse(await unless_disconnected(request, whole))
     except ClientDisconnected:
-        return _client_gone()
+        return client_gone()
     except grpc.RpcError as exc:
         raise ChatError(from_rpc_error(exc), max_tokens_name) from None
     finally:
         call.cancel()  # no-op when finished; frees the decoder slot if the client went away
 
 
-def _client_gone() -> Response:
-    """The client left: the decoder call is cancelled; nobody reads this (499, as nginx logs it)."""
-    log.info("client disconnected; generation cancelled")
-    return Response(status_code=499)
-
-
-@router.get("/v1/models", response_model=ModelList, tags=["models"])
+@router.get("/v1/models", response_model=ModelList, tags=["models"], responses=error_responses(401, 503, 504))
 async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)) -> JSONResponse:
     """The served model(s), with mmserve's extra fields (modalities, random_weights, ...)."""
     try:
@@ -118,7 +115,7 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
     return JSONResponse(ModelList(data=data).model_dump())
 
 
-def _usage(usage: pb.Usage) -> dict[str, Any]:
+def usage_json(usage: pb.Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
@@ -165,7 +162,7 @@ async def collect(
         if message.finish_reason:
             finish[message.index] = FINISH.get(message.finish_reason, "stop")
         if message.HasField("usage"):
-            usage = _usage(message.usage)
+            usage = usage_json(message.usage)
         message = await call.read()
     choices = [
         {
@@ -177,7 +174,7 @@ async def collect(
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage}
 
 
-async def sse_events(
+def sse_events(
     call: Any, first: pb.GenerateResponse, completion_id: str, created: int, model: str, include_usage: bool, keepalive_s: float
 ) -> AsyncGenerator[str, None]:
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
@@ -186,44 +183,32 @@ async def sse_events(
         body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         if include_usage:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return sse_data(body)
 
     started: set[int] = set()
     calls_sent: dict[int, int] = {}
-    usage: dict[str, Any] | None = None
-    message: Any = first
-    pending: asyncio.Future[Any] | None = None
-    try:
-        while message is not grpc.aio.EOF:
-            if message.index not in started:
-                started.add(message.index)
-                yield chunk([{"index": message.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            if message.text or message.finish_reason or message.logprobs or message.tool_calls:
-                delta: dict[str, Any] = {"content": message.text} if message.text else {}
-                if message.tool_calls:
-                    first_call = calls_sent.get(message.index, 0)
-                    delta["tool_calls"] = [{"index": first_call + k, **tool_call(c)} for k, c in enumerate(message.tool_calls)]
-                    calls_sent[message.index] = first_call + len(message.tool_calls)
-                choice = {"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}
-                if message.logprobs:
-                    choice["logprobs"] = {"content": logprobs_content(message)}
-                yield chunk([choice])
-            if message.HasField("usage"):
-                usage = _usage(message.usage)
-            pending = asyncio.ensure_future(call.read())
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
-                if done:
-                    break
-                yield ": keep-alive\n\n"
-            message, pending = pending.result(), None
-        if include_usage and usage is not None:
-            yield chunk([], usage)
-    except grpc.RpcError as exc:
-        err = from_rpc_error(exc)
-        yield f"data: {json.dumps(error_body(err.message, status=http_status(err), param=rest_param(err.field), code=err.reason.lower()))}\n\n"
-    finally:
-        if pending is not None:
-            pending.cancel()
-        call.cancel()  # the client went away (or we are done): free the decoder slot
-    yield "data: [DONE]\n\n"
+    usage: list[dict[str, Any]] = []
+
+    def render(message: pb.GenerateResponse) -> list[str]:
+        events = []
+        if message.index not in started:
+            started.add(message.index)
+            events.append(chunk([{"index": message.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+        if message.text or message.finish_reason or message.logprobs or message.tool_calls:
+            delta: dict[str, Any] = {"content": message.text} if message.text else {}
+            if message.tool_calls:
+                first_call = calls_sent.get(message.index, 0)
+                delta["tool_calls"] = [{"index": first_call + k, **tool_call(c)} for k, c in enumerate(message.tool_calls)]
+                calls_sent[message.index] = first_call + len(message.tool_calls)
+            choice = {"index": message.index, "delta": delta, "finish_reason": FINISH.get(message.finish_reason)}
+            if message.logprobs:
+                choice["logprobs"] = {"content": logprobs_content(message)}
+            events.append(chunk([choice]))
+        if message.HasField("usage"):
+            usage[:] = [usage_json(message.usage)]
+        return events
+
+    def end() -> list[str]:
+        return [chunk([], usage[0])] if include_usage and usage else []
+
+    return relay(call, first, keepalive_s, render, end)

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from fastapi.responses import JSONResponse
 
+from gateway.schemas import ErrorResponse
 from mmserve.errors import InvalidArgument, MmserveError
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -46,6 +47,32 @@ _SAMPLING = {"sampling.guidance": "response_format"}
 _EMBEDS_PARAM = re.compile(
     r"^(?:messages\[\d+\]\.content\[\d+\]|content\[\d+\])\.(?:image_embeds|audio_embeds|image_grid_thw|audio_feature_length|deepstack)\b"
 )
+
+
+#: What each error status of the gateway means, for its OpenAPI document.
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: a field fails validation (never 422) or cannot be honoured; `param` names it.",
+    401: "Missing or wrong API key (only when MMSERVE_API_KEY is set).",
+    404: "Not found: an unknown model, or a stored embedding that does not exist (or has expired).",
+    409: "A client uuid is already bound to other content or another model.",
+    413: "The body is larger than MMSERVE_MAX_BODY_BYTES.",
+    422: "Remote media could not be fetched: its server refused or failed to serve it (code `remote_fetch_failed`).",
+    429: "The decoder's queue, or the embedding store, is full; retry later.",
+    503: "A service behind the gateway (decoder, encoder, Redis) is unavailable, or still loading; retry later.",
+    504: "The request ran out of time (MMSERVE_GATEWAY_REQUEST_TIMEOUT_S).",
+}
+CLIENT_GONE = {"description": "The client disconnected; the generation was cancelled (logged, never received: no body)."}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for the error statuses a route really returns, plus `default` (500), all in OpenAI's shape.
+
+    Declaring `default` also keeps FastAPI from documenting its 422 validation
+    error, which this gateway never sends (validation errors are 400s).
+    """
+    docs: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+    docs["default"] = {"model": ErrorResponse, "description": "Internal error (500): details only in the server log."}
+    return docs
 
 
 class RequestFieldError(InvalidArgument):

@@ -13,6 +13,7 @@ import grpc
 from fastapi import APIRouter, Depends, Path, Request
 
 from gateway.embeds import content_part_type, json_field
+from gateway.errors import error_responses
 from gateway.schemas import DeletedEmbedding, EmbeddingObject, EncodeRequest, EncodeResponse
 from gateway.state import Gateway, call_metadata, gateway, tenant
 from gateway.translate import to_encode_items
@@ -42,7 +43,7 @@ def _rest_error(exc: grpc.RpcError, content: list[Any] | None = None) -> Mmserve
     return err
 
 
-@router.post("/v1/mm/encode", response_model=EncodeResponse)
+@router.post("/v1/mm/encode", response_model=EncodeResponse, responses=error_responses(400, 401, 409, 413, 422, 429, 503, 504))
 async def encode(body: EncodeRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)) -> EncodeResponse:
     """Embed and store media parts; returns their ids, token counts and expiry, in request order."""
     items = to_encode_items(body)
@@ -55,7 +56,7 @@ async def encode(body: EncodeRequest, request: Request, gw: Gateway = Depends(ga
     return EncodeResponse(data=[_object(r.embedding, r.cached) for r in reply.results])
 
 
-@router.get("/v1/mm/embeddings/{embedding_id}", response_model=EmbeddingObject)
+@router.get("/v1/mm/embeddings/{embedding_id}", response_model=EmbeddingObject, responses=error_responses(401, 404, 503, 504))
 async def get_embedding(
     request: Request, embedding_id: str = Path(..., description="A client uuid or a content id."),
     gw: Gateway = Depends(gateway), caller: str = Depends(tenant),
@@ -68,7 +69,7 @@ async def get_embedding(
     return _object(reply.embedding)
 
 
-@router.delete("/v1/mm/embeddings/{embedding_id}", response_model=DeletedEmbedding)
+@router.delete("/v1/mm/embeddings/{embedding_id}", response_model=DeletedEmbedding, responses=error_responses(401, 503, 504))
 async def delete_embedding(
     request: Request, embedding_id: str = Path(..., description="A client uuid or a content id."),
     gw: Gateway = Depends(gateway), caller: str = Depends(tenant),

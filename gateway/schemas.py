@@ -94,7 +94,7 @@ class StreamOptions(Closed):
 
 class JsonSchemaFormat(Closed):
     name: str = Field(..., description="Name of the format (as OpenAI requires; not used for decoding).")
-    description: str | None = None
+    description: str | None = Field(None, description="What the format is for (passed on to nothing: the schema alone constrains decoding).")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the output must satisfy.")
     strict: bool | None = Field(None, description="Accepted; the schema is always enforced exactly (constrained decoding).")
 
@@ -102,7 +102,7 @@ class JsonSchemaFormat(Closed):
 class ResponseFormat(Closed):
     """Structured outputs: free text, any JSON object, or JSON following a schema (enforced by masking tokens)."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema"] = Field(..., description="text (free), json_object (any JSON object) or json_schema.")
     json_schema: JsonSchemaFormat | None = Field(None, description="Required when type is json_schema.")
 
 
@@ -171,36 +171,41 @@ class ChatMessage(Closed):
     function_call: None = Field(None, description="Must be null: the deprecated functions API is not supported; use tool_calls.")
 
 
-class ChatCompletionRequest(StrictText):
-    """POST /v1/chat/completions body, with mmserve's extensions as extra top-level fields."""
+class SamplingRequest(StrictText):
+    """The fields chat and legacy completions share: model, sampling, stopping, streaming, penalties, extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model id from /v1/models (optional: the served model).")
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(
-        None, ge=1, le=UINT32_MAX, description="Completion tokens at most (wins over max_tokens)."
-    )
-    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="Deprecated alias of max_completion_tokens.")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature in [0, 2]; 0 is greedy (default 1).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass (default 1).")
     top_k: int | None = Field(
         None, ge=0, le=UINT32_MAX, description="mmserve extension: keep the k most likely tokens (0 = all)."
     )
     seed: int | None = Field(None, ge=0, le=UINT64_MAX, description="Same seed and inputs give the same completion.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion (excluded from it).")
-    n: int | None = Field(None, ge=1, le=16, description="Number of choices.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=16, description="Number of choices (default 1).")
+    stream: bool = Field(False, description="Send the completion as server-sent events, then `data: [DONE]`.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options (with stream).")
     ignore_eos: bool = Field(False, description="mmserve extension: keep generating past end-of-sequence.")
-    logprobs: bool | None = Field(None, description="Return each token's log probability (of the distribution it was sampled from).")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs).")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens already in the completion.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often they are in the completion.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
     repetition_penalty: float | None = Field(None, gt=0, le=2, description="mmserve/vLLM extension: divide logits of prompt and completion tokens (1 = off).")
     min_tokens: int | None = Field(None, ge=0, le=UINT32_MAX, description="mmserve/vLLM extension: no end-of-sequence before this many tokens.")
     min_p: float | None = Field(None, ge=0, le=1, description="mmserve/vLLM extension: drop tokens below min_p x the top token's probability.")
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions body, with mmserve's extensions as extra top-level fields."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far, oldest first.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=UINT32_MAX, description="Completion tokens at most (wins over max_tokens)."
+    )
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="Deprecated alias of max_completion_tokens.")
+    logprobs: bool | None = Field(None, description="Return each token's log probability (of the distribution it was sampled from).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs).")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured outputs).")
     tools: list[ToolDef] | None = Field(None, description="Functions the model may call (rendered by the model's chat template).")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -223,20 +228,94 @@ class ChatCompletionRequest(StrictText):
     )
 
 
+#: Prompts one legacy completions request may hold (each is its own Generate call, run concurrently).
+MAX_PROMPTS = 32
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions body (OpenAI's legacy completions): prompts used as they are, without a chat template."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ...,
+        description=(
+            f"A prompt, or a list of up to {MAX_PROMPTS} prompts (one set of n choices each; choice index = "
+            "prompt index x n + i). Used exactly as given: no chat template. Token-id prompts (a list of integers, "
+            "or of such lists) are refused with a 400."
+        ),
+    )
+    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX, description="Completion tokens at most, per choice (default 16).")
+    logprobs: int | None = Field(
+        None, ge=0, le=5,
+        description=(
+            "Return the log probability of each token (of the distribution it was sampled from) and this many most "
+            "likely alternatives per position, 0-5."
+        ),
+    )
+    echo: bool | None = Field(None, description="Not supported: true is a 400 (the prompt is never echoed).")
+    best_of: int | None = Field(None, ge=1, description="Not supported beyond n: a value other than n is a 400.")
+    suffix: str | None = Field(None, description="Not supported: a non-empty suffix is a 400 (no insertion mode).")
+    user: str | None = Field(None, description="Accepted and ignored (OpenAI defines it as advisory).")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="What went wrong, for a person.")
+    type: str = Field(..., description="invalid_request_error, authentication_error, not_found_error, rate_limit_error, server_error, ...")
+    param: str | None = Field(None, description="The request field at fault, as a JSON path (`prompt`, `messages[0].content[1]`).")
+    code: str | None = Field(None, description="A machine-readable reason (`invalid_request`, `model_not_found`, ...).")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the gateway returns, in OpenAI's shape."""
+
+    error: ErrorDetail = Field(..., description="What went wrong.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="Prompt tokens, over all prompts.")
+    completion_tokens: int = Field(..., description="Generated tokens, over all choices.")
+    total_tokens: int = Field(..., description="prompt_tokens + completion_tokens.")
+    prompt_tokens_details: dict[str, int] | None = Field(None, description="`cached_tokens`: prompt tokens served from the prefix cache.")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(..., description="The generated tokens' texts.")
+    token_logprobs: list[float] = Field(..., description="Each token's log probability.")
+    top_logprobs: list[dict[str, float]] = Field(..., description="Per position, the `logprobs` most likely tokens -> log probability.")
+    text_offset: list[int] = Field(..., description="Each token's character offset in `text`.")
+
+
+class CompletionChoice(BaseModel):
+    text: str = Field(..., description="The completion (streams: the text since the previous chunk); stop strings excluded.")
+    index: int = Field(..., description="prompt index x n + choice number.")
+    logprobs: CompletionLogprobs | None = Field(None, description="With `logprobs`: this text's tokens; null otherwise.")
+    finish_reason: Literal["stop", "length"] | None = Field(None, description="Null on streamed chunks before the last one of a choice.")
+
+
+class CompletionResponse(BaseModel):
+    """A completion (`object: text_completion`); streamed chunks have the same shape, one piece of text each."""
+
+    id: str = Field(..., description="`cmpl-<hex>`, the same in every chunk of a stream.")
+    object: Literal["text_completion"] = Field("text_completion", description="Always `text_completion`, streamed or not.")
+    created: int = Field(..., description="Unix time of the request.")
+    model: str = Field(..., description="The model that made it.")
+    choices: list[CompletionChoice] = Field(..., description="len(prompts) x n choices (streams: one piece each).")
+    usage: Usage | None = Field(None, description="Streams: only with stream_options.include_usage, in a last chunk with no choices.")
+
+
 class ModelObject(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
+    id: str = Field(..., description="The id to pass as `model`.")
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    created: int = Field(..., description="Unix time the decoder loaded it.")
+    owned_by: str = Field(..., description="Always `mmserve`.")
     random_weights: bool = Field(False, description="True for the built-in tiny demo model: its output is noise.")
-    family: str | None = None
-    modalities: list[str] = Field(default_factory=list)
-    max_model_len: int | None = None
+    family: str | None = Field(None, description="Model family (qwen2_5_vl, qwen3_vl, qwen2_5_omni, ...).")
+    modalities: list[str] = Field(default_factory=list, description="Media it takes: image, video, audio, time_series.")
+    max_model_len: int | None = Field(None, description="Context length in tokens (prompt + completion).")
 
 
 class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelObject]
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[ModelObject] = Field(..., description="The served model(s).")
 
 
 class EncodeRequest(StrictText):
@@ -261,22 +340,22 @@ class EmbeddingObject(BaseModel):
     """A stored embedding: refer to it in chat as a media part with a null payload and `uuid` = `id`."""
 
     id: str = Field(..., description="The client uuid, or the content id `mmemb-<hex>`.")
-    object: Literal["mm.embedding"] = "mm.embedding"
-    modality: str
+    object: Literal["mm.embedding"] = Field("mm.embedding", description="Always `mm.embedding`.")
+    modality: str = Field(..., description="image, video, audio or time_series.")
     tokens: int = Field(..., description="LLM positions the embedding fills in a prompt.")
-    model: str
+    model: str = Field(..., description="The model that made it (as served).")
     cached: bool | None = Field(None, description="True if it was already stored (nothing was encoded); encode only.")
     created_at: int = Field(..., description="Unix time it was stored.")
     expires_at: int | None = Field(None, description="Unix time it expires; null if it does not.")
-    content_sha256: str
+    content_sha256: str = Field(..., description="SHA-256 of the media content it was made from.")
 
 
 class EncodeResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingObject]
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[EmbeddingObject] = Field(..., description="One per content part, in request order.")
 
 
 class DeletedEmbedding(BaseModel):
-    id: str
-    object: Literal["mm.embedding.deleted"] = "mm.embedding.deleted"
-    deleted: bool
+    id: str = Field(..., description="The id asked for.")
+    object: Literal["mm.embedding.deleted"] = Field("mm.embedding.deleted", description="Always `mm.embedding.deleted`.")
+    deleted: bool = Field(..., description="False if nothing was stored under it.")

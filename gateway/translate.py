@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.embeds import PLACEMENT_KEYS, fill_embeds
 from gateway.errors import RequestFieldError
-from gateway.schemas import ChatCompletionRequest, EncodeRequest
+from gateway.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, EncodeRequest, ResponseFormat, SamplingRequest
 from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
@@ -265,18 +265,11 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
                 out.content.add(media=media_part(part, kind, field, io_kwargs, proc_kwargs))
             else:
                 raise InvalidArgument(f"unknown content part type {kind!r}; supported: {', '.join(SUPPORTED_PARTS)}", field=field)
-    sampling = request.sampling
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    for name in ("temperature", "top_p", "top_k", "seed", "n"):
-        value = getattr(body, name)
-        if value is not None:
-            setattr(sampling, name, value)
-    if body.stop is not None:
-        sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    sampling.ignore_eos = body.ignore_eos
-    logit_controls(body, sampling)
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs to be true", field="top_logprobs")
+    fill_sampling(body, request.sampling, max_tokens=max_tokens, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
+    guidance(body.response_format, request.sampling)
     tool_fields(body, request)
     return request
 
@@ -296,16 +289,19 @@ def tool_fields(body: ChatCompletionRequest, request: pb.GenerateRequest) -> Non
         request.parallel_tool_calls = body.parallel_tool_calls
 
 
-def logit_controls(body: ChatCompletionRequest, sampling: pb.SamplingParams) -> None:
-    """Logprobs, penalties, logit_bias, min_tokens/min_p and response_format onto SamplingParams."""
-    if body.top_logprobs and not body.logprobs:
-        raise InvalidArgument("top_logprobs needs logprobs to be true", field="top_logprobs")
-    sampling.logprobs = bool(body.logprobs)
-    sampling.top_logprobs = body.top_logprobs or 0
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+def fill_sampling(body: SamplingRequest, sampling: pb.SamplingParams, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> None:
+    """The sampling fields chat and legacy completions share onto SamplingParams (each API names its own max tokens and logprobs)."""
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    for name in ("temperature", "top_p", "top_k", "seed", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         value = getattr(body, name)
         if value is not None:
             setattr(sampling, name, value)
+    if body.stop is not None:
+        sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    sampling.ignore_eos = body.ignore_eos
+    sampling.logprobs = logprobs
+    sampling.top_logprobs = top_logprobs
     sampling.min_tokens = body.min_tokens or 0
     for key, bias in (body.logit_bias or {}).items():
         if not key.strip().isdigit() or int(key) >= 1 << 31:
@@ -313,7 +309,10 @@ def logit_controls(body: ChatCompletionRequest, sampling: pb.SamplingParams) -> 
         if not -100 <= bias <= 100:
             raise InvalidArgument(f"the bias of token {key} must be between -100 and 100", field="logit_bias")
         sampling.logit_bias[int(key)] = bias
-    fmt = body.response_format
+
+
+def guidance(fmt: ResponseFormat | None, sampling: pb.SamplingParams) -> None:
+    """response_format onto SamplingParams.guidance (chat only: legacy completions have no response_format)."""
     if fmt is None or fmt.type == "text":
         return
     if fmt.type == "json_object":
@@ -322,6 +321,35 @@ def logit_controls(body: ChatCompletionRequest, sampling: pb.SamplingParams) -> 
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidArgument("json_schema.schema is required for type json_schema", field="response_format.json_schema")
     sampling.guidance.json_schema = json.dumps(fmt.json_schema.schema_)
+
+
+def completion_prompts(body: CompletionRequest) -> list[str]:
+    """The prompts of a legacy completions request; what mmserve cannot honour is a 400 naming the field."""
+    if body.echo:
+        raise InvalidArgument("echo is not supported (the prompt is never returned); leave it false", field="echo")
+    if body.suffix:
+        raise InvalidArgument("suffix is not supported (no insertion mode)", field="suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise InvalidArgument(f"best_of is not supported beyond n: give best_of = n ({body.n or 1}) or leave it out", field="best_of")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise InvalidArgument("at least one prompt is required", field="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidArgument(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", field="prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InvalidArgument("token-id prompts are not supported: send the prompt as text", field="prompt")
+        if not prompt:
+            raise RequestFieldError("a prompt must not be empty", field="prompt" if isinstance(body.prompt, str) else f"prompt[{i}]")
+    return prompts  # type: ignore[return-value]
+
+
+def to_completion_request(body: CompletionRequest, prompt: str) -> pb.GenerateRequest:
+    """One prompt of a legacy completions request as a GenerateRequest (used as is: no chat template)."""
+    request = pb.GenerateRequest(model=body.model or "", prompt=prompt, whole_choices=not body.stream)
+    logprobs = body.logprobs is not None
+    fill_sampling(body, request.sampling, max_tokens=body.max_tokens, logprobs=logprobs, top_logprobs=body.logprobs or 0)
+    return request
 
 
 def to_encode_items(body: EncodeRequest) -> list[media_pb2.MediaInput]:

@@ -19,8 +19,9 @@ def max_prompt_chars(context_tokens: int, longest_token_chars: int) -> int:
 
 
 def prompt_size(request: pb.GenerateRequest) -> tuple[int, int]:
-    """(text characters, media parts) of a request's messages."""
-    chars = media = 0
+    """(text characters, media parts) of a request's messages and its completion prompt (counted alike, or a huge prompt would reach the tokenizer)."""
+    chars = len(request.prompt)
+    media = 0
     for message in request.messages:
         for part in message.content:
             if part.WhichOneof("kind") == "media":
@@ -31,7 +32,7 @@ def prompt_size(request: pb.GenerateRequest) -> tuple[int, int]:
 
 
 def check_prompt_size(request: pb.GenerateRequest, *, max_chars: int, longest_token_chars: int) -> None:
-    """400 naming `messages` when the prompt cannot fit the context whatever its tokens."""
+    """400 naming `messages` (or `prompt`, for a completion prompt) when the prompt cannot fit the context whatever its tokens."""
     if max_chars <= 0:
         return
     chars, media = prompt_size(request)
@@ -39,5 +40,10 @@ def check_prompt_size(request: pb.GenerateRequest, *, max_chars: int, longest_to
         raise InvalidArgument(
             f"the prompt is too long for this model's context: {chars} characters of text and {media} media parts "
             f"(at most {max_chars} characters fit)",
-            field="messages",
+            field=prompt_field(request),
         )
+
+
+def prompt_field(request: pb.GenerateRequest) -> str:
+    """The request field that holds the prompt: `prompt` (completions) or `messages` (chat)."""
+    return "prompt" if request.HasField("prompt") else "messages"

@@ -26,7 +26,7 @@ from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import E2E, GENERATION_TOKENS, ITL, PROMPT_TOKENS, TTFT
 from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import LoadedModel
-from mmserve.promptsize import check_prompt_size, max_prompt_chars
+from mmserve.promptsize import check_prompt_size, max_prompt_chars, prompt_field
 from mmserve.rpc.metadata import remaining_timeout, tenant_var
 from services.decoder.conversation import Conversation, SamplingConfig, check_token_ids, parse_conversation, parse_sampling
 from services.decoder.engine import Engine, EngineRequest, Finish, StepOutput
@@ -103,7 +103,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 queue_ms=round((admitted - start) * 1000, 1), resolve_ms=round((resolved - admitted) * 1000, 1),
                 prepare_ms=round((time.perf_counter() - resolved) * 1000, 1),
             )
-            max_tokens = self._max_tokens(engine, sampling, prompt_tokens)
+            max_tokens = self._max_tokens(engine, sampling, prompt_tokens, prompt_field(request))
             engine.check_capacity(prompt_tokens, max_tokens, sampling.n)
             note(prompt_tokens=prompt_tokens, media=len(media.embeddings), cached_media=media.cached)
             PROMPT_TOKENS.inc(prompt_tokens)
@@ -191,11 +191,11 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     def _max_prompt_chars(model: LoadedModel, engine: Engine) -> int:
         return max_prompt_chars(engine.context_limit, model.family.longest_token_chars)
 
-    def _max_tokens(self, engine: Engine, sampling: SamplingConfig, prompt_tokens: int) -> int:
+    def _max_tokens(self, engine: Engine, sampling: SamplingConfig, prompt_tokens: int, field: str) -> int:
         limit = engine.context_limit
         room = limit - prompt_tokens
         if room < 1:
-            raise InvalidArgument(f"the prompt has {prompt_tokens} tokens; this model's context is {limit} tokens", field="messages")
+            raise InvalidArgument(f"the prompt has {prompt_tokens} tokens; this model's context is {limit} tokens", field=field)
         if sampling.max_tokens is None:
             return min(self.settings.default_max_tokens, room)
         if sampling.max_tokens > room:
