@@ -53,8 +53,6 @@ async def completions(
     body: CompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)
 ) -> Response:
     """OpenAI legacy completions (prompt string or list, streamed or not, logprobs); echo, suffix and best_of > n are 400s."""
-    if body.model_extra:
-        log.info("ignoring unknown fields: %s", ", ".join(sorted(body.model_extra)))
     requests = await _generate_requests(body, gw)
     metadata = call_metadata(request, caller)
     timeout = gw.settings.gateway_request_timeout_s

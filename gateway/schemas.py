@@ -114,32 +114,32 @@ class FunctionDef(Closed):
 
 
 class ToolDef(Closed):
-    type: Literal["function"]
-    function: FunctionDef
+    type: Literal["function"] = Field(..., description="Always function.")
+    function: FunctionDef = Field(..., description="The function.")
 
 
 class FunctionName(Closed):
-    name: str
+    name: str = Field(..., description="A function among the tools.")
 
 
 class NamedToolChoice(Closed):
     """Force a call of this function."""
 
-    type: Literal["function"]
-    function: FunctionName
+    type: Literal["function"] = Field(..., description="Always function.")
+    function: FunctionName = Field(..., description="The function to call.")
 
 
 class CalledFunction(Closed):
-    name: str
+    name: str = Field(..., description="The function called.")
     arguments: str = Field(..., description="The arguments, a JSON object as text.")
 
 
 class ToolCallIn(Closed):
     """A call the assistant made in an earlier turn."""
 
-    id: str
-    type: Literal["function"] = "function"
-    function: CalledFunction
+    id: str = Field(..., description="The call's id, which the tool message answering it repeats.")
+    type: Literal["function"] = Field("function", description="Always function.")
+    function: CalledFunction = Field(..., description="The function and its arguments.")
 
 
 class ChatMessage(Closed):
