@@ -89,6 +89,10 @@ class Settings(BaseSettings):
 
     # --- decoding limits (inputs.md section 3) ---------------------------
     image_max_pixels: int = Field(178_956_970, description="Refuse images larger than this from the header.")
+    media_max_decoded_bytes: int = Field(
+        512 * MiB,
+        description="Most memory one image or video may decode to (its pixels and their RGB copy, before the model's resize): a JPEG over it decodes at a reduced scale, anything else is refused from its header.",
+    )
     request_pixel_budget: int = Field(
         400_000_000, description="Decoded pixels (images + video frames) allowed in one request."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -406,3 +407,25 @@ def test_redis_outage_is_unavailable_then_recovers(start_service: StartService, 
         assert not result.cached and result.embedding.token_count == 6
     assert redis_keys(own_redis.url) != []
     assert service.stop() == 0  # SIGTERM: graceful shutdown, clean exit
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident memory of a process (VmHWM), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_decompression_bomb_under_the_pixel_cap_is_refused_fast_with_bounded_memory(encoder: RunningService, redis_url: str) -> None:
+    """A real 12000x12000 PNG (~420 KB; 144 MP, under the pixel cap): refused from its header, the encoder's peak RSS unmoved."""
+    from tests.test_image_decode import big_png
+
+    bomb = big_png(12000, 12000)
+    assert encoder.process.proc is not None
+    pid = encoder.process.proc.pid
+    before = vm_hwm_kib(pid)
+    started = time.monotonic()
+    expect_refused(encoder.target, redis_url, image_item(bomb), grpc.StatusCode.INVALID_ARGUMENT, "items[1].source", "per-item limit")
+    assert time.monotonic() - started < 5  # from the header: milliseconds, not the 33 s a full decode took
+    assert vm_hwm_kib(pid) - before < 64 * 1024  # the decode alone would have needed ~860 MB

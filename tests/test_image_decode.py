@@ -273,3 +273,32 @@ def test_parse_color_errors(value: str) -> None:
         parse_color(value, "media_io_kwargs.image.rgba_background_color")
     assert info.value.field == "media_io_kwargs.image.rgba_background_color"
     assert "#RRGGBB" in info.value.message
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A real width x height RGB PNG (all black), compressed row by row: ~420 KB for 12000x12000."""
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def test_image_over_the_decoded_bytes_limit_is_refused_from_its_header() -> None:
+    """A 12000x12000 PNG is under the pixel cap but would decode to ~860 MB: refused before any pixel is decoded."""
+    data = big_png(12000, 12000)
+    assert len(data) < 1 << 20 and 12000 * 12000 < SETTINGS.image_max_pixels
+    budget = RequestBudget.from_settings(SETTINGS)
+    with pytest.raises(MediaTooLarge) as info:
+        decode(data, budget=budget)
+    assert info.value.metadata["setting"] == "media_max_decoded_bytes" and info.value.field == FIELD
+    assert budget.pixels_left == SETTINGS.request_pixel_budget  # nothing charged
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_within_the_limit() -> None:
+    image = Image.new("RGB", (4000, 3000), (200, 30, 30))
+    small = Settings(media_max_decoded_bytes=20 * (1 << 20))  # 4000x3000 RGB decodes to ~69 MB
+    out = decode(encode(image, "JPEG", quality=90), settings=small)
+    assert out.size in ((2000, 1500), (1000, 750)) and close(out.getpixel((10, 10)), (200, 30, 30))
+    exact = decode(encode(image, "JPEG", quality=90))  # under the default limit: full size, as before
+    assert exact.size == (4000, 3000)

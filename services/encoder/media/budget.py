@@ -90,3 +90,13 @@ def item_too_large(limit: int, field: str | None) -> MediaTooLarge:
         field=field,
         metadata={"limit": str(limit), "setting": "max_item_bytes"},
     )
+
+
+def check_decoded_bytes(n: int, limit: int, field: str | None, what: str) -> None:
+    """Refuse one item whose decoded pixels would take more than `limit` bytes (before decoding them)."""
+    if n > limit:
+        raise MediaTooLarge(
+            f"{what} would decode to {n / (1 << 20):.0f} MiB, more than the per-item limit of {human_bytes(limit)}",
+            field=field,
+            metadata={"limit": str(limit), "setting": "media_max_decoded_bytes"},
+        )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from mmserve.config import Settings
 from mmserve.errors import Internal, InvalidArgument, MediaTooLarge, MmserveError
-from services.encoder.media.budget import RequestBudget
+from services.encoder.media.budget import RequestBudget, check_decoded_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def _decode(
 ) -> Image.Image:
     opened = _open_allowed(io.BytesIO(data), field=field)
     _check_size(opened, settings.image_max_pixels, field)
+    _fit_memory(opened, settings.media_max_decoded_bytes, field)
     width, height = opened.size
     budget.take_pixels(width * height, field)
     opened.load()  # full decode: a truncated or corrupt file raises here
@@ -144,6 +146,33 @@ def _open_allowed(fp: IO[bytes], *, field: str) -> ImageFile.ImageFile:
         if image.format in _ACCEPTED_RESULT_FORMATS:
             return image
     raise InvalidArgument(f"not a supported image (accepted: {_ACCEPTED_NAMES})", field=field)
+
+
+#: Bytes per pixel of a decoded image, by Pillow mode (others: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def decoded_bytes(size: tuple[int, int], mode: str, *, alpha: bool) -> int:
+    """Peak bytes of decoding: the decoded pixels plus what `_to_rgb` makes of them (RGBA copies when flattening)."""
+    width, height = size
+    conversion = 4 + 4 + 4 + 3 if alpha else 3
+    return width * height * (_MODE_BYTES.get(mode, 4) + conversion)
+
+
+def _fit_memory(image: ImageFile.ImageFile, limit: int, field: str) -> None:
+    """Hold one image's decode to `limit` bytes: a JPEG decodes at 1/2, 1/4 or 1/8 scale (its DCT allows it), else refuse.
+
+    Checked from the header, before any pixel is decoded: a 420 KB 12000x12000 PNG is refused in milliseconds
+    instead of taking seconds and gigabytes. Images that fit are decoded exactly as before.
+    """
+    alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    need = decoded_bytes(image.size, image.mode, alpha=alpha)
+    if need > limit and image.format in ("JPEG", "MPO"):
+        scale = math.ceil(math.sqrt(need / limit))
+        width, height = image.size
+        image.draft("RGB", (max(1, width // scale), max(1, height // scale)))
+        need = decoded_bytes(image.size, image.mode, alpha=False)
+    check_decoded_bytes(need, limit, field, f"this {image.width}x{image.height} image")
 
 
 def _check_size(image: ImageFile.ImageFile, limit: int, field: str) -> None:

@@ -69,7 +69,7 @@ import numpy as np
 
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, MediaTooLarge
-from services.encoder.media.budget import RequestBudget
+from services.encoder.media.budget import RequestBudget, check_decoded_bytes
 from services.encoder.media.image import decode_image
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,8 @@ def frames_from_images(
             raise
         if size is None:
             size = image.size
+            need = 2 * len(frames) * image.width * image.height * 3  # the frames and their stack
+            check_decoded_bytes(need, settings.media_max_decoded_bytes, field, f"{len(frames)} frames")
         elif image.size != size:
             raise InvalidArgument(
                 f"is {image.width}x{image.height}, but frame 0 is {size[0]}x{size[1]}; all frames must be the same size",
@@ -271,6 +273,9 @@ def _decode(
     timeline = _demux(container, stream, settings=settings, fps=fps, field=field)
 
     grid = sample_times(timeline.duration, fps, min(num_frames, len(timeline.frame_times)))
+    ctx = stream.codec_context
+    frame_bytes = int(ctx.width or 0) * int(ctx.height or 0) * 3
+    check_decoded_bytes(2 * len(grid) * frame_bytes, settings.media_max_decoded_bytes, field, f"{len(grid)} sampled frames")  # frames + their stack
     wanted = pick_frames(timeline.frame_times, grid)
     picked = _decode_wanted(timeline, stream, sorted(set(wanted)), settings=settings, budget=budget, field=field)
 
