@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         7 * 24 * 3600, description="Lifetime of a stored embedding in seconds; 0 keeps it until evicted."
     )
     tenant: str = Field("default", description="Namespace for client uuids when no API key identifies a tenant.")
+    redis_persist: bool = Field(
+        True,
+        description=(
+            "`mmserve up`'s own redis-server keeps embeddings across restarts (append-only file, fsync every second); "
+            "false: memory only (also `mmserve up --no-persist`). Not used with `MMSERVE_REDIS_URL`."
+        ),
+    )
+    redis_data_dir: Path | None = Field(
+        None, description="Folder of `mmserve up`'s redis-server append-only file (default: `<cache_dir>/redis`)."
+    )
 
     # --- fetch guard (inputs.md section 2) -------------------------------
     fetch_allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -164,7 +174,7 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
     @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port",
-        "kv_cache_tokens", "kv_cache_bytes", mode="before")
+        "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`VAR=` (as compose writes `${VAR:-}`) means unset, not an empty value."""
@@ -176,6 +186,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
+
+    def local_redis_dir(self) -> Path | None:
+        """Where `mmserve up`'s own redis-server persists, or None for memory only."""
+        if not self.redis_persist:
+            return None
+        return self.redis_data_dir or self.cache_dir / "redis"
 
     def item_limits(self) -> dict[str, int]:
         """Media items allowed per request, by modality name."""

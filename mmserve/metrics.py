@@ -32,6 +32,14 @@ ENCODED_ITEMS = Counter("mmserve_encoder_items_encoded", "Media items run throug
 FETCH_SECONDS = Histogram("mmserve_fetch_seconds", "Time to acquire one media item's bytes.", ["modality"], buckets=_LATENCY)
 STORE_BYTES = Counter("mmserve_store_bytes_written", "Bytes of embeddings written to the store.")
 
+# store (any process that reads it)
+STORE_CORRUPT = Counter(
+    "mmserve_store_corrupt_records",
+    "Stored embedding records that failed the integrity check and were dropped, by reason "
+    "(checksum, incomplete, old_format).",
+    ["reason"],
+)
+
 # decoder
 TTFT = Histogram("mmserve_time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY)
 ITL = Histogram("mmserve_inter_token_latency_seconds", "Time between tokens.", buckets=_TOKEN_LATENCY)

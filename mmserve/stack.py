@@ -1,9 +1,11 @@
 """`mmserve up`: the whole stack on one machine, in the foreground.
 
-Redis (a private `redis-server` when MMSERVE_REDIS_URL is not set), one
-encoder, one decoder and the gateway, each started with the same command as
-in compose and in the tests; waits until every one is healthy, prints the
-URL, and on Ctrl-C or SIGTERM stops them in reverse order, gracefully.
+Redis (a private `redis-server` when MMSERVE_REDIS_URL is not set,
+persistent in a data dir unless told otherwise: precomputed embeddings are
+user data), one encoder, one decoder and the gateway, each started with the
+same command as in compose and in the tests; waits until every one is
+healthy, prints the URL, and on Ctrl-C or SIGTERM stops them in reverse
+order, gracefully (Redis last, so its file has every write).
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def wait_http_ok(url: str, *, timeout: float, alive: object = None) -> None:
     raise TimeoutError(f"{url} was not healthy within {timeout:.0f}s")
 
 
+def local_redis(settings: Settings) -> LocalRedis:
+    """The private redis-server `mmserve up` starts (not yet started): persistent per the settings."""
+    return LocalRedis(data_dir=settings.local_redis_dir())
+
+
+#: Loading a large append-only file takes a while; PING answers only after it.
+REDIS_START_TIMEOUT_S = 300.0
+
+
 def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_timeout: float = 900.0) -> int:
     """Run until interrupted; 0 on a clean stop, 1 if a service failed.
 
@@ -63,9 +74,10 @@ def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_time
     try:
         redis_url = settings.redis_url
         if "MMSERVE_REDIS_URL" not in os.environ:
-            redis = LocalRedis().start()
+            redis = local_redis(settings).start(timeout=REDIS_START_TIMEOUT_S)
             redis_url = redis.url
-            log.info("started a private redis-server at %s (set MMSERVE_REDIS_URL to use your own)", redis_url)
+            kept = f"persistent in {redis.data_dir}" if redis.data_dir else "memory only: embeddings are lost when it stops"
+            log.info("started a private redis-server at %s, %s (set MMSERVE_REDIS_URL to use your own)", redis_url, kept)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         env = {
             "MMSERVE_DECODER_ENGINE": settings.decoder_engine,
@@ -127,7 +139,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vllm-venv", type=Path, help="environment of the vLLM decoder (default: this one if it has vLLM, else .venv-vllm)"
     )
+    parser.add_argument(
+        "--no-persist", action="store_true", help="keep the private Redis in memory only (MMSERVE_REDIS_PERSIST=false)"
+    )
     ns = parser.parse_args(argv)
+    if ns.no_persist:
+        os.environ["MMSERVE_REDIS_PERSIST"] = "false"
     if ns.engine:
         os.environ["MMSERVE_DECODER_ENGINE"] = ns.engine
     if ns.model:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from mmserve.launcher import SERVICE_COMMANDS, resolve_command
+from mmserve.localredis import AOF_ARGS
 from tests.conftest import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,21 @@ def test_compose_shape(compose: dict) -> None:
     redis_command = " ".join(services["redis"]["command"])
     assert "--maxmemory " in redis_command and "--maxmemory-policy allkeys-lru" in redis_command
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "redis-data:/data" in services["redis"]["volumes"] and "redis-data" in compose["volumes"]
     for role in ("encoder", "decoder"):  # scalable: no fixed names, no host ports
         assert "ports" not in services[role] and "container_name" not in services[role]
         assert "models:/home/mmserve/.cache" in services[role]["volumes"]
     assert services["decoder"]["environment"]["MMSERVE_ENCODER_TARGET"] == "dns:///encoder:50051"
     assert services["gateway"]["environment"]["MMSERVE_DECODER_TARGET"] == "dns:///decoder:50052"
     assert "models" in compose["volumes"]
+
+
+def test_redis_persists_like_mmserve_up(compose: dict) -> None:
+    """Compose's Redis appends to a file on its volume with the flags `mmserve up`'s Redis uses (defaults filled in)."""
+    command = [re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", arg) for arg in compose["services"]["redis"]["command"]]
+    flags = [command[i : i + 2] for i in range(1, len(command), 2)]
+    assert [list(AOF_ARGS[i : i + 2]) for i in range(0, len(AOF_ARGS), 2)] == [f for f in flags if f[0] in AOF_ARGS]
+    assert ["--dir", "/data"] in flags and ["--save", ""] in flags
 
 
 def test_config_comes_from_env_vars_with_defaults() -> None:

@@ -8,9 +8,11 @@ redis-server), checked by pid and by port.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -77,12 +79,18 @@ def listening(port: int) -> bool:
 
 @contextmanager
 def launch_up(*args: str, **extra_env: str) -> Iterator[Up]:
-    """`mmserve up ARGS` on free ports, in its own process group (as a terminal runs it), output captured."""
+    """`mmserve up ARGS` on free ports, in its own process group (as a terminal runs it), output captured.
+
+    Its Redis persists (as users run it) in a fresh folder unless `MMSERVE_REDIS_DATA_DIR` is given:
+    never in the shared cache dir, where another test's `mmserve up` may hold the lock.
+    """
     ports = {"gateway": free_port(), "encoder": free_port(), "decoder": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMSERVE_")}
+    own_data = tempfile.mkdtemp(prefix="mmserve-up-redis-") if "MMSERVE_REDIS_DATA_DIR" not in extra_env else None
     env.update(
         MMSERVE_GATEWAY_PORT=str(ports["gateway"]), MMSERVE_ENCODER_PORT=str(ports["encoder"]),
-        MMSERVE_DECODER_PORT=str(ports["decoder"]), MMSERVE_CACHE_DIR=str(CACHE_DIR), PYTHONUNBUFFERED="1", **extra_env,
+        MMSERVE_DECODER_PORT=str(ports["decoder"]), MMSERVE_CACHE_DIR=str(CACHE_DIR), PYTHONUNBUFFERED="1",
+        **({"MMSERVE_REDIS_DATA_DIR": own_data} if own_data else {}), **extra_env,
     )  # fmt: skip
     proc = subprocess.Popen(
         resolve_command(["mmserve", "up", *args]), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -106,6 +114,8 @@ def launch_up(*args: str, **extra_env: str) -> Iterator[Up]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         reader.join(5)
+        if own_data:
+            shutil.rmtree(own_data, ignore_errors=True)
 
 
 @pytest.fixture

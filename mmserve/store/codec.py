@@ -1,25 +1,39 @@
-"""How one embedding maps onto its two Redis values, and back.
+"""How one embedding maps onto its two Redis values, and the one check that a stored record is whole.
 
 `:data` is the tensors' raw bytes concatenated in descriptor order (offsets
 follow from the TensorInfo list, so no framing is stored). `:meta` is a hash:
-the serialized EmbeddingDescriptor (the source of truth for readers) plus a
-few human-readable copies of its fields, so an operator can understand a key
-with `redis-cli HGETALL` alone.
+the serialized EmbeddingDescriptor (the source of truth for readers), the
+data's checksum, a few human-readable copies of descriptor fields (so an
+operator can understand a key with `redis-cli HGETALL` alone), and the record
+checksum, which covers every other field of the hash, names and values.
 
-Checksum: CRC-32 (zlib). Measured on 16 MiB on the dev machine (x86-64 with
-SHA-NI): crc32 5.0 ms (3.2 GB/s), sha256 11.5 ms (1.35 GB/s), blake2b 26 ms
-(0.6 GB/s). The checksum guards against torn or overwritten values, not
-against an attacker (who could rewrite both keys), so the fastest one wins.
-The algorithm is named in the stored value ("crc32:<hex>") so it can change.
+Two levels so that a metadata-only read (STRLEN instead of GET) is checked
+too: the record checksum seals the hash, data_checksum (inside the seal)
+seals the tensor bytes. `open_record` is the only way the store reads a
+record: nothing parses a stored descriptor before the seal is checked.
+
+Checksums: the data's is CRC-32 (zlib). Measured on 16 MiB on the dev machine
+(x86-64 with SHA-NI): crc32 5.0 ms (3.2 GB/s), sha256 11.5 ms (1.35 GB/s),
+blake2b 26 ms (0.6 GB/s); it guards against torn, truncated or flipped values,
+not against an attacker (who could rewrite every key), so the fastest one
+wins. The record's is sha256: the hash is a few hundred bytes, so it costs
+microseconds. Both name their algorithm ("crc32:<hex>", "sha256:<hex>").
+
+Records of the first format (a crc32 of the tensor bytes only, in `checksum`)
+are read as corrupt with reason "old_format": their descriptor is covered by
+nothing, so serving them would keep the hole the seal closes, and embeddings
+expire anyway; re-encoding the media writes a sealed record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Literal
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -27,22 +41,46 @@ from google.protobuf.message import DecodeError
 from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.store.tensors import RawTensor, dtype_name, tensor_nbytes
 
-# Hash fields of `:meta`.
+# Hash fields of `:meta` that readers use (every field is under the record checksum).
 F_DESCRIPTOR = "descriptor"
-F_CHECKSUM = "checksum"
+F_DATA_CHECKSUM = "data_checksum"
+F_RECORD_CHECKSUM = "record_checksum"
+F_OLD_CHECKSUM = "checksum"  # the first format's only checksum (tensor bytes)
+
+_RECORD_DOMAIN = b"mmserve.embedding-record.v2\0"
 
 # Above this size, packing and checksumming run in a worker thread: zlib and
 # bytes.join release the GIL there, and the event loop keeps serving.
 OFFLOAD_BYTES = 2 * 1024 * 1024
 
+#: Why a record was judged corrupt (the label of mmserve_store_corrupt_records_total).
+CorruptReason = Literal["checksum", "incomplete", "old_format"]
+
 
 class CorruptEmbedding(Exception):
     """Stored values that do not fit together; readers treat the embedding as missing."""
 
+    def __init__(self, message: str, reason: CorruptReason = "checksum") -> None:
+        super().__init__(message)
+        self.reason: CorruptReason = reason
+
 
 def checksum(data: bytes | memoryview) -> str:
-    """Self-describing checksum of an embedding's bytes."""
+    """Self-describing checksum of an embedding's tensor bytes."""
     return f"crc32:{zlib.crc32(data):08x}"
+
+
+def record_checksum(fields: Mapping[bytes, bytes]) -> bytes:
+    """Self-describing checksum of a meta hash: every field but itself, sorted, length-framed."""
+    digest = hashlib.sha256(_RECORD_DOMAIN)
+    seal = F_RECORD_CHECKSUM.encode()
+    for name in sorted(fields):
+        if name == seal:
+            continue
+        value = fields[name]
+        digest.update(len(name).to_bytes(4, "big") + name + len(value).to_bytes(8, "big"))
+        digest.update(value)
+    return b"sha256:" + digest.hexdigest().encode()
 
 
 def _pack_sync(tensors: Sequence[RawTensor]) -> tuple[bytes | memoryview, str]:
@@ -92,13 +130,20 @@ def _iso(ts_nanos: int) -> str:
     return datetime.fromtimestamp(ts_nanos / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, check: str) -> dict[str, bytes | str | int]:
-    """The `:meta` hash for a complete descriptor."""
+def _as_bytes(value: bytes | str | int) -> bytes:
+    """A hash value exactly as Redis will store it (and HGETALL return it)."""
+    if isinstance(value, bytes):
+        return value
+    return (str(value) if isinstance(value, int) else value).encode()
+
+
+def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str) -> dict[bytes, bytes]:
+    """The sealed `:meta` hash for a complete descriptor and its data's checksum."""
     first = descriptor.tensors[0]
     placement = descriptor.WhichOneof("placement")
-    return {
+    fields: dict[str, bytes | str | int] = {
         F_DESCRIPTOR: descriptor.SerializeToString(deterministic=True),
-        F_CHECKSUM: check,
+        F_DATA_CHECKSUM: data_check,
         "id": descriptor.id,
         "modality": modality_name(descriptor.modality),
         "model": descriptor.model,
@@ -120,6 +165,9 @@ def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, check: str) -> di
         "created": _iso(descriptor.created_at.ToNanoseconds()),
         "nbytes": descriptor.nbytes,
     }
+    meta = {name.encode(): _as_bytes(value) for name, value in fields.items()}
+    meta[F_RECORD_CHECKSUM.encode()] = record_checksum(meta)
+    return meta
 
 
 def decode_descriptor(raw: bytes) -> embedding_pb2.EmbeddingDescriptor:
@@ -130,3 +178,41 @@ def decode_descriptor(raw: bytes) -> embedding_pb2.EmbeddingDescriptor:
     except DecodeError as exc:
         raise CorruptEmbedding("stored descriptor does not parse") from exc
     return descriptor
+
+
+def check_seal(fields: Mapping[bytes, bytes]) -> None:
+    """Raise CorruptEmbedding unless the meta hash is exactly what a writer sealed."""
+    seal = fields.get(F_RECORD_CHECKSUM.encode())
+    if seal is None:
+        if F_OLD_CHECKSUM.encode() in fields:
+            raise CorruptEmbedding("written by an older mmserve (descriptor not checksummed)", reason="old_format")
+        raise CorruptEmbedding("record checksum missing")
+    if record_checksum(fields) != seal:
+        raise CorruptEmbedding("record checksum mismatch")
+
+
+async def open_record(
+    ref: str, fields: Mapping[bytes, bytes], data: bytes | int | None
+) -> tuple[embedding_pb2.EmbeddingDescriptor, list[RawTensor]]:
+    """The one integrity check of the read path: a whole, sealed record for `ref`, or CorruptEmbedding.
+
+    `fields` is the meta hash (non-empty), `data` the data value (GET; None if
+    the key is gone) or its length (STRLEN, for metadata-only reads: the data
+    is then checked by size only). Returns the descriptor and the tensors
+    (none for a length).
+    """
+    check_seal(fields)
+    if data is None:
+        raise CorruptEmbedding("data key missing (evicted?)", reason="incomplete")
+    descriptor = decode_descriptor(fields.get(F_DESCRIPTOR.encode(), b""))
+    if descriptor.id != ref:
+        raise CorruptEmbedding(f"descriptor names {descriptor.id!r}")
+    size = data if isinstance(data, int) else len(data)
+    if size != descriptor.nbytes:
+        raise CorruptEmbedding(f"data has {size} bytes, descriptor says {descriptor.nbytes}", reason="incomplete")
+    if isinstance(data, int):
+        return descriptor, []
+    expected = fields.get(F_DATA_CHECKSUM.encode(), b"").decode("ascii", "replace")
+    if not await verify(data, expected):
+        raise CorruptEmbedding("data checksum mismatch")
+    return descriptor, unpack(descriptor, data)

@@ -3,7 +3,11 @@
 Design points (conventions.md, "Redis (embedding store)"):
 - both keys of an embedding are written in one MULTI/EXEC with the same TTL,
   so a reader never sees half an embedding, and read in one MULTI/EXEC, so a
-  reader never pairs a new meta with old data (the checksum is the backstop);
+  reader never pairs a new meta with old data;
+- every read goes through `codec.open_record`, which checks the record's
+  seal (descriptor, every meta field, the data's checksum) before anything
+  parses it: a corrupt record is logged, counted, removed and read as absent,
+  so callers answer NOT_FOUND and the next encode stores a good one;
 - a write is a check-and-set under WATCH: an id already bound to the same
   identity is kept (its lifetime extended), one bound to another identity is a
   Conflict, and concurrent writers cannot both win. WATCH rather than a Lua
@@ -36,6 +40,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from mmserve.common.v1 import embedding_pb2
 from mmserve.errors import Conflict, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from mmserve.metrics import STORE_CORRUPT
 from mmserve.store import codec
 from mmserve.store.identity import Identity, is_content_id
 from mmserve.store.keys import DEFAULT_KEY_PREFIX, EmbeddingKeys, embedding_keys, validate_uuid
@@ -48,10 +53,11 @@ log = logging.getLogger(__name__)
 
 EmbeddingDescriptor = embedding_pb2.EmbeddingDescriptor
 
-# Removes a damaged embedding only if its meta is still the one the reader
-# judged damaged, so a writer that repaired it meanwhile is never undone.
+# Removes a damaged embedding only if its meta still has the seal the reader
+# saw ("" for none), so a writer that repaired it meanwhile is never undone
+# (every write has a new seal: the descriptor holds its creation time in ns).
 _DROP_IF_UNCHANGED = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') == ARGV[2] then
   return redis.call('UNLINK', KEYS[1], KEYS[2])
 end
 return 0
@@ -240,14 +246,14 @@ class EmbeddingStore:
         descriptor: EmbeddingDescriptor,
         identity: Identity,
         payload: bytes | memoryview,
-        meta: dict[str, bytes | str | int],
+        meta: dict[bytes, bytes],
         ttl_ms: int,
     ) -> PutResult:
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_WATCH_ATTEMPTS):
                 try:
                     await pipe.watch(keys.meta, keys.data)
-                    existing = await self._read_existing(pipe, keys)
+                    existing = await self._read_existing(pipe, keys, descriptor.id)
                     if existing is not None:
                         self._raise_if_other(existing, descriptor, identity)
                         # Extending the lifetime needs no WATCH (it is harmless on whatever the
@@ -278,19 +284,16 @@ class EmbeddingStore:
         log.error("embedding store put of %s gave up after %d contended attempts", descriptor.id, _MAX_WATCH_ATTEMPTS)
         raise Unavailable("embedding store busy: too many concurrent writes to one id; retry later")
 
-    async def _read_existing(self, pipe: Pipeline, keys: EmbeddingKeys) -> EmbeddingDescriptor | None:
+    async def _read_existing(self, pipe: Pipeline, keys: EmbeddingKeys, ref: str) -> EmbeddingDescriptor | None:
         """The descriptor an id holds, or None if it holds nothing usable (absent, broken, half evicted)."""
-        raw = await pipe.hget(keys.meta, codec.F_DESCRIPTOR)
-        if not isinstance(raw, bytes):
-            return None
-        try:
-            existing = codec.decode_descriptor(raw)
-        except codec.CorruptEmbedding:
-            log.warning("replacing an unparsable embedding at %s", keys.meta)
+        fields = await pipe.hgetall(keys.meta)
+        if not fields:
             return None
         stored = await pipe.strlen(keys.data)
-        if stored != existing.nbytes:
-            log.warning("replacing a broken embedding at %s (%d of %d data bytes)", keys.meta, stored, existing.nbytes)
+        try:
+            existing, _ = await codec.open_record(ref, fields, stored)
+        except codec.CorruptEmbedding as exc:
+            _report_corrupt(keys, exc, "replacing it")
             return None
         return existing
 
@@ -325,54 +328,31 @@ class EmbeddingStore:
         """The embedding `ref` names, or None if it is absent, expired or damaged."""
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("get"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys.meta, [codec.F_DESCRIPTOR, codec.F_CHECKSUM])
+            pipe.hgetall(keys.meta)
             if with_tensors:
                 pipe.get(keys.data)
             else:
                 pipe.strlen(keys.data)
             pipe.pttl(keys.meta)
-            (raw, check), data, pttl = await pipe.execute()
-        return await self._decode(ref, keys, raw, check, data, pttl)
-
-    async def _decode(
-        self,
-        ref: str,
-        keys: EmbeddingKeys,
-        raw: bytes | None,
-        check: bytes | None,
-        data: bytes | int | None,
-        pttl: int,
-    ) -> StoredEmbedding | None:
-        if raw is None:
+            fields, data, pttl = await pipe.execute()
+        if not fields:
             return None
         try:
-            descriptor = codec.decode_descriptor(raw)
-            if descriptor.id != ref:
-                raise codec.CorruptEmbedding(f"descriptor names {descriptor.id!r}")
-            if isinstance(data, int) or data is None:  # with_tensors=False: STRLEN
-                if not data or data != descriptor.nbytes:
-                    raise codec.CorruptEmbedding(f"data has {data or 0} bytes, descriptor says {descriptor.nbytes}")
-                tensors: list[RawTensor] = []
-            else:
-                if len(data) != descriptor.nbytes:
-                    raise codec.CorruptEmbedding(f"data has {len(data)} bytes, descriptor says {descriptor.nbytes}")
-                if check is None or not await codec.verify(data, check.decode()):
-                    raise codec.CorruptEmbedding("checksum mismatch")
-                tensors = codec.unpack(descriptor, data)
+            descriptor, tensors = await codec.open_record(ref, fields, data)
         except codec.CorruptEmbedding as exc:
-            # Left in place, it would look present to `exists` (so nobody
-            # re-encodes) while every read fails: remove it instead.
-            log.warning("treating damaged embedding %s as missing and removing it: %s", keys.meta, exc)
-            await self._drop_damaged(keys, raw)
+            # Left in place, it would look present to `exists` and to the
+            # encoder's lookup (so nobody re-encodes) while every read fails.
+            _report_corrupt(keys, exc, "removing it; reads see it as absent")
+            await self._drop_damaged(keys, fields.get(codec.F_RECORD_CHECKSUM.encode(), b""))
             return None
         _set_expiry(descriptor, pttl)
         return StoredEmbedding(descriptor, tensors)
 
-    async def _drop_damaged(self, keys: EmbeddingKeys, raw_descriptor: bytes) -> None:
+    async def _drop_damaged(self, keys: EmbeddingKeys, seal: bytes) -> None:
         """Best effort: the read already answered "missing", a failed cleanup changes nothing."""
         try:
             async with asyncio.timeout(self._op_timeout_s):
-                await self._drop_if_unchanged(keys=[keys.meta, keys.data], args=[codec.F_DESCRIPTOR, raw_descriptor])
+                await self._drop_if_unchanged(keys=[keys.meta, keys.data], args=[codec.F_RECORD_CHECKSUM, seal])
         except (rexc.RedisError, TimeoutError, OSError) as exc:
             log.warning("could not remove damaged embedding %s: %s", keys.meta, exc)
 
@@ -402,6 +382,12 @@ class EmbeddingStore:
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("delete"):
             return int(await self._redis.unlink(keys.meta, keys.data)) > 0
+
+
+def _report_corrupt(keys: EmbeddingKeys, exc: codec.CorruptEmbedding, action: str) -> None:
+    """The one place a failed integrity check is logged and counted."""
+    STORE_CORRUPT.labels(exc.reason).inc()
+    log.warning("corrupt embedding record %s (%s: %s); %s", keys.meta, exc.reason, exc, action)
 
 
 def _set_expiry(descriptor: EmbeddingDescriptor, pttl_ms: int) -> None:
