@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="mmserve gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.gateway = None
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.gateway_body_timeout_s)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(precompute.router)
