@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(grpc.RpcError)
     async def rpc_error(request: Request, exc: grpc.RpcError) -> JSONResponse:
-        return mm_error_response(from_rpc_error(exc), request_id=rid(request))
+        return mm_error_response(from_rpc_error(exc, peer="service behind the gateway"), request_id=rid(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
