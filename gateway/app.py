@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="mmserve gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.gateway = None
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.gateway_body_timeout_s)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(precompute.router)
@@ -103,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(grpc.RpcError)
     async def rpc_error(request: Request, exc: grpc.RpcError) -> JSONResponse:
-        return mm_error_response(from_rpc_error(exc), request_id=rid(request))
+        return mm_error_response(from_rpc_error(exc, peer="service behind the gateway"), request_id=rid(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

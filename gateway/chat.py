@@ -76,7 +76,7 @@ async def chat_completions(
     try:
         first = await first_message(request, call)
     except grpc.RpcError as exc:
-        err = from_rpc_error(exc)
+        err = from_rpc_error(exc, peer="decoder")
         err.field = json_field(err.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
         raise ChatError(err, max_tokens_name) from None
     except ClientDisconnected:
@@ -93,7 +93,7 @@ async def chat_completions(
     except ClientDisconnected:
         return client_gone()
     except grpc.RpcError as exc:
-        raise ChatError(from_rpc_error(exc), max_tokens_name) from None
+        raise ChatError(from_rpc_error(exc, peer="decoder"), max_tokens_name) from None
     finally:
         call.cancel()  # no-op when finished; frees the decoder slot if the client went away
 
@@ -104,7 +104,7 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
     try:
         reply = await gw.decoder.ListModels(pb.ListModelsRequest(), timeout=10, metadata=call_metadata(request, caller))
     except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from None
+        raise from_rpc_error(exc, peer="decoder") from None
     data = [
         ModelObject(
             id=m.id, created=m.created, owned_by=m.owned_by, random_weights=m.random_weights, family=m.family,

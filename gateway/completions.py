@@ -60,7 +60,7 @@ async def completions(
     try:
         first = await first_message(request, calls)
     except grpc.RpcError as exc:
-        raise ChatError(_prompt_named(from_rpc_error(exc), body, calls.failed), MAX_TOKENS) from None
+        raise ChatError(_prompt_named(from_rpc_error(exc, peer="decoder"), body, calls.failed), MAX_TOKENS) from None
     except ClientDisconnected:
         return client_gone()
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -76,7 +76,7 @@ async def completions(
     except ClientDisconnected:
         return client_gone()
     except grpc.RpcError as exc:
-        raise ChatError(from_rpc_error(exc), MAX_TOKENS) from None
+        raise ChatError(from_rpc_error(exc, peer="decoder"), MAX_TOKENS) from None
     finally:
         calls.cancel()  # no-op when finished; frees the decoder slots if the client went away
 

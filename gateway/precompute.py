@@ -35,7 +35,7 @@ def _object(desc: embedding_pb2.EmbeddingDescriptor, cached: bool | None = None)
 
 def _rest_error(exc: grpc.RpcError, content: list[Any] | None = None) -> MmserveError:
     """The encoder's error with its `items[i]` field renamed to this API's `content[i]` (client embeddings: JSON names)."""
-    err = from_rpc_error(exc)
+    err = from_rpc_error(exc, peer="encoder")
     if err.field and err.field.startswith("items"):
         err.field = "content" + err.field[len("items") :]
         if content is not None:

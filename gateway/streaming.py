@@ -77,7 +77,7 @@ async def relay(call: Any, first: pb.GenerateResponse, keepalive_s: float, rende
         for event in end():
             yield event
     except grpc.RpcError as exc:
-        err = from_rpc_error(exc)
+        err = from_rpc_error(exc, peer="decoder")
         yield sse_data(error_body(err.message, status=http_status(err), param=rest_param(err.field), code=err.reason.lower()))
     finally:
         if pending is not None:

@@ -165,6 +165,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * MiB, description="Largest request body the gateway accepts (413 above).")
     gateway_request_timeout_s: float = Field(600.0, description="Deadline of one chat request, passed to the decoder.")
     sse_keepalive_s: float = Field(15.0, description="Seconds of silence in a stream before a `: keep-alive` comment.")
+    gateway_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request headers are not complete this many seconds after its first byte (or after the previous response) is closed (slow-loris)."
+    )
+    gateway_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not complete this many seconds after its headers is answered 408 and the connection closed."
+    )
+    gateway_keepalive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this many seconds (uvicorn's timeout_keep_alive).")
+    gateway_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest request line plus headers the gateway reads (uvicorn's h11_max_incomplete_event_size; 400 above)."
+    )
+    gateway_max_concurrency: int | None = Field(
+        2048, ge=1, description="Open connections plus running requests beyond which the gateway answers 503 (uvicorn's limit_concurrency); unset = no limit."
+    )
     served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: the model).")
 
     # --- observability ---------------------------------------------------
@@ -174,7 +187,7 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
     @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port",
-        "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", mode="before")
+        "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", "gateway_max_concurrency", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`VAR=` (as compose writes `${VAR:-}`) means unset, not an empty value."""

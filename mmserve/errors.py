@@ -11,6 +11,8 @@ gateway.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -20,6 +22,20 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "mmserve.dev"
+
+log = logging.getLogger("mmserve.errors")
+
+#: What a status that no mmserve service wrote (gRPC's own: a refused connection, a reset stream) tells a client.
+_PLAIN = {
+    grpc.StatusCode.UNAVAILABLE: "the {peer} is unavailable; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the {peer} did not answer within the deadline",
+    grpc.StatusCode.CANCELLED: "the call to the {peer} was cancelled",
+    grpc.StatusCode.UNKNOWN: "the {peer} failed unexpectedly",
+    grpc.StatusCode.INTERNAL: "the {peer} failed unexpectedly",
+    grpc.StatusCode.DATA_LOSS: "the {peer} failed unexpectedly",
+}
+#: Addresses and transport detail in gRPC's own messages (`ipv4:127.0.0.1:18102: Failed to connect ...`).
+_ADDRESS = re.compile(r"ipv[46]:|unix:|dns:|\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]*:[0-9a-fA-F:]*\]|[\w.-]+:\d{2,5}\b")
 
 
 class MmserveError(Exception):
@@ -168,43 +184,62 @@ for _cls in (
     _BY_STATUS.setdefault(_cls.status, _cls)
 
 
+#: Longest message, field description or metadata value a status carries: it travels in the trailers,
+#: which gRPC caps (16 KiB by default), and a message may quote a client's (arbitrarily long) value.
+MAX_DETAIL_CHARS = 1000
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
+
+
 def to_rpc_status(err: MmserveError) -> status_pb2.Status:
-    """Build a rich `google.rpc.Status` (ErrorInfo + BadRequest) for `err`."""
+    """Build a rich `google.rpc.Status` (ErrorInfo + BadRequest) for `err`, every text bounded in length."""
     details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    metadata = {_bounded(k): _bounded(v) for k, v in err.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata)
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
     if err.field:
         bad = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=_bounded(err.field), description=_bounded(err.message))]
         )
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    return status_pb2.Status(code=err.status.value[0], message=str(err), details=details)
+    return status_pb2.Status(code=err.status.value[0], message=_bounded(str(err)), details=details)
 
 
-def from_rpc_error(exc: grpc.RpcError) -> MmserveError:
-    """Rebuild the typed error a peer raised, keeping field, reason and metadata."""
+def from_rpc_error(exc: grpc.RpcError, *, peer: str = "service") -> MmserveError:
+    """Rebuild the typed error a peer raised, keeping field, reason and metadata.
+
+    A status that carries no mmserve `ErrorInfo` was written by gRPC itself
+    (the `peer` — "decoder", "encoder" — is down, a stream broke): its text can
+    name internal addresses, so it is logged here and the client gets a plain
+    message about the peer instead.
+    """
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     message: str = exc.details() or code.name  # type: ignore[attr-defined]
     reason: str | None = None
     field: str | None = None
     metadata: dict[str, str] = {}
+    ours = False
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
+                reason, metadata, ours = info.reason, dict(info.metadata), info.domain == ERROR_DOMAIN
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 if bad.field_violations:
                     field = bad.field_violations[0].field
                     message = bad.field_violations[0].description
+    if not ours:
+        message, reason = plain_message(code, message, peer), None
     cls = _BY_REASON.get(reason or "") or _BY_STATUS.get(code, Internal)
     if cls.status != code:  # reason unknown to this version: trust the code
         cls = _BY_STATUS.get(code, Internal)
@@ -212,3 +247,13 @@ def from_rpc_error(exc: grpc.RpcError) -> MmserveError:
         message = message[len(field) + 2 :]
     return cls(message, field=field, reason=reason, metadata=metadata)
 
+
+def plain_message(code: grpc.StatusCode, details: str, peer: str) -> str:
+    """What a client may see of a status gRPC itself wrote: a plain sentence, never an address (logged instead)."""
+    level = logging.INFO if code == grpc.StatusCode.CANCELLED else logging.WARNING
+    log.log(level, "the %s failed with %s: %s", peer, code.name, details)
+    if code in _PLAIN:
+        return _PLAIN[code].format(peer=peer)
+    if details and not _ADDRESS.search(details) and len(details) <= 200:
+        return details  # e.g. "Received message larger than max (...)": no address, and it helps the client
+    return f"the {peer} failed ({code.name.lower()})"

@@ -239,6 +239,9 @@ async def server() -> AsyncIterator[LocalHTTP]:
             "/redirect-private": redirect("http://10.0.0.1/"),
             "/redirect-metadata": redirect("http://169.254.169.254/latest/meta-data"),
             "/redirect-file": redirect("file:///etc/passwd"),
+            "/redirect-data": redirect("data:image/png;base64,AAAA"),
+            "/redirect-javascript": redirect("javascript:alert(1)"),
+            "/redirect-gopher": redirect("gopher://example.com/"),
             "/redirect-mapped": redirect(lambda: f"http://[::ffff:127.0.0.1]:{srv.port}/ok"),
             "/redirect-ip": redirect(lambda: f"http://127.0.0.1:{srv.port}/ok", status=307),
             "/chain/": chain,
@@ -381,6 +384,14 @@ async def test_redirect_to_file_url_refused(fetcher: GuardedFetcher, server: Loc
     with pytest.raises(FetchRefused) as info:
         await fetch(fetcher, server.url("/redirect-file"))
     assert "'file'" in info.value.message
+    assert info.value.field == FIELD
+
+
+@pytest.mark.parametrize("path", ["/redirect-data", "/redirect-javascript", "/redirect-gopher"])
+async def test_redirect_to_any_other_scheme_refused(fetcher: GuardedFetcher, server: LocalHTTP, path: str) -> None:
+    """data: and javascript: (a scheme, no host) used to escape as an httpx error: an encoder 500."""
+    with pytest.raises(FetchRefused) as info:
+        await fetch(fetcher, server.url(path))
     assert info.value.field == FIELD
 
 

@@ -51,3 +51,23 @@ def test_omni_audio_is_refused_by_name_with_the_vllm_engine(family_pair: Pair) -
     details = caught.value.details() or ""
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "audio" in details and "vllm engine" in details and "mel features" in details
+
+
+@pytest.mark.parametrize("family_pair", ["qwen3_vl-tiny"], indirect=True)
+def test_required_tool_call_on_vllm_equals_the_builtin_engines(family_pair: Pair) -> None:
+    """Tools go through the same template, grammar and parser on both engines: the same valid call, greedy."""
+    import json
+
+    from tests.test_tools import ASK, WEATHER, valid_call
+
+    def call(client: object) -> tuple[str, str, str | None]:
+        reply = client.chat.completions.create(  # type: ignore[attr-defined]
+            model="mmserve-tiny-random", messages=ASK, tools=[WEATHER], tool_choice="required",
+            parallel_tool_calls=False, temperature=0, max_completion_tokens=80,
+        )  # fmt: skip
+        [made] = reply.choices[0].message.tool_calls
+        return made.function.name, made.function.arguments, reply.choices[0].finish_reason
+
+    ours, theirs = call(family_pair.builtin_client), call(family_pair.vllm_client)
+    assert theirs == ours and ours[2] == "tool_calls"
+    assert valid_call(ours[0], json.loads(ours[1]))

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from mmserve.errors import Internal, MmserveError, from_rpc_error, to_rpc_status
+from mmserve.errors import Internal, InvalidArgument, MmserveError, from_rpc_error, to_rpc_status
 from mmserve.log import request_fields_var, request_id_var
 from mmserve.metrics import RpcRecorder
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY, new_request_id, read_metadata, tenant_var
@@ -32,12 +32,51 @@ _QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 
+class Undecodable:
+    """A request message that did not parse: the client's fault (INVALID_ARGUMENT), not gRPC's UNKNOWN."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a valid {self.type_name} message (corrupt wire format or invalid UTF-8 in a string)")
+
+
+def lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning `Undecodable` instead of raising, so the servicer's interceptor can answer."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "protobuf")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any parse failure is the client's
+            return Undecodable(type_name)
+
+    return parse
+
+
+def checked(request: Any) -> Any:
+    """The request, or INVALID_ARGUMENT if it did not parse."""
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+async def checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises INVALID_ARGUMENT at the first message that did not parse."""
+    async for request in requests:
+        yield checked(request)
+
+
 def as_mmserve_error(exc: BaseException) -> MmserveError:
     """The typed error for any exception raised while serving."""
     if isinstance(exc, MmserveError):
         return exc
     if isinstance(exc, grpc.RpcError):
-        return from_rpc_error(exc)
+        return from_rpc_error(exc, peer="downstream service")
     return Internal(f"internal error (request {request_id_var.get()})")
 
 
@@ -62,25 +101,25 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, name),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, name, checked),
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, name),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.stream_unary, name, checked_stream),
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, name),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, name, checked),
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, name),
-            request_deserializer=handler.request_deserializer,
+            self._wrap_stream(handler.stream_stream, name, checked_stream),
+            request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -92,12 +131,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.started()
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str, check: Callable[[Any], Any]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self._bind(context)
             start = time.perf_counter()
             try:
-                response = await behavior(request, context)
+                response = await behavior(check(request), context)
             except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
@@ -106,7 +145,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncGenerator[Any, None]], name: str) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(
+        self, behavior: Callable[..., AsyncGenerator[Any, None]], name: str, check: Callable[[Any], Any]
+    ) -> Callable[..., AsyncIterator[Any]]:
         """Stream the servicer's generator, and close it when the RPC ends, however it ends.
 
         A cancel that lands in grpc's own send (a client gone mid-stream) leaves the servicer's generator
@@ -118,7 +159,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             self._bind(context)
             start = time.perf_counter()
-            items = behavior(request, context)
+            try:
+                items = behavior(check(request), context)
+            except InvalidArgument as exc:
+                await self._fail(exc, context, name, start)
+                raise
             context.add_done_callback(lambda _: self._close_later(items))
             try:
                 async with contextlib.aclosing(items):

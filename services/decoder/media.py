@@ -19,10 +19,11 @@ from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import FailedPrecondition, MmserveError, NotFound, Unavailable, from_rpc_error
-from mmserve.mediainput import is_reference, reference_of
+from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.rpc.metadata import outgoing_metadata
 from mmserve.rpc.server import message_size_options
 from mmserve.store import EmbeddingStore, StoredEmbedding
+from mmserve.store.keys import slot_of
 from services.decoder.conversation import MediaPart
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN}
@@ -71,6 +72,8 @@ class MediaResolver:
         for i, part in enumerate(parts):
             if is_reference(part.item):
                 ids[i] = reference_of(part.item)
+                named = "source.embedding_id" if source_kind(part.item) == "embedding_id" else "uuid"
+                slot_of(ids[i], tenant=tenant, field=f"{part.field}.{named}")  # a malformed reference, named on its part
                 cached += 1
         if to_encode:
             results = await self._encode([parts[i] for i in to_encode], timeout)
@@ -113,9 +116,9 @@ class MediaResolver:
         try:
             return await self.encoder.encode([p.item for p in parts], timeout)
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
+            err = from_rpc_error(exc, peer="encoder")
             if exc.code() in _UNREACHABLE and err.reason in {"UNAVAILABLE", "INTERNAL"}:  # type: ignore[attr-defined]
-                raise Unavailable("the encoder service is unavailable; retry later", reason="ENCODER_UNAVAILABLE") from None
+                raise Unavailable("the encoder is unavailable; retry later", reason="ENCODER_UNAVAILABLE") from None
             raise _reanchor(err, parts) from None
 
 

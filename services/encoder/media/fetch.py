@@ -290,6 +290,10 @@ class GuardedFetcher:
                 raise
             except httpx.TransportError as exc:
                 raise _transport_failure(url, exc, field) from None
+            except httpx.InvalidURL:
+                # httpx builds a redirect's next request even without following it, and fails on a
+                # Location with a scheme and no host (data:, javascript:): a redirect we refuse anyway.
+                raise FetchRefused("the server redirected to a URL that is not http or https", field=field) from None
         assert last_error is not None
         raise _transport_failure(url, last_error, field) from None
 
