@@ -185,3 +185,20 @@ def test_a_bad_keys_file_stops_the_gateway(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=expected) as err:
             create_app(Settings(api_keys_file=bad))
         assert "SECRET" not in str(err.value)  # never echoes a key
+
+
+def test_the_prefix_cache_is_not_shared_across_tenants(alice: openai.OpenAI, bob: openai.OpenAI) -> None:
+    """Bob's prompt reuses no KV of alice's: `cached_tokens` would tell him she just sent the same text."""
+    words = " ".join(f"word{i}" for i in range(80))
+
+    def cached(who: openai.OpenAI) -> int:
+        reply = who.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": words}], max_completion_tokens=2, temperature=0
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        return reply.usage.prompt_tokens_details.cached_tokens or 0
+
+    first, again = cached(alice), cached(alice)
+    assert again > first  # the cache works within a tenant (first may hit the chat template's start, from her earlier chats)
+    assert cached(bob) < again  # with a shared cache bob would hit every block alice just filled
+    assert cached(bob) == again  # his own second try does
