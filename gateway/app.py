@@ -33,6 +33,7 @@ from mmserve.config import Settings
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.log import request_id_var
 from mmserve.metrics import IN_FLIGHT, REQUEST_SECONDS, REQUESTS
+from mmserve.tenancy import ApiKeys
 
 log = logging.getLogger("mmserve.gateway")
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="mmserve gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.api_keys = ApiKeys.from_settings(settings)  # a bad keys file stops the start, not the first request
     app.state.gateway = None
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.gateway_body_timeout_s)
     app.include_router(chat.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -10,6 +11,8 @@ from fastapi.responses import JSONResponse
 
 from gateway.schemas import ErrorResponse
 from mmserve.errors import InvalidArgument, MmserveError
+
+log = logging.getLogger("mmserve.gateway")
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -27,7 +30,8 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 #: Reasons whose HTTP status differs from their gRPC code's.
-REASON_STATUS = {"REMOTE_FETCH_FAILED": 422}
+# A service refusing the gateway's (or a decoder's) service token is a deployment fault, not the client's: a 500.
+REASON_STATUS = {"REMOTE_FETCH_FAILED": 422, "SERVICE_TOKEN_INVALID": 500}
 
 ERROR_TYPE = {
     400: "invalid_request_error",
@@ -137,6 +141,8 @@ def mm_error_response(err: MmserveError, *, request_id: str | None, max_tokens_n
     if detail and not message.startswith(detail.rsplit(".", 1)[-1]):
         message = f"{detail}: {message}"  # e.g. "video.num_frames: must be ...": param names only the part
     if status >= 500 and status not in (501, 503, 504):
+        if err.reason == "SERVICE_TOKEN_INVALID":
+            log.error("a service refused this stack's service token (MMSERVE_SERVICE_TOKEN differs or is missing): %s", err.message)
         message = f"internal error (request {request_id})"
     return error_response(message, status=status, param=param, code=err.reason.lower(), request_id=request_id)
 

@@ -2,17 +2,16 @@
 
 Channels are created lazily, on the event loop that serves requests, and use
 round-robin over every address their target resolves to (several decoder or
-encoder replicas behind one DNS name).
+encoder replicas behind one DNS name); every call on them carries the service
+token (mmserve/rpc/auth.py), so the services trust the tenant sent with it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 
 import grpc
-from fastapi import Depends, Request
+from fastapi import Request
 from grpc_health.v1 import health_pb2_grpc
 
 from mmserve import tracing
@@ -21,8 +20,10 @@ from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import Unauthenticated
+from mmserve.rpc.auth import token_interceptors
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
 from mmserve.rpc.server import message_size_options
+from mmserve.tenancy import ApiKeys
 
 CARD_TTL_S = 30.0  # how long the gateway trusts a model card (limits) before asking again
 
@@ -33,7 +34,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        interceptors = tracing.client_interceptors(settings)
+        interceptors = [*(tracing.client_interceptors(settings) or ()), *token_interceptors(settings)]
         self._decoder_channel = grpc.aio.insecure_channel(settings.decoder_target, options=options, interceptors=interceptors)
         self._encoder_channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=interceptors)
         self.decoder = pb_grpc.DecoderServiceStub(self._decoder_channel)
@@ -72,15 +73,16 @@ async def gateway(request: Request) -> Gateway:
     return state.gateway  # type: ignore[no-any-return]
 
 
-def tenant(request: Request, gw: Gateway = Depends(gateway)) -> str:
-    """The caller's namespace for client uuids; checks the API key when one is configured."""
-    key = gw.settings.api_key
-    if not key:
-        return gw.settings.tenant
+def tenant(request: Request) -> str:
+    """The caller's tenant, from its API key when keys are configured (mmserve/tenancy.py); the store scopes every id to it."""
+    keys: ApiKeys = request.app.state.api_keys
+    if not keys.required:
+        return keys.default_tenant
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    found = keys.tenant_for(token.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
         raise Unauthenticated("invalid or missing API key (Authorization: Bearer <key>)")
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return found
 
 
 def call_metadata(request: Request, caller: str) -> tuple[tuple[str, str], ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -54,13 +54,17 @@ class Settings(BaseSettings):
         description="Max gRPC message size on both sides; larger media goes through the streaming upload RPC.",
     )
     shutdown_grace_s: float = Field(10.0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
+    service_token: SecretStr | None = Field(
+        None,
+        description="Shared secret of the encoder, decoder and gateway: the gRPC services serve only calls that carry it (`x-mmserve-service-token` metadata; health and reflection stay open) and trust their `x-mmserve-tenant` only then. Unset: anyone who reaches a port is served, as any tenant (local/dev only; logged at start). `mmserve up` makes a random one per stack.",
+    )
 
     # --- store -----------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the embeddings.")
     embedding_ttl_s: int = Field(
         7 * 24 * 3600, description="Lifetime of a stored embedding in seconds; 0 keeps it until evicted."
     )
-    tenant: str = Field("default", description="Namespace for client uuids when no API key identifies a tenant.")
+    tenant: str = Field("default", description="Tenant of every call when no API key identifies one (gateway), or no tenant metadata comes with it (services).")
     redis_persist: bool = Field(
         True,
         description=(
@@ -161,7 +165,16 @@ class Settings(BaseSettings):
     vllm_enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs / compilation (faster start, slower decode).")
 
     # --- gateway ---------------------------------------------------------
-    api_key: str | None = Field(None, description="If set, the gateway requires `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(
+        None, description="If set, the gateway requires `Authorization: Bearer <key>`; the key is one tenant (`key-<sha256 prefix>`)."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="More API keys, each its own tenant: comma-separated `tenant:key` pairs (a tenant may have several keys). Content ids and uuids are visible to their tenant only.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of `tenant:key` lines (`#` comments), read at gateway start; adds to the keys above."
+    )
     max_body_bytes: int = Field(64 * MiB, description="Largest request body the gateway accepts (413 above).")
     gateway_request_timeout_s: float = Field(600.0, description="Deadline of one chat request, passed to the decoder.")
     sse_keepalive_s: float = Field(15.0, description="Seconds of silence in a stream before a `: keep-alive` comment.")
@@ -186,7 +199,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
-    @field_validator("model_revision", "file_root", "api_key", "otlp_endpoint", "served_model_name", "metrics_port",
+    @field_validator("model_revision", "file_root", "api_key", "api_keys", "api_keys_file", "service_token", "otlp_endpoint", "served_model_name", "metrics_port",
         "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", "gateway_max_concurrency", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

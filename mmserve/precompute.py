@@ -29,6 +29,7 @@ from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.mediainput import MODALITY_BY_NAME, MODALITY_NAMES
+from mmserve.rpc.auth import token_metadata
 
 INLINE_LIMIT = 32 * 1024 * 1024
 CHUNK = 2 * 1024 * 1024
@@ -69,7 +70,9 @@ def build_item(source: str, modality: str, *, uuid: str, sampling_rate: float | 
     return item, data
 
 
-def _upload(stub: pb_grpc.EncoderServiceStub, item: media_pb2.MediaInput, data: bytes, timeout: float) -> pb.EncodeResult:
+def _upload(
+    stub: pb_grpc.EncoderServiceStub, item: media_pb2.MediaInput, data: bytes, timeout: float, metadata: tuple[tuple[str, str], ...] = ()
+) -> pb.EncodeResult:
     header_item = media_pb2.MediaInput()
     header_item.CopyFrom(item)
     header_item.ClearField("source")
@@ -79,7 +82,7 @@ def _upload(stub: pb_grpc.EncoderServiceStub, item: media_pb2.MediaInput, data: 
         for start in range(0, len(data), CHUNK):
             yield pb.EncodeUploadRequest(chunk=data[start : start + CHUNK])
 
-    return stub.EncodeUpload(messages(), timeout=timeout).result
+    return stub.EncodeUpload(messages(), timeout=timeout, metadata=metadata).result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmserve.config import Settings
 
-    target = ns.target or Settings().encoder_target
+    settings = Settings()
+    target = ns.target or settings.encoder_target
+    metadata = token_metadata(settings)  # MMSERVE_SERVICE_TOKEN, when the encoder requires one
     options = [("grpc.max_send_message_length", INLINE_LIMIT + (1 << 20)), ("grpc.max_receive_message_length", 64 << 20)]
     failures = 0
     with grpc.insecure_channel(target, options=options) as channel:
@@ -108,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             item, upload = build_item(source, modality, uuid=uuid, sampling_rate=ns.sampling_rate)
             try:
                 if upload is not None:
-                    result = _upload(stub, item, upload, ns.timeout)
+                    result = _upload(stub, item, upload, ns.timeout, metadata)
                 else:
-                    result = stub.Encode(pb.EncodeRequest(items=[item]), timeout=ns.timeout).results[0]
+                    result = stub.Encode(pb.EncodeRequest(items=[item]), timeout=ns.timeout, metadata=metadata).results[0]
             except grpc.RpcError as exc:
                 err: MmserveError = from_rpc_error(exc)
                 print(f"{source}: {err.status.name}: {err}", file=sys.stderr)

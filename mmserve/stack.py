@@ -3,7 +3,8 @@
 Redis (a private `redis-server` when MMSERVE_REDIS_URL is not set,
 persistent in a data dir unless told otherwise: precomputed embeddings are
 user data), one encoder, one decoder and the gateway, each started with the
-same command as in compose and in the tests; waits until every one is
+same command as in compose and in the tests, sharing one service token
+(MMSERVE_SERVICE_TOKEN, or a random one per run); waits until every one is
 healthy, prints the URL, and on Ctrl-C or SIGTERM stops them in reverse
 order, gracefully (Redis last, so its file has every write).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -57,6 +59,15 @@ def local_redis(settings: Settings) -> LocalRedis:
 REDIS_START_TIMEOUT_S = 300.0
 
 
+def stack_token(settings: Settings) -> str:
+    """The stack's service token: MMSERVE_SERVICE_TOKEN if set, else a random one for this run (never printed)."""
+    if settings.service_token is not None:
+        return settings.service_token.get_secret_value()
+    log.info("made a random service token for this stack: its gRPC ports serve only its own processes "
+             "(set MMSERVE_SERVICE_TOKEN to choose one, e.g. to call them with `mmserve encode`)")
+    return secrets.token_urlsafe(32)
+
+
 def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_timeout: float = 900.0) -> int:
     """Run until interrupted; 0 on a clean stop, 1 if a service failed.
 
@@ -80,6 +91,7 @@ def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_time
             log.info("started a private redis-server at %s, %s (set MMSERVE_REDIS_URL to use your own)", redis_url, kept)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         env = {
+            "MMSERVE_SERVICE_TOKEN": stack_token(settings),
             "MMSERVE_DECODER_ENGINE": settings.decoder_engine,
             "MMSERVE_REDIS_URL": redis_url,
             "MMSERVE_ENCODER_TARGET": f"{host}:{settings.encoder_port}",

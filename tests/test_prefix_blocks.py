@@ -29,6 +29,8 @@ def test_keys_chain_and_media_items_are_keyed_by_content() -> None:
     assert len(a) == 2 and a == b  # only full blocks; same tokens and same item, same keys
     assert c[0] == a[0] and c[1] != a[1]  # another image behind the same pad ids differs from there on
     assert block_keys([5, 2, 3, 4, cat, cat, cat, cat], BLOCK)[1] != a[1]  # a key depends on everything before it
+    alice, bob = (block_keys([1, 2, 3, 4, cat, cat, cat, cat], BLOCK, salt=t) for t in ("alice", "bob"))
+    assert not {*alice} & {*bob} and not {*alice} & {*a}  # tenants never share a block
 
 
 def test_a_hit_is_copied_exactly_and_always_leaves_a_token_to_compute() -> None:

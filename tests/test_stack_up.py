@@ -20,13 +20,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 
+from mmserve.decoder.v1 import decoder_service_pb2 as dec
+from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
+from mmserve.encoder.v1 import encoder_service_pb2 as enc
+from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.launcher import resolve_command
 from mmserve.localredis import free_port
+from mmserve.rpc.health import check
 from tests.conftest import CACHE_DIR
+from tests.support import rpc_error
 
 UP_LINE = "mmserve is up"
 
@@ -124,6 +131,16 @@ def up(tiny_checkpoint: Path) -> Iterator[Up]:
         yield running
 
 
+def assert_grpc_ports_need_the_stack_token(up: Up) -> None:
+    """`mmserve up` made a random service token: its gRPC ports refuse callers without it, but health is open."""
+    for role, call in (("encoder", lambda ch: enc_grpc.EncoderServiceStub(ch).GetModelInfo(enc.GetModelInfoRequest(), timeout=10)),
+                       ("decoder", lambda ch: dec_grpc.DecoderServiceStub(ch).ListModels(dec.ListModelsRequest(), timeout=10))):  # fmt: skip
+        with grpc.insecure_channel(f"127.0.0.1:{up.ports[role]}") as channel:
+            code, err = rpc_error(call, channel)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and err.reason == "SERVICE_TOKEN_INVALID", role
+        assert check(f"127.0.0.1:{up.ports[role]}")
+
+
 def wait_up(up: Up, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not up.ready.wait(0.5):
@@ -155,6 +172,7 @@ def test_mmserve_up_serves_and_ctrl_c_stops_everything(up: Up, ctrl_c: str) -> N
     models = httpx.get(f"{base}/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == ["mmserve-tiny-random"] and models[0]["random_weights"] is True
     assert any("RANDOM WEIGHTS" in line for line in up.lines)
+    assert_grpc_ports_need_the_stack_token(up)
 
     start = time.monotonic()
     if ctrl_c == "to-group":

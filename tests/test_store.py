@@ -163,8 +163,8 @@ async def test_keys_hash_tags_and_meta_fields(store: EmbeddingStore, raw: redis.
     cid = by_content.id
     assert sorted(raw.keys("*")) == sorted(
         [
-            f"mmserve:emb:v1:{{{cid}}}:data".encode(),
-            f"mmserve:emb:v1:{{{cid}}}:meta".encode(),
+            f"mmserve:emb:v1:{{c:default:{cid}}}:data".encode(),
+            f"mmserve:emb:v1:{{c:default:{cid}}}:meta".encode(),
             b"mmserve:emb:v1:{u:acme:user:img/1.png}:data",
             b"mmserve:emb:v1:{u:acme:user:img/1.png}:meta",
         ]
@@ -175,7 +175,7 @@ async def test_keys_hash_tags_and_meta_fields(store: EmbeddingStore, raw: redis.
         assert raw.type(keys.data) == b"string" and raw.type(keys.meta) == b"hash"
         assert raw.get(keys.data) == b"".join(bytes(t.data) for t in tensors)
 
-    stored_hash = cast(dict[bytes, bytes], raw.hgetall(embedding_keys(cid, tenant="x").meta))
+    stored_hash = cast(dict[bytes, bytes], raw.hgetall(embedding_keys(cid, tenant="default").meta))
     meta = {k.decode(): v for k, v in stored_hash.items()}
     assert meta["dtype"] == b"float32"
     assert json.loads(meta["shape"]) == [4, 8]
@@ -333,6 +333,23 @@ async def test_same_uuid_in_two_tenants_is_two_embeddings(store: EmbeddingStore)
     assert await store.delete("u1", tenant="alice")
     assert await store.get("u1", tenant="bob") is not None
 
+
+
+async def test_content_ids_are_scoped_to_their_tenant(store: EmbeddingStore) -> None:
+    """Same media in two tenants: one id string, two records; neither tenant sees, probes or deletes the other's."""
+    d = make_descriptor()
+    assert (await store.put(d, make_tensors(seed=1), tenant="alice")).created
+    for probe in (store.get(d.id, tenant="bob"), store.get(d.id, tenant="bob", with_tensors=False)):
+        assert await probe is None
+    assert not await store.exists(d.id, tenant="bob")
+    assert (await store.get_many([d.id], tenant="bob")) == {d.id: None}
+    assert await store.delete(d.id, tenant="bob") is False
+    assert await store.get(d.id, tenant="alice") is not None
+    again = make_descriptor()
+    assert again.id == d.id
+    assert (await store.put(again, make_tensors(seed=1), tenant="bob")).created  # bob's own record, not "already stored"
+    assert await store.delete(d.id, tenant="bob")
+    assert await store.get(d.id, tenant="alice") is not None
 
 # --- lifetime ---------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The one place where exceptions become gRPC status codes.
 
-Every RPC of a service goes through `ServiceInterceptor`: it binds the
-request id and tenant from the metadata (so logs and downstream calls carry
-them), turns `MmserveError` into a rich status (ErrorInfo + BadRequest
+Every RPC of a service goes through `ServiceInterceptor`: it refuses a
+caller without the service token when one is configured (UNAUTHENTICATED,
+before any metadata is believed; health and reflection are not wrapped and stay
+open), binds the request id and tenant from the metadata (so logs and
+downstream calls carry them), turns `MmserveError` into a rich status (ErrorInfo + BadRequest
 details), turns a peer's `grpc.RpcError` into the same typed error, turns
 anything else into INTERNAL without leaking the traceback to the client, and
 writes one log line per request with its duration and outcome.
@@ -23,6 +25,7 @@ from grpc_status import rpc_status
 from mmserve.errors import Internal, InvalidArgument, MmserveError, from_rpc_error, to_rpc_status
 from mmserve.log import request_fields_var, request_id_var
 from mmserve.metrics import RpcRecorder
+from mmserve.rpc.auth import check_token
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY, new_request_id, read_metadata, tenant_var
 
 log = logging.getLogger("mmserve.rpc")
@@ -83,9 +86,12 @@ def as_mmserve_error(exc: BaseException) -> MmserveError:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request context, error mapping and per-request logging for one service."""
 
-    def __init__(self, service: str, *, default_tenant: str, metrics: RpcRecorder | None = None) -> None:
+    def __init__(
+        self, service: str, *, default_tenant: str, metrics: RpcRecorder | None = None, service_token: str | None = None
+    ) -> None:
         self._service = service
         self._default_tenant = default_tenant
+        self._service_token = service_token
         self._metrics = metrics
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -124,18 +130,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _bind(self, context: grpc.aio.ServicerContext) -> None:
+        """Set the request context; raise Unauthenticated (after the request id, for the log) on a bad token."""
         md = read_metadata(context)
         request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
-        tenant_var.set(md.get(TENANT_KEY) or self._default_tenant)
+        tenant_var.set(None)
         request_fields_var.set({})
         if self._metrics is not None:
             self._metrics.started()
+        if self._service_token is not None:
+            check_token(md, self._service_token)
+        tenant_var.set(md.get(TENANT_KEY) or self._default_tenant)  # believed only once the caller is authenticated
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], name: str, check: Callable[[Any], Any]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._bind(context)
             start = time.perf_counter()
             try:
+                self._bind(context)
                 response = await behavior(check(request), context)
             except BaseException as exc:
                 await self._fail(exc, context, name, start)
@@ -157,11 +167,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         """
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            self._bind(context)
             start = time.perf_counter()
             try:
+                self._bind(context)
                 items = behavior(check(request), context)
-            except InvalidArgument as exc:
+            except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
             context.add_done_callback(lambda _: self._close_later(items))

@@ -1,7 +1,8 @@
 """Build, run and gracefully stop a grpc.aio server with health and reflection.
 
 Health starts NOT_SERVING for every service and the overall server; the
-service flips it to SERVING once its model is loaded and warm. On SIGTERM or
+service flips it to SERVING once its model is loaded and warm. Every other
+RPC needs the service token when one is configured (mmserve/rpc/auth.py). On SIGTERM or
 SIGINT health goes NOT_SERVING first (so load balancers stop sending), then
 `server.stop(grace)` lets in-flight calls finish.
 """
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.metrics import RpcRecorder, serve_metrics
+from mmserve.rpc.auth import service_token, warn_if_open
 from mmserve.rpc.interceptor import ServiceInterceptor
 
 log = logging.getLogger("mmserve.rpc")
@@ -77,12 +79,15 @@ async def start_server(
     service_names: Sequence[str],
 ) -> GrpcServer:
     """Start a service's server on `port` (0 picks a free one), health NOT_SERVING, with its metrics and tracing."""
+    warn_if_open(service, settings)
     serve_metrics(settings.metrics_port, settings.host)
     tracing.setup(service, settings)
     server = grpc.aio.server(
         interceptors=[
             *tracing.server_interceptors(settings),
-            ServiceInterceptor(service, default_tenant=settings.tenant, metrics=RpcRecorder(service)),
+            ServiceInterceptor(
+                service, default_tenant=settings.tenant, metrics=RpcRecorder(service), service_token=service_token(settings)
+            ),
         ],
         options=message_size_options(settings),
     )

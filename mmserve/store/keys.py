@@ -3,10 +3,16 @@
 Layout (conventions.md): `<prefix>:{<slot>}:data` and `<prefix>:{<slot>}:meta`
 with prefix `mmserve:emb:v1`. The braces are a Redis Cluster hash tag: both
 keys of one embedding hash to the same slot, so they can be written in one
-transaction on a cluster too. The slot is the content id itself for content
-ids, and `u:<tenant>:<uuid>` for client uuids, so the same uuid chosen by two
-tenants names two different embeddings. Uuids and tenants exclude `{`/`}`
-(the tag stays intact) and tenants exclude `:` (the slot parses one way only).
+transaction on a cluster too.
+
+Tenancy lives here and nowhere else: every slot starts with its tenant,
+`c:<tenant>:<content id>` for content ids and `u:<tenant>:<uuid>` for client
+uuids. So a tenant can only ever name its own embeddings: another tenant's id,
+even a content id derived from the very same media, resolves to keys of its
+own namespace, which are absent unless it stored that media itself (then it
+has its own record: no read, use, delete, or `cached` answer can tell what
+another tenant stored). Uuids and tenants exclude `{`/`}` (the tag stays
+intact) and tenants exclude `:` (the slot parses one way only).
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from dataclasses import dataclass
 
 from mmserve.errors import InvalidArgument
 from mmserve.store.identity import CONTENT_ID_PREFIX, is_content_id
+from mmserve.tenancy import validate_tenant
 
 DEFAULT_KEY_PREFIX = "mmserve:emb:v1"
 UUID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
-TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def _shown(value: object) -> str:
@@ -42,17 +48,10 @@ def validate_uuid(uuid: str, field: str = "uuid") -> str:
     return uuid
 
 
-def validate_tenant(tenant: str) -> str:
-    """Accept a tenant name (1-128 of A-Z a-z 0-9 . _ -) or raise InvalidArgument."""
-    if not isinstance(tenant, str) or TENANT_RE.fullmatch(tenant) is None:
-        raise InvalidArgument(f"{_shown(tenant)} is not a valid tenant name", field="tenant")
-    return tenant
-
-
 def slot_of(ref: str, *, tenant: str, field: str = "uuid") -> str:
-    """The hash-tag content for a reference: a content id as is, a uuid under its tenant."""
+    """The hash-tag content for a reference, always under its tenant (the one tenancy rule)."""
     if is_content_id(ref):
-        return ref
+        return f"c:{validate_tenant(tenant)}:{ref}"
     return f"u:{validate_tenant(tenant)}:{validate_uuid(ref, field)}"
 
 

@@ -103,7 +103,7 @@ def _safe_location(url: str) -> str:
 
 
 class EmbeddingStore:
-    """Stores and serves embeddings under content ids and tenant-scoped client uuids."""
+    """Stores and serves embeddings under content ids and client uuids, both scoped to a tenant (keys.py)."""
 
     def __init__(
         self,

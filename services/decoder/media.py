@@ -20,6 +20,7 @@ from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import FailedPrecondition, MmserveError, NotFound, Unavailable, from_rpc_error
 from mmserve.mediainput import is_reference, reference_of, source_kind
+from mmserve.rpc.auth import token_interceptors
 from mmserve.rpc.metadata import outgoing_metadata
 from mmserve.rpc.server import message_size_options
 from mmserve.store import EmbeddingStore, StoredEmbedding
@@ -42,7 +43,8 @@ class EncoderClient:
 
     def __init__(self, settings: Settings) -> None:
         options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        self._channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=tracing.client_interceptors(settings))
+        interceptors = [*(tracing.client_interceptors(settings) or ()), *token_interceptors(settings)]  # the token: see mmserve/rpc/auth.py
+        self._channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=interceptors)
         self.stub = enc_grpc.EncoderServiceStub(self._channel)
         self.calls = 0
 

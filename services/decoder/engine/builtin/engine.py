@@ -20,6 +20,7 @@ from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
 from mmserve.models.families import ChatPrompt, Family
+from mmserve.rpc.metadata import tenant_var
 from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
 from services.decoder.engine.base import Admission, Engine, EngineRequest, EngineStats, StepOutput
@@ -125,15 +126,16 @@ class TransformersEngine(Engine):
             await asyncio.wrap_future(self.scheduler.call(self.prefix.clear))
 
     async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> BuiltinPrompt:
-        future = self.scheduler.call(self._render, prompt, media)
+        # The request's tenant (bound by the service interceptor) salts its prefix-cache keys: no sharing across tenants.
+        future = self.scheduler.call(self._render, prompt, media, tenant_var.get() or "")
         return await asyncio.wrap_future(future)
 
-    def _render(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> BuiltinPrompt:
+    def _render(self, prompt: ChatPrompt, media: list[StoredEmbedding], tenant: str = "") -> BuiltinPrompt:
         """On the model thread: prefill inputs, and the prefix-cache keys of the prompt's blocks."""
         inputs = self.family.prefill_inputs(prompt, media)
         keys: list[bytes] = []
         if self.prefix:
-            keys = block_keys(self._token_keys(inputs.input_ids[0].tolist(), media), self.prefix.block_size)
+            keys = block_keys(self._token_keys(inputs.input_ids[0].tolist(), media), self.prefix.block_size, salt=tenant)
         return BuiltinPrompt(inputs, keys)
 
     def _token_keys(self, ids: list[int], media: list[StoredEmbedding]) -> list[int]:

@@ -29,12 +29,16 @@ def media_token_key(identity: str) -> int:
     return MEDIA_KEY_BASE - int.from_bytes(digest, "little")
 
 
-def block_keys(token_keys: list[int], block_size: int) -> list[bytes]:
-    """Chained keys of every full block."""
+def block_keys(token_keys: list[int], block_size: int, salt: str = "") -> list[bytes]:
+    """Chained keys of every full block; the chain starts from `salt` (the tenant), so tenants never share blocks.
+
+    A shared block would show in `cached_prompt_tokens` (and in time to first token) that another tenant
+    sent the same media and text moments ago.
+    """
     raw = np.asarray(token_keys, dtype=np.int64).tobytes()
     width = 8 * block_size
     keys: list[bytes] = []
-    prev = b""
+    prev = hashlib.blake2b(salt.encode(), digest_size=16).digest() if salt else b""
     for start in range(0, len(token_keys) - block_size + 1, block_size):
         prev = hashlib.blake2b(prev + raw[8 * start : 8 * start + width], digest_size=16).digest()
         keys.append(prev)
