@@ -36,8 +36,6 @@ BASE = ROOT / "deploy" / "kubernetes"
 TOKEN_FILE = "service-token.env"  # written by the user before `kubectl apply -k` (gitignored)
 #: The Kubernetes versions the manifests must be valid for: the oldest we support and the newest known.
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-#: Settings being added elsewhere that the manifests already set.
-PENDING_SETTINGS = {"MMSERVE_SERVICE_TOKEN"}
 #: Kinds without a namespace (the only cluster-scoped kind the base has).
 CLUSTER_SCOPED = {"Namespace"}
 
@@ -235,7 +233,7 @@ def test_every_service_gets_the_service_token_from_its_secret(objects: list[dict
 
 def test_settings_are_known_and_valid(objects: list[dict], monkeypatch: pytest.MonkeyPatch) -> None:
     """Every MMSERVE_* variable is a setting (no typo goes unnoticed), and each container's values parse."""
-    known = {f"MMSERVE_{name.upper()}" for name in Settings.model_fields} | PENDING_SETTINGS
+    known = {f"MMSERVE_{name.upper()}" for name in Settings.model_fields}
     configmaps = by_kind(objects, "ConfigMap")
     for role, deployment in deployments_by_role(objects).items():
         env = env_of(deployment, configmaps)
