@@ -25,6 +25,7 @@ import redis
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
+from mmserve.rpc.auth import SERVICE_TOKEN_KEY
 from mmserve.stack import local_redis
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding
 from tests.conftest import TINY
@@ -125,7 +126,8 @@ def stop_up(proc: subprocess.Popen[str]) -> None:
 def test_mmserve_up_keeps_precomputed_embeddings_across_a_restart(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """Precompute through the real `mmserve up`, stop it, start it again: the embedding is still there, bit for bit."""
     data = tmp_path / "redis"
-    env = {"MMSERVE_MODEL": f"tiny:{TINY}", "MMSERVE_REDIS_DATA_DIR": str(data)}
+    env = {"MMSERVE_MODEL": f"tiny:{TINY}", "MMSERVE_REDIS_DATA_DIR": str(data), "MMSERVE_SERVICE_TOKEN": "persistence-test"}
+    token = ((SERVICE_TOKEN_KEY, "persistence-test"),)
     image = png_bytes(seed=1401)
     with launch_up(**env) as up:
         wait_up(up)
@@ -135,16 +137,16 @@ def test_mmserve_up_keeps_precomputed_embeddings_across_a_restart(tmp_path: Path
         client.close()
         assert config == {"appendonly": "yes", "appendfsync": "everysec", "dir": str(data)}
         with encoder_stub(f"127.0.0.1:{up.ports['encoder']}") as stub:
-            stored = stub.Encode(enc_pb.EncodeRequest(items=[image_item(image, uuid="kept-up")])).results[0]
-            first = stub.GetEmbedding(enc_pb.GetEmbeddingRequest(id="kept-up", include_tensors=True))
+            stored = stub.Encode(enc_pb.EncodeRequest(items=[image_item(image, uuid="kept-up")]), metadata=token).results[0]
+            first = stub.GetEmbedding(enc_pb.GetEmbeddingRequest(id="kept-up", include_tensors=True), metadata=token)
         assert not stored.cached
         stop_up(up.proc)
 
     with launch_up(**env) as up:
         wait_up(up)
         with encoder_stub(f"127.0.0.1:{up.ports['encoder']}") as stub:
-            second = stub.GetEmbedding(enc_pb.GetEmbeddingRequest(id="kept-up", include_tensors=True))
-            assert stub.Encode(enc_pb.EncodeRequest(items=[image_item(image, uuid="kept-up")])).results[0].cached
+            second = stub.GetEmbedding(enc_pb.GetEmbeddingRequest(id="kept-up", include_tensors=True), metadata=token)
+            assert stub.Encode(enc_pb.EncodeRequest(items=[image_item(image, uuid="kept-up")]), metadata=token).results[0].cached
         assert [t.SerializeToString() for t in second.tensors] == [t.SerializeToString() for t in first.tensors]
         assert second.embedding.created_at == first.embedding.created_at and second.embedding.id == "kept-up"
         body = {
