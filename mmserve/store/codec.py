@@ -83,22 +83,25 @@ def record_checksum(fields: Mapping[bytes, bytes]) -> bytes:
     return b"sha256:" + digest.hexdigest().encode()
 
 
-def _pack_sync(tensors: Sequence[RawTensor]) -> tuple[bytes | memoryview, str]:
-    payload = tensors[0].data if len(tensors) == 1 else b"".join(t.data for t in tensors)
-    return payload, checksum(payload)
+def _join_sync(tensors: Sequence[RawTensor]) -> bytes | memoryview:
+    return tensors[0].data if len(tensors) == 1 else b"".join(t.data for t in tensors)
 
 
-async def pack(tensors: Sequence[RawTensor]) -> tuple[bytes | memoryview, str]:
-    """The `:data` value (one copy at most; none for a single tensor) and its checksum."""
-    if sum(t.nbytes for t in tensors) >= OFFLOAD_BYTES:
-        return await asyncio.to_thread(_pack_sync, tensors)
-    return _pack_sync(tensors)
+async def join(tensors: Sequence[RawTensor]) -> bytes | memoryview:
+    """The `:data` value: one copy at most, none for a single tensor (the store overlaps the checksum with the upload)."""
+    if len(tensors) > 1 and sum(t.nbytes for t in tensors) >= OFFLOAD_BYTES:
+        return await asyncio.to_thread(_join_sync, tensors)
+    return _join_sync(tensors)
+
+
+async def data_checksum(payload: bytes | memoryview) -> str:
+    """`checksum`, in a worker thread for large values (zlib releases the GIL: the event loop keeps serving)."""
+    return await asyncio.to_thread(checksum, payload) if len(payload) >= OFFLOAD_BYTES else checksum(payload)
 
 
 async def verify(data: bytes, expected: str) -> bool:
     """True if `data` has the stored checksum."""
-    actual = await asyncio.to_thread(checksum, data) if len(data) >= OFFLOAD_BYTES else checksum(data)
-    return actual == expected
+    return await data_checksum(data) == expected
 
 
 def unpack(descriptor: embedding_pb2.EmbeddingDescriptor, data: bytes) -> list[RawTensor]:

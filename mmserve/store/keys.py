@@ -7,6 +7,9 @@ transaction on a cluster too. The slot is the content id itself for content
 ids, and `u:<tenant>:<uuid>` for client uuids, so the same uuid chosen by two
 tenants names two different embeddings. Uuids and tenants exclude `{`/`}`
 (the tag stays intact) and tenants exclude `:` (the slot parses one way only).
+A put first uploads the data under `<prefix>:{<slot>}:put:<token>` (same
+slot, short-lived) and a script then renames it into place, so the upload
+never goes through Lua and the placement is atomic on a cluster too.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class EmbeddingKeys:
 
     data: str
     meta: str
+
+    def upload(self, token: str) -> str:
+        """Where a put stages its data before placing it (same slot as `data` and `meta`)."""
+        return f"{self.data.removesuffix(':data')}:put:{token}"
 
 
 def embedding_keys(ref: str, *, tenant: str, prefix: str = DEFAULT_KEY_PREFIX, field: str = "uuid") -> EmbeddingKeys:
