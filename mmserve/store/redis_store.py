@@ -162,6 +162,10 @@ class EmbeddingStore:
             retries=retries, max_connections=max_connections,
         )  # fmt: skip
         self._probe_key = f"{key_prefix}:probe:{{{secrets.token_hex(8)}}}"
+        # redis-py's cluster client discovers the slots on first use; many first uses at once
+        # (24 concurrent puts) made it drop connections mid-handshake, so discovery runs alone.
+        self._discovered = not self.is_cluster
+        self._discovery = asyncio.Lock()
 
     @property
     def is_cluster(self) -> bool:
@@ -190,6 +194,8 @@ class EmbeddingStore:
         """Turn Redis failures into mmserve errors, and bound the whole operation in time."""
         try:
             async with asyncio.timeout(self._op_timeout_s):
+                if not self._discovered:
+                    await self._discover()
                 yield
         except (rexc.ConnectionError, rexc.TimeoutError, rexc.InvalidResponse, TimeoutError, OSError) as exc:
             log.warning("embedding store %s failed (redis at %s): %s: %s", op, self._location, type(exc).__name__, exc)
@@ -226,6 +232,12 @@ class EmbeddingStore:
         except rexc.RedisError as exc:
             log.exception("embedding store %s failed (redis at %s)", op, self._location)
             raise Internal("embedding store error") from exc
+
+    async def _discover(self) -> None:
+        async with self._discovery:
+            if not self._discovered:
+                await self._redis.initialize()  # type: ignore[union-attr]
+                self._discovered = True
 
     # --- keys ------------------------------------------------------------
 
