@@ -207,7 +207,7 @@ async def test_keys_hash_tags_and_meta_fields(store: EmbeddingStore, raw: redis.
     assert meta["fingerprint"] == b"fp-model-a"
     assert meta["token_count"] == b"4"
     assert int(meta["nbytes"]) == by_content.nbytes
-    assert meta["data_checksum"].startswith(b"crc32:") and meta["record_checksum"].startswith(b"sha256:")
+    assert meta["data_checksum"].startswith(b"xxh3_64:") and meta["record_checksum"].startswith(b"sha256:")
     assert meta["created"].decode().endswith("Z")
     assert json.loads(meta["tensors"])[1] == ["deepstack.0", "bfloat16", [4, 8]]
     assert json.loads(meta["placement"])["image"]["spatial_merge_size"] == 2

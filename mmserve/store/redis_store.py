@@ -4,18 +4,20 @@ Design points (conventions.md, "Redis (embedding store)"):
 - one Redis, a Redis Cluster or a Sentinel-managed master, chosen by the URL
   (`mmserve.store.connect`); all keys of an embedding share a hash tag, so
   every command below stays in one slot and works the same on a cluster;
-- a put is two round trips: the data is uploaded to a short-lived staging key
-  while its checksum is computed (the two overlap), then one small Lua script
-  checks the id and, if it is free, renames the upload into place and writes
-  the sealed meta hash with the TTL, atomically. The data never passes through
-  Lua: a script taking a 16 MiB argument ran at ~70 MB/s here, RENAME is O(1);
+- a put is one round trip: the data is SET under a short-lived staging key
+  and, pipelined behind it, one small Lua script checks the id and, if it is
+  free, renames the upload into place and writes the sealed meta hash with the
+  TTL, atomically. The data never passes through Lua: a script taking a 16 MiB
+  argument ran at ~70 MB/s here, RENAME is O(1). The staging key shares the
+  record's hash tag, so the pair goes to one cluster node;
 - the script is the check-and-set: an id already holding a whole record is
-  not touched and its meta comes back; the same identity then keeps it (its
-  lifetime extended, never shortened: a third round trip, only then), another
-  identity is a Conflict. Concurrent writers cannot both win, and no WATCH is
+  not touched (the upload is dropped) and its meta comes back; the same
+  identity then keeps it (its lifetime extended, never shortened: a second
+  round trip, only then), another identity is a Conflict. Concurrent writers cannot both win, and no WATCH is
   involved, so a dropped connection is an error, never mistaken for contention;
-- a get is one round trip (meta, data and TTL in one MULTI/EXEC); every read
-  goes through `codec.open_record`, which checks the record's seal before
+- a get is one round trip (meta, data and TTL pipelined; a pair that does not
+  fit is read again in MULTI/EXEC before it is called damaged, since a writer
+  may have run between the commands); every read goes through `codec.open_record`, which checks the record's seal before
   anything parses it: a corrupt record is logged, counted, removed and read
   as absent, so callers answer NOT_FOUND and the next encode stores a good one;
 - every operation has bounded retries with jittered exponential backoff and an
@@ -316,23 +318,14 @@ class EmbeddingStore:
         ttl_s: int,
         replace_seal: bytes | None = None,
     ) -> PutResult | None:
-        """One attempt: upload while checksumming, then place; None if another writer changed the id meanwhile."""
+        """One attempt, one round trip: the upload and the place script, pipelined; None if another writer changed the id meanwhile."""
         upload = keys.upload(secrets.token_hex(8))
-        _, check = await asyncio.gather(
-            self._redis.set(upload, payload, px=_UPLOAD_TTL_MS), codec.data_checksum(payload)
-        )
-        now_ns = time.time_ns()
-        descriptor.options_json = identity.options_json
-        descriptor.nbytes = len(payload)
-        descriptor.created_at.FromNanoseconds(now_ns)
-        if ttl_s:
-            descriptor.expires_at.FromNanoseconds(now_ns + ttl_s * 1_000_000_000)
-        else:
-            descriptor.ClearField("expires_at")
-        meta = codec.encode_meta(descriptor, check)
-        mode = [b"new", b""] if replace_seal is None else [b"replace", replace_seal]
-        args = [ttl_s * 1000, mode[0], codec.F_RECORD_CHECKSUM, mode[1], *(x for kv in meta.items() for x in kv)]
-        reply = await self._redis.eval(_PLACE, 3, keys.meta, keys.data, upload, *args)  # type: ignore[misc]
+        check = await codec.data_checksum(payload)
+        args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(upload, payload, px=_UPLOAD_TTL_MS)
+            pipe.eval(_PLACE, 3, keys.meta, keys.data, upload, *args)  # type: ignore[arg-type]
+            _, reply = await pipe.execute()
         if reply[0] == 1:
             return PutResult(descriptor, created=True)
         if reply[0] == -1:
@@ -352,6 +345,28 @@ class EmbeddingStore:
         self._raise_if_other(existing, descriptor, identity)
         await self._extend(keys, existing, ttl_s * 1000)
         return PutResult(existing, created=False)
+
+    @staticmethod
+    def _place_args(
+        descriptor: EmbeddingDescriptor,
+        identity: Identity,
+        payload: bytes | memoryview,
+        check: str,
+        ttl_s: int,
+        replace_seal: bytes | None,
+    ) -> list[bytes | str | int]:
+        """Complete the descriptor (created now), seal its meta hash, and lay out _PLACE's ARGV."""
+        now_ns = time.time_ns()
+        descriptor.options_json = identity.options_json
+        descriptor.nbytes = len(payload)
+        descriptor.created_at.FromNanoseconds(now_ns)
+        if ttl_s:
+            descriptor.expires_at.FromNanoseconds(now_ns + ttl_s * 1_000_000_000)
+        else:
+            descriptor.ClearField("expires_at")
+        meta = codec.encode_meta(descriptor, check)
+        mode, seal = (b"new", b"") if replace_seal is None else (b"replace", replace_seal)
+        return [ttl_s * 1000, mode, codec.F_RECORD_CHECKSUM, seal, *(x for kv in meta.items() for x in kv)]
 
     async def _extend(self, keys: EmbeddingKeys, existing: EmbeddingDescriptor, ttl_ms: int) -> None:
         """Extend (never shorten) a kept record's lifetime; set its expires_at from what Redis now says."""
@@ -396,7 +411,34 @@ class EmbeddingStore:
     async def get(self, ref: str, *, tenant: str, with_tensors: bool = True) -> StoredEmbedding | None:
         """The embedding `ref` names, or None if it is absent, expired or damaged."""
         keys = self.keys_for(ref, tenant=tenant)
-        async with self._guard("get"), self._redis.pipeline(transaction=True) as pipe:
+        fields, data, pttl = await self._read(keys, with_tensors, atomic=False)
+        if not fields:
+            return None
+        try:
+            descriptor, tensors = await codec.open_record(ref, fields, data)
+        except codec.CorruptEmbedding:
+            # The one-round-trip read is not atomic: a put or delete between its commands pairs
+            # one record's meta with another's data (the seal catches it). Only an atomic
+            # re-read may call the record damaged, and only that one removes it.
+            fields, data, pttl = await self._read(keys, with_tensors, atomic=True)
+            if not fields:
+                return None
+            try:
+                descriptor, tensors = await codec.open_record(ref, fields, data)
+            except codec.CorruptEmbedding as exc:
+                # Left in place, it would look present to `exists` and to the
+                # encoder's lookup (so nobody re-encodes) while every read fails.
+                _report_corrupt(keys, exc, "removing it; reads see it as absent")
+                await self._drop_damaged(keys, fields.get(codec.F_RECORD_CHECKSUM.encode(), b""))
+                return None
+        _set_expiry(descriptor, pttl)
+        return StoredEmbedding(descriptor, tensors)
+
+    async def _read(
+        self, keys: EmbeddingKeys, with_tensors: bool, *, atomic: bool
+    ) -> tuple[dict[bytes, bytes], bytes | int | None, int]:
+        """Meta, data (or its length) and remaining lifetime, pipelined in one round trip (in MULTI/EXEC if atomic)."""
+        async with self._guard("get"), self._redis.pipeline(transaction=atomic) as pipe:
             pipe.hgetall(keys.meta)
             if with_tensors:
                 pipe.get(keys.data)
@@ -404,18 +446,7 @@ class EmbeddingStore:
                 pipe.strlen(keys.data)
             pipe.pttl(keys.meta)
             fields, data, pttl = await pipe.execute()
-        if not fields:
-            return None
-        try:
-            descriptor, tensors = await codec.open_record(ref, fields, data)
-        except codec.CorruptEmbedding as exc:
-            # Left in place, it would look present to `exists` and to the
-            # encoder's lookup (so nobody re-encodes) while every read fails.
-            _report_corrupt(keys, exc, "removing it; reads see it as absent")
-            await self._drop_damaged(keys, fields.get(codec.F_RECORD_CHECKSUM.encode(), b""))
-            return None
-        _set_expiry(descriptor, pttl)
-        return StoredEmbedding(descriptor, tensors)
+        return fields, data, pttl
 
     async def _drop_damaged(self, keys: EmbeddingKeys, seal: bytes) -> None:
         """Best effort: the read already answered "missing", a failed cleanup changes nothing."""
