@@ -71,7 +71,7 @@ def test_cluster_override_points_the_store_at_a_cluster() -> None:
     """compose.cluster.yaml: three cluster nodes with the single Redis's memory policy, slots assigned before the services start."""
     override = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())
     services = override["services"]
-    nodes = [name for name in services if name.startswith("redis-c")]
+    nodes = [name for name in services if re.fullmatch(r"redis-c\d", name)]
     assert len(nodes) == 3
     for name in nodes:
         command = " ".join(services[name]["command"])
