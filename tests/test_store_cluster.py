@@ -1,4 +1,4 @@
-"""What only a Redis Cluster can show: URL forms, slots across masters, MOVED, CLUSTERDOWN, health, chat by uuid.
+"""What only a Redis Cluster can show: URL forms, slots across masters, MOVED, CLUSTERDOWN, health, chat by uuid; and Sentinel.
 
 The store's general semantics run on the cluster in tests/test_store.py
 (parametrized); here a real 3-master cluster (`LocalRedisCluster`) has a slot
@@ -8,6 +8,8 @@ moved under a running store, loses a master, and serves a whole stack.
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +21,8 @@ from redis.crc import key_slot
 
 from mmserve.common.v1 import media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.errors import Unavailable
-from mmserve.localredis import LocalRedisCluster
+from mmserve.errors import Conflict, Unavailable
+from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import check
 from mmserve.store import EmbeddingStore, embedding_keys
 from mmserve.store.connect import parse_store_url, sync_client
@@ -143,6 +145,36 @@ async def test_a_lost_master_is_unavailable_never_internal_and_the_store_recover
                 time.sleep(0.5)
         assert (await store.put(make_descriptor(uuid="after"), make_tensors(), tenant="t")).created is True
         assert await store.get("after", tenant="t") is not None
+
+
+@pytest.fixture
+def sentinel_url(own_redis: LocalRedis) -> Iterator[str]:
+    """A real Sentinel (redis-server --sentinel) monitoring a private master as service `mm`."""
+    port = free_port()
+    conf = own_redis.workdir / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mm 127.0.0.1 {own_redis.port} 1\n")
+    exe = shutil.which("redis-server")
+    assert exe is not None
+    proc = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: redis.Redis(port=port).ping(), 10, "a sentinel answering")
+        yield f"redis+sentinel://127.0.0.1:{port}/mm/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_store_through_sentinel(sentinel_url: str, own_redis: LocalRedis) -> None:
+    async with EmbeddingStore(sentinel_url, ttl_s=TTL) as store:
+        await store.probe()
+        assert (await store.put(make_descriptor(uuid="via-sentinel"), make_tensors(seed=1), tenant="t")).created
+        with pytest.raises(Conflict):
+            await store.put(make_descriptor(uuid="via-sentinel", content=b"other"), make_tensors(seed=2), tenant="t")
+        got = await store.get("via-sentinel", tenant="t")
+        assert got is not None
+        assert_same_tensors(got.tensors, make_tensors(seed=1))
+        assert redis.Redis(port=own_redis.port).exists(embedding_keys("via-sentinel", tenant="t").meta) == 1
+        assert await store.delete("via-sentinel", tenant="t")
 
 
 # --- a whole stack on the cluster -----------------------------------------------------------------

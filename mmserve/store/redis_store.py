@@ -13,13 +13,15 @@ Design points (conventions.md, "Redis (embedding store)"):
 - the script is the check-and-set: an id already holding a whole record is
   not touched (the upload is dropped) and its meta comes back; the same
   identity then keeps it (its lifetime extended, never shortened: a second
-  round trip, only then), another identity is a Conflict. Concurrent writers cannot both win, and no WATCH is
-  involved, so a dropped connection is an error, never mistaken for contention;
+  round trip, only then), another identity is a Conflict. Concurrent writers
+  cannot both win, and no WATCH is involved, so a dropped connection is an
+  error, never mistaken for contention;
 - a get is one round trip (meta, data and TTL pipelined; a pair that does not
   fit is read again in MULTI/EXEC before it is called damaged, since a writer
-  may have run between the commands); every read goes through `codec.open_record`, which checks the record's seal before
-  anything parses it: a corrupt record is logged, counted, removed and read
-  as absent, so callers answer NOT_FOUND and the next encode stores a good one;
+  may have run between the commands); every read goes through
+  `codec.open_record`, which checks the record's seal before anything parses
+  it: a corrupt record is logged, counted, removed and read as absent, so
+  callers answer NOT_FOUND and the next encode stores a good one;
 - every operation has bounded retries with jittered exponential backoff and an
   overall deadline, so an outage turns into `Unavailable` within seconds, and
   the pool reconnects by itself afterwards; the cluster client follows
