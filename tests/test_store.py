@@ -343,6 +343,16 @@ async def test_reused_uuid_with_another_identity_is_a_conflict(
     assert_same_tensors(got.tensors, original)
 
 
+async def test_no_staged_upload_outlives_a_put(store: EmbeddingStore, raw: redis.Redis) -> None:
+    """Created, kept or refused: the staging key (`:put:<token>`) is renamed into place or dropped at once."""
+    await store.put(make_descriptor(uuid="staged"), make_tensors(seed=1), tenant="t")
+    await store.put(make_descriptor(uuid="staged"), make_tensors(seed=1), tenant="t")
+    with pytest.raises(Conflict):
+        await store.put(make_descriptor(uuid="staged", content=b"other"), make_tensors(seed=2), tenant="t")
+    keys = embedding_keys("staged", tenant="t")
+    assert sorted(all_keys(raw)) == sorted([keys.data.encode(), keys.meta.encode()])
+
+
 async def test_same_uuid_in_two_tenants_is_two_embeddings(store: EmbeddingStore) -> None:
     a, b = make_tensors(seed=1), make_tensors(seed=2)
     assert (await store.put(make_descriptor(uuid="u1", content=b"A"), a, tenant="alice")).created
