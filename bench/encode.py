@@ -9,7 +9,7 @@ Prints one JSON line:
   (processor + get_image_features, one image at a time), and their ratio;
 - store: MB/s of EmbeddingStore put/get for 1, 4 and 16 MB embeddings against
   plain redis-py asyncio SET/GET of the same bytes on the same server, and the
-  ratios.
+  ratios (bench/store.py measures only these, on one server or a cluster).
 Both runs share this machine's cores, so absolute numbers vary; the ratios
 are what to compare across changes.
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import redis.asyncio as aioredis
 from PIL import Image
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
@@ -38,7 +37,7 @@ from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving
-from mmserve.store import EmbeddingStore, RawTensor
+from mmserve.store import EmbeddingStore, RawTensor, connect
 
 MB = 1_000_000
 
@@ -97,8 +96,9 @@ async def service_images_per_s(target: str, pngs: list[bytes], concurrency: int)
 async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str, dict[str, float]]:
     """MB/s of store put/get against raw SET/GET of the same bytes (median of `repeats`)."""
     out: dict[str, dict[str, float]] = {}
-    raw = aioredis.Redis.from_url(url)
-    async with EmbeddingStore(url, ttl_s=600) as store:
+    # The same client the store builds for this URL (a cluster client for redis+cluster://), used bare.
+    raw = connect.async_client(url, connect_timeout_s=1.0, socket_timeout_s=30.0, retries=2, max_connections=8)
+    async with EmbeddingStore(url, ttl_s=600, socket_timeout_s=30.0, op_timeout_s=60.0) as store:
         for size in sizes_mb:
             hidden = 1024
             rows = size * MB // (hidden * 4)

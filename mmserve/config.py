@@ -60,7 +60,21 @@ class Settings(BaseSettings):
     )
 
     # --- store -----------------------------------------------------------
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the embeddings.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description=(
+            "Redis holding the embeddings: `redis://host:port/db` (or `rediss://`, `unix://`), a Redis Cluster as "
+            "`redis+cluster://host:port[,host:port...]`, or Sentinel as `redis+sentinel://host:port[,...]/<service>`."
+        ),
+    )
+    store_health_interval_s: float = Field(
+        5.0,
+        description=(
+            "Seconds between the encoder's and decoder's store probes (a small write): health is NOT_SERVING "
+            "while the store cannot take one (down, read-only, CLUSTERDOWN), SERVING again once it can."
+        ),
+        gt=0,
+    )
     embedding_ttl_s: int = Field(
         7 * 24 * 3600, description="Lifetime of a stored embedding in seconds; 0 keeps it until evicted."
     )

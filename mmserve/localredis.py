@@ -6,7 +6,9 @@ LRU memory cap, the same policy compose uses. With a `data_dir` the server
 keeps an append-only file there (`AOF_ARGS`, also compose's), so precomputed
 embeddings survive a restart; without one (the tests' default) it is memory
 only. A data dir is locked while its server runs: two servers appending to
-one file would destroy it.
+one file would destroy it. `LocalRedisCluster` is the same for Redis Cluster:
+three (or more) cluster-enabled servers joined with `redis-cli --cluster
+create`, for the tests and the cluster benchmark.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class LocalRedis:
     maxmemory: str = "1gb"
     policy: str = "allkeys-lru"
     data_dir: Path | None = None  # persistent (AOF) in this folder; memory only when None
+    extra_args: tuple[str, ...] = ()  # more redis-server flags (e.g. cluster mode)
     proc: subprocess.Popen[bytes] | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mmserve-redis-")))
     _lock_fd: int | None = field(default=None, init=False, repr=False)
@@ -61,6 +64,7 @@ class LocalRedis:
             *persistence,
             "--maxmemory", self.maxmemory,
             "--maxmemory-policy", self.policy,
+            *self.extra_args,
         ]  # fmt: skip
 
     def _lock(self) -> int | None:
@@ -122,6 +126,72 @@ class LocalRedis:
             self._lock_fd = None
 
     def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class LocalRedisCluster:
+    """A Redis Cluster of `masters` loopback redis-server children (no replicas), all slots assigned."""
+
+    masters: int = 3
+    maxmemory: str = "1gb"
+    nodes: list[LocalRedis] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The mmserve URL of the cluster: every node as a startup node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> LocalRedisCluster:
+        """Start the nodes, assign the slots, and wait until every node reports cluster_state:ok."""
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on PATH (Debian/Ubuntu: apt-get install redis-tools)")
+        try:
+            for _ in range(self.masters):
+                node = LocalRedis(maxmemory=self.maxmemory)
+                node.extra_args = (
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node.workdir / "nodes.conf"),
+                    "--cluster-port", str(free_port()),  # the bus port: port+10000 may be taken or out of range
+                    "--cluster-node-timeout", "2000",
+                )  # fmt: skip
+                self.nodes.append(node.start())
+            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout,
+            )  # fmt: skip
+            self._wait_ok(cli, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ok(self, cli: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending and time.monotonic() < deadline:
+            info = subprocess.run(
+                [cli, "-p", str(pending[0].port), "cluster", "info"], capture_output=True, text=True, timeout=5
+            ).stdout
+            if "cluster_state:ok" in info:
+                pending.pop(0)
+            else:
+                time.sleep(0.1)
+        if pending:
+            raise RuntimeError(f"redis cluster on ports {[n.port for n in self.nodes]} not ok within {timeout}s")
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+    def __enter__(self) -> LocalRedisCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -86,19 +86,32 @@ def serve_metrics(port: int | None, host: str = "0.0.0.0") -> None:
 
 
 class _StoreBytes:
-    """`mmserve_store_bytes`: Redis memory in use, read at scrape time (no cost per request)."""
+    """`mmserve_store_bytes`: Redis memory in use (summed over a cluster's masters), read at scrape time."""
 
     def __init__(self, url: str) -> None:
         import redis
 
-        self._errors = (redis.RedisError, OSError)
-        self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        from mmserve.store.connect import sync_client
+
+        self._errors = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+        self._connect = lambda: sync_client(url, timeout_s=0.5)  # at first scrape: a cluster client dials at once
+        self._client: redis.Redis | redis.RedisCluster | None = None
+
+    def _used(self) -> float:
+        import redis
+
+        if self._client is None:
+            self._client = self._connect()
+        if isinstance(self._client, redis.RedisCluster):
+            replies = self._client.info("memory", target_nodes=self._client.PRIMARIES)  # type: ignore[call-arg, union-attr]
+            return float(sum(reply["used_memory"] for reply in replies.values()))
+        return float(self._client.info("memory")["used_memory"])  # type: ignore[index]
 
     def collect(self):  # type: ignore[no-untyped-def] - prometheus_client collector protocol
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            used = float(self._client.info("memory")["used_memory"])
+            used = self._used()
         except self._errors:
             return  # store down: no sample rather than a wrong one
         yield GaugeMetricFamily("mmserve_store_bytes", "Bytes of memory used by the embedding store (Redis used_memory).", value=used)

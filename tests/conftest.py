@@ -19,7 +19,7 @@ import pytest
 
 from mmserve.config import Settings
 from mmserve.launcher import DEFAULT_VLLM_VENV, ServiceProcess
-from mmserve.localredis import LocalRedis, free_port
+from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
 
@@ -42,6 +42,23 @@ def redis_url(redis_server: LocalRedis) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real 3-master Redis Cluster on loopback, shared by the session (flush it before use)."""
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+def flush_store(url: str) -> str:
+    """Empty the Redis (or every master of the cluster) behind a store URL; return the URL."""
+    from mmserve.store.connect import sync_client
+
+    client = sync_client(url, timeout_s=5)
+    client.flushall()
+    client.close()
+    return url
 
 
 @pytest.fixture

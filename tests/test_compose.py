@@ -67,6 +67,22 @@ def test_redis_persists_like_mmserve_up(compose: dict) -> None:
     assert ["--dir", "/data"] in flags and ["--save", ""] in flags
 
 
+def test_cluster_override_points_the_store_at_a_cluster() -> None:
+    """compose.cluster.yaml: three cluster nodes with the single Redis's memory policy, slots assigned before the services start."""
+    override = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())
+    services = override["services"]
+    nodes = [name for name in services if re.fullmatch(r"redis-c\d", name)]
+    assert len(nodes) == 3
+    for name in nodes:
+        command = " ".join(services[name]["command"])
+        assert "--cluster-enabled yes" in command and "--maxmemory-policy allkeys-lru" in command
+        assert services[name]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "--cluster create" in " ".join(services["redis-cluster-init"]["command"])
+    for role in ("encoder", "decoder"):
+        assert services[role]["environment"]["MMSERVE_REDIS_URL"] == "redis+cluster://" + ",".join(f"{n}:6379" for n in nodes)
+        assert services[role]["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+
+
 def test_config_comes_from_env_vars_with_defaults() -> None:
     text = (ROOT / "compose.yaml").read_text()
     for name in re.findall(r"\$\{([A-Z0-9_]+)", text):
@@ -80,7 +96,7 @@ def test_docker_compose_accepts_the_files() -> None:
     if exe is None:
         assert yaml.safe_load((ROOT / "compose.gpu.yaml").read_text())["services"]["decoder"]["deploy"]
         return
-    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"], ["compose.yaml", "compose.cluster.yaml"]):
         args = [exe, *[x for f in files for x in ("-f", f)], "config", "-q"]
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

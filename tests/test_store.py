@@ -1,4 +1,9 @@
-"""The embedding store against a real redis-server: content, keys, identity, TTLs, outages."""
+"""The embedding store against a real redis-server and a real 3-master Redis Cluster: content, keys, identity, TTLs, outages.
+
+Every test that takes `redis_url` (directly or through `store`/`raw`) runs
+twice: on one server and on the cluster (`redis+cluster://`), with the same
+assertions: the store's semantics do not depend on the topology.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from redis.crc import key_slot
 from mmserve.common.v1 import embedding_pb2, media_pb2, tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import Conflict, InvalidArgument, Unavailable
-from mmserve.localredis import LocalRedis, free_port
+from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.store import (
     EmbeddingStore,
     RawTensor,
@@ -28,6 +33,7 @@ from mmserve.store import (
     embedding_keys,
     validate_uuid,
 )
+from mmserve.store.connect import sync_client
 
 IMAGE = media_pb2.MODALITY_IMAGE
 VIDEO = media_pb2.MODALITY_VIDEO
@@ -83,11 +89,22 @@ def make_descriptor(
     return d
 
 
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request: pytest.FixtureRequest, redis_server: LocalRedis) -> str:
+    """An empty store: the session's redis-server, or the session's cluster."""
+    from tests.conftest import flush_store
+
+    if request.param == "cluster":
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        return flush_store(cluster.url)
+    return flush_store(redis_server.url)
+
+
 @pytest.fixture
 def raw(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client to look at what the store wrote."""
-    client = redis.Redis.from_url(redis_url)
-    yield client
+    """A plain client (a cluster client on the cluster) to look at what the store wrote."""
+    client = sync_client(redis_url, timeout_s=5)
+    yield client  # type: ignore[misc]
     client.close()
 
 
@@ -96,6 +113,13 @@ async def store(redis_url: str) -> AsyncIterator[EmbeddingStore]:
     s = EmbeddingStore(redis_url, ttl_s=TTL)
     yield s
     await s.aclose()
+
+
+def all_keys(client: redis.Redis | redis.RedisCluster) -> list[bytes]:
+    """Every key of the server, or of every master of the cluster."""
+    if isinstance(client, redis.RedisCluster):
+        return list(client.keys("*", target_nodes=redis.RedisCluster.PRIMARIES))
+    return list(client.keys("*"))
 
 
 def assert_same_tensors(got: list[RawTensor], want: list[RawTensor]) -> None:
@@ -161,7 +185,7 @@ async def test_keys_hash_tags_and_meta_fields(store: EmbeddingStore, raw: redis.
     await store.put(by_uuid, tensors, tenant="acme")
 
     cid = by_content.id
-    assert sorted(raw.keys("*")) == sorted(
+    assert sorted(all_keys(raw)) == sorted(
         [
             f"mmserve:emb:v1:{{c:default:{cid}}}:data".encode(),
             f"mmserve:emb:v1:{{c:default:{cid}}}:meta".encode(),
@@ -183,7 +207,7 @@ async def test_keys_hash_tags_and_meta_fields(store: EmbeddingStore, raw: redis.
     assert meta["fingerprint"] == b"fp-model-a"
     assert meta["token_count"] == b"4"
     assert int(meta["nbytes"]) == by_content.nbytes
-    assert meta["data_checksum"].startswith(b"crc32:") and meta["record_checksum"].startswith(b"sha256:")
+    assert meta["data_checksum"].startswith(b"xxh3_64:") and meta["record_checksum"].startswith(b"sha256:")
     assert meta["created"].decode().endswith("Z")
     assert json.loads(meta["tensors"])[1] == ["deepstack.0", "bfloat16", [4, 8]]
     assert json.loads(meta["placement"])["image"]["spatial_merge_size"] == 2
@@ -319,6 +343,16 @@ async def test_reused_uuid_with_another_identity_is_a_conflict(
     assert_same_tensors(got.tensors, original)
 
 
+async def test_no_staged_upload_outlives_a_put(store: EmbeddingStore, raw: redis.Redis) -> None:
+    """Created, kept or refused: the staging key (`:put:<token>`) is renamed into place or dropped at once."""
+    await store.put(make_descriptor(uuid="staged"), make_tensors(seed=1), tenant="t")
+    await store.put(make_descriptor(uuid="staged"), make_tensors(seed=1), tenant="t")
+    with pytest.raises(Conflict):
+        await store.put(make_descriptor(uuid="staged", content=b"other"), make_tensors(seed=2), tenant="t")
+    keys = embedding_keys("staged", tenant="t")
+    assert sorted(all_keys(raw)) == sorted([keys.data.encode(), keys.meta.encode()])
+
+
 async def test_same_uuid_in_two_tenants_is_two_embeddings(store: EmbeddingStore) -> None:
     a, b = make_tensors(seed=1), make_tensors(seed=2)
     assert (await store.put(make_descriptor(uuid="u1", content=b"A"), a, tenant="alice")).created
@@ -393,13 +427,13 @@ async def test_one_second_ttl_really_expires(store: EmbeddingStore, raw: redis.R
     await asyncio.sleep(1.3)
     assert await store.get("brief", tenant="t") is None
     assert not await store.exists("brief", tenant="t")
-    assert raw.keys("*") == []
+    assert all_keys(raw) == []
 
 
 async def test_delete_removes_both_keys(store: EmbeddingStore, raw: redis.Redis) -> None:
     await store.put(make_descriptor(uuid="gone"), make_tensors(), tenant="t")
     assert await store.delete("gone", tenant="t") is True
-    assert raw.keys("*") == []
+    assert all_keys(raw) == []
     assert await store.delete("gone", tenant="t") is False
     assert await store.get("gone", tenant="t") is None
 
@@ -437,7 +471,7 @@ async def test_corrupted_data_is_treated_as_missing(store: EmbeddingStore, raw: 
     raw.set(keys.data, bytes([good[0] ^ 0xFF]) + good[1:], keepttl=True)  # same length, one byte flipped
     assert await store.get("bitrot", tenant="t") is None
     # The damaged pair is removed, so the next encode can store a good one again.
-    assert raw.keys("*") == []
+    assert all_keys(raw) == []
     assert (await store.put(make_descriptor(uuid="bitrot"), tensors, tenant="t")).created is True
     got = await store.get("bitrot", tenant="t")
     assert got is not None

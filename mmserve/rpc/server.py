@@ -1,19 +1,24 @@
 """Build, run and gracefully stop a grpc.aio server with health and reflection.
 
 Health starts NOT_SERVING for every service and the overall server; the
-service flips it to SERVING once its model is loaded and warm. Every other
-RPC needs the service token when one is configured (mmserve/rpc/auth.py). On SIGTERM or
-SIGINT health goes NOT_SERVING first (so load balancers stop sending), then
-`server.stop(grace)` lets in-flight calls finish.
+service flips it to SERVING once its model is loaded and warm, and, given a
+probe (the embedding store's), keeps it SERVING only while the probe passes:
+a service whose store cannot take a write cannot do its job, so load
+balancers and orchestrators must see it as unhealthy, not merely slow. Every
+other RPC needs the service token when one is configured
+(mmserve/rpc/auth.py). On SIGTERM or SIGINT health goes NOT_SERVING first (so
+load balancers stop sending), then `server.stop(grace)` lets in-flight calls
+finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmserve import tracing
 from mmserve.config import Settings
+from mmserve.errors import MmserveError
 from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.rpc.auth import service_token, warn_if_open
 from mmserve.rpc.interceptor import ServiceInterceptor
@@ -55,13 +61,44 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def serve_until_signal(self, settings: Settings, cleanup: Sequence[Callable[[], object]]) -> None:
-        """Report SERVING, run until SIGTERM/SIGINT, stop gracefully, then run `cleanup` (sync or async) in order."""
-        await self.set_serving(True)
+    async def watch(self, probe: Callable[[], Awaitable[None]], interval_s: float) -> None:
+        """Forever: SERVING while `probe` passes, NOT_SERVING while it raises; each change logged once."""
+        serving: bool | None = None
+        while True:
+            try:
+                await probe()
+                ok, why = True, ""
+            except MmserveError as exc:
+                ok, why = False, exc.message
+            if ok != serving:
+                await self.set_serving(ok)
+                if ok:
+                    log.info("health SERVING%s", " again: the store works" if serving is False else "")
+                else:
+                    log.warning("health NOT_SERVING: %s", why)
+                serving = ok
+            await asyncio.sleep(interval_s)
+
+    async def serve_until_signal(
+        self,
+        settings: Settings,
+        cleanup: Sequence[Callable[[], object]],
+        probe: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Report SERVING (while `probe` passes, if given), run until SIGTERM/SIGINT, stop gracefully, then run `cleanup` in order."""
+        watcher: asyncio.Task[None] | None = None
+        if probe is None:
+            await self.set_serving(True)
+        else:
+            watcher = asyncio.create_task(self.watch(probe, settings.store_health_interval_s))
         try:
             await wait_for_signal()
             log.info("shutting down (grace %.0fs)", settings.shutdown_grace_s)
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await self.stop(settings.shutdown_grace_s)
             for step in cleanup:
                 result = step()

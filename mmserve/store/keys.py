@@ -13,6 +13,9 @@ own namespace, which are absent unless it stored that media itself (then it
 has its own record: no read, use, delete, or `cached` answer can tell what
 another tenant stored). Uuids and tenants exclude `{`/`}` (the tag stays
 intact) and tenants exclude `:` (the slot parses one way only).
+A put first uploads the data under `<prefix>:{<slot>}:put:<token>` (same
+slot, short-lived) and a script then renames it into place, so the upload
+never goes through Lua and the placement is atomic on a cluster too.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class EmbeddingKeys:
 
     data: str
     meta: str
+
+    def upload(self, token: str) -> str:
+        """Where a put stages its data before placing it (same slot as `data` and `meta`)."""
+        return f"{self.data.removesuffix(':data')}:put:{token}"
 
 
 def embedding_keys(ref: str, *, tenant: str, prefix: str = DEFAULT_KEY_PREFIX, field: str = "uuid") -> EmbeddingKeys:

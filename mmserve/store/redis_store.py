@@ -1,24 +1,35 @@
 """The embedding store: stored embeddings in Redis, shared by every encoder and decoder.
 
 Design points (conventions.md, "Redis (embedding store)"):
-- both keys of an embedding are written in one MULTI/EXEC with the same TTL,
-  so a reader never sees half an embedding, and read in one MULTI/EXEC, so a
-  reader never pairs a new meta with old data;
-- every read goes through `codec.open_record`, which checks the record's
-  seal (descriptor, every meta field, the data's checksum) before anything
-  parses it: a corrupt record is logged, counted, removed and read as absent,
-  so callers answer NOT_FOUND and the next encode stores a good one;
-- a write is a check-and-set under WATCH: an id already bound to the same
-  identity is kept (its lifetime extended), one bound to another identity is a
-  Conflict, and concurrent writers cannot both win. WATCH rather than a Lua
-  script because Redis copies a script's arguments into Lua and back: with a
-  16 MiB value a script put ran at ~70 MB/s here against ~500 MB/s for
-  WATCH + MULTI/EXEC, which is on par with a bare SET;
-- every operation has bounded retries with jittered exponential backoff
-  (redis-py's Retry) and an overall deadline, so an outage turns into
-  `Unavailable` within seconds, and the pool reconnects by itself afterwards;
-- keys of different embeddings live in different cluster slots and no command
-  spans two embeddings, so the layout works on Redis Cluster.
+- one Redis, a Redis Cluster or a Sentinel-managed master, chosen by the URL
+  (`mmserve.store.connect`); all keys of an embedding share a hash tag, so
+  every command below stays in one slot and works the same on a cluster;
+- a put is one round trip: the data is SET under a short-lived staging key
+  and, pipelined behind it, one small Lua script checks the id and, if it is
+  free, renames the upload into place and writes the sealed meta hash with the
+  TTL, atomically. The data never passes through Lua: a script taking a 16 MiB
+  argument ran at ~70 MB/s here, RENAME is O(1). The staging key shares the
+  record's hash tag, so the pair goes to one cluster node;
+- the script is the check-and-set: an id already holding a whole record is
+  not touched (the upload is dropped) and its meta comes back; the same
+  identity then keeps it (its lifetime extended, never shortened: a second
+  round trip, only then), another identity is a Conflict. Concurrent writers
+  cannot both win, and no WATCH is involved, so a dropped connection is an
+  error, never mistaken for contention;
+- a get is one round trip (meta, data and TTL pipelined; a pair that does not
+  fit is read again in MULTI/EXEC before it is called damaged, since a writer
+  may have run between the commands); every read goes through
+  `codec.open_record`, which checks the record's seal before anything parses
+  it: a corrupt record is logged, counted, removed and read as absent, so
+  callers answer NOT_FOUND and the next encode stores a good one;
+- every operation has bounded retries with jittered exponential backoff and an
+  overall deadline, so an outage turns into `Unavailable` within seconds, and
+  the pool reconnects by itself afterwards; the cluster client follows
+  MOVED/ASK and retries CLUSTERDOWN itself, and what it gives up on is
+  `Unavailable` too, never INTERNAL;
+- `probe` is what health checks ask: a short write, so a store that answers
+  PING but refuses writes (read-only replica, CLUSTERDOWN, a failed disk)
+  makes the services NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -26,22 +37,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.client import Pipeline
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.cluster import RedisCluster
 
 from mmserve.common.v1 import embedding_pb2
 from mmserve.errors import Conflict, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from mmserve.metrics import STORE_CORRUPT
-from mmserve.store import codec
+from mmserve.store import codec, connect
 from mmserve.store.identity import Identity, is_content_id
 from mmserve.store.keys import DEFAULT_KEY_PREFIX, EmbeddingKeys, embedding_keys, validate_uuid
 from mmserve.store.tensors import RawTensor
@@ -63,9 +71,48 @@ end
 return 0
 """
 
-# A WATCH fails only when another writer touched the same id; the retry then
-# sees that writer's embedding and settles. More attempts mean a hot loop.
-_MAX_WATCH_ATTEMPTS = 8
+# Places an uploaded record. KEYS: meta, data, upload. ARGV: ttl ms (0: none),
+# mode ("new": only where the id holds no whole record; "replace": only where
+# the meta still has the seal ARGV[4], i.e. the damaged record the caller saw),
+# the seal field's name, that seal, then the meta hash as field, value, ...
+# Returns {1} when placed; {0, meta fields, data length} when the id holds
+# something else (the upload is dropped); {-1} when the upload is gone.
+_PLACE = """
+if ARGV[2] == 'new' then
+  if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('UNLINK', KEYS[3])
+    return {0, redis.call('HGETALL', KEYS[1]), redis.call('STRLEN', KEYS[2])}
+  end
+elseif (redis.call('HGET', KEYS[1], ARGV[3]) or '') ~= ARGV[4] then
+  redis.call('UNLINK', KEYS[3])
+  return {0, redis.call('HGETALL', KEYS[1]), redis.call('STRLEN', KEYS[2])}
+end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return {-1}
+end
+redis.call('RENAME', KEYS[3], KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('PERSIST', KEYS[2])
+end
+return {1}
+"""
+
+# A staged upload outlives any put that is still running (op_timeout_s) and
+# then expires by itself if its writer died between the upload and the place.
+_UPLOAD_TTL_MS = 120_000
+
+# Another writer changed the id between our look and our place; the next
+# attempt sees its record and settles. Contention only, never a lost connection.
+_MAX_PLACE_ATTEMPTS = 4
+
+# The health probe's key (one per process, so replicas probe different slots).
+_PROBE_TTL_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -91,17 +138,6 @@ class StoredEmbedding:
         raise KeyError(name)
 
 
-def _safe_location(url: str) -> str:
-    """host:port/db of a Redis URL for logs, never its credentials."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return f"unix:{parts.path}"
-        return f"{parts.hostname or '?'}:{parts.port or 6379}{parts.path or ''}"
-    except ValueError:
-        return "<unparsable url>"
-
-
 class EmbeddingStore:
     """Stores and serves embeddings under content ids and client uuids, both scoped to a tenant (keys.py)."""
 
@@ -124,18 +160,21 @@ class EmbeddingStore:
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix
         self._op_timeout_s = op_timeout_s
-        self._location = _safe_location(url)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,  # wait for a free pooled connection
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=socket_timeout_s,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
-            decode_responses=False,
-        )
-        self._redis = aioredis.Redis.from_pool(pool)
-        self._drop_if_unchanged = self._redis.register_script(_DROP_IF_UNCHANGED)
+        self._location = connect.parse_store_url(url).location
+        self._redis = connect.async_client(
+            url, connect_timeout_s=connect_timeout_s, socket_timeout_s=socket_timeout_s,
+            retries=retries, max_connections=max_connections,
+        )  # fmt: skip
+        self._probe_key = f"{key_prefix}:probe:{{{secrets.token_hex(8)}}}"
+        # redis-py's cluster client discovers the slots on first use; many first uses at once
+        # (24 concurrent puts) made it drop connections mid-handshake, so discovery runs alone.
+        self._discovered = not self.is_cluster
+        self._discovery = asyncio.Lock()
+
+    @property
+    def is_cluster(self) -> bool:
+        """True when the URL named a Redis Cluster."""
+        return isinstance(self._redis, RedisCluster)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingStore:
@@ -159,6 +198,8 @@ class EmbeddingStore:
         """Turn Redis failures into mmserve errors, and bound the whole operation in time."""
         try:
             async with asyncio.timeout(self._op_timeout_s):
+                if not self._discovered:
+                    await self._discover()
                 yield
         except (rexc.ConnectionError, rexc.TimeoutError, rexc.InvalidResponse, TimeoutError, OSError) as exc:
             log.warning("embedding store %s failed (redis at %s): %s: %s", op, self._location, type(exc).__name__, exc)
@@ -166,7 +207,15 @@ class EmbeddingStore:
                 f"embedding store unavailable: no working connection to Redis ({type(exc).__name__}); retry later",
                 reason="STORE_UNAVAILABLE",
             ) from exc
-        except (rexc.ReadOnlyError, rexc.TryAgainError, rexc.ClusterDownError) as exc:
+        except (rexc.ClusterError, rexc.RedisClusterException, rexc.AskError, rexc.TryAgainError) as exc:
+            # What the cluster client gives up on: CLUSTERDOWN, uncovered slots, redirects without end.
+            log.warning("embedding store %s failed (redis at %s): %s: %s", op, self._location, type(exc).__name__, exc)
+            raise Unavailable(
+                f"embedding store unavailable: the Redis cluster cannot serve this key now ({type(exc).__name__}); "
+                "retry later",
+                reason="STORE_UNAVAILABLE",
+            ) from exc
+        except (rexc.ReadOnlyError, rexc.BusyLoadingError) as exc:
             log.warning("embedding store %s refused (redis at %s): %s", op, self._location, exc)
             raise Unavailable(
                 f"embedding store unavailable: Redis is not accepting writes ({type(exc).__name__}); retry later",
@@ -175,9 +224,24 @@ class EmbeddingStore:
         except rexc.OutOfMemoryError as exc:
             log.error("embedding store %s: redis at %s is out of memory: %s", op, self._location, exc)
             raise ResourceExhausted("embedding store is full; retry later", reason="STORE_FULL") from exc
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("MISCONF"):
+                log.exception("embedding store %s failed (redis at %s)", op, self._location)
+                raise Internal("embedding store error") from exc
+            log.error("embedding store %s refused (redis at %s): %s", op, self._location, exc)
+            raise Unavailable(
+                "embedding store unavailable: Redis refuses writes (it cannot persist); retry later",
+                reason="STORE_UNAVAILABLE",
+            ) from exc
         except rexc.RedisError as exc:
             log.exception("embedding store %s failed (redis at %s)", op, self._location)
             raise Internal("embedding store error") from exc
+
+    async def _discover(self) -> None:
+        async with self._discovery:
+            if not self._discovered:
+                await self._redis.initialize()  # type: ignore[union-attr]
+                self._discovered = True
 
     # --- keys ------------------------------------------------------------
 
@@ -191,6 +255,19 @@ class EmbeddingStore:
         """Raise Unavailable unless Redis answers."""
         async with self._guard("ping"):
             await self._redis.ping()
+
+    async def probe(self) -> None:
+        """Raise Unavailable unless the store takes a write now (health: usable, not merely reachable).
+
+        On a cluster, also unless the node asked reports cluster_state:ok.
+        """
+        async with self._guard("probe"):
+            await self._redis.set(self._probe_key, b"1", px=_PROBE_TTL_MS)
+            if self.is_cluster:
+                info = await self._redis.cluster_info()
+                state = info.get("cluster_state", info.get(b"cluster_state")) if isinstance(info, dict) else None
+                if state not in ("ok", b"ok"):
+                    raise rexc.ClusterDownError(f"cluster_state is {state!r}")
 
     async def put(
         self,
@@ -223,79 +300,88 @@ class EmbeddingStore:
         if len(set(names)) != len(names):
             raise InvalidArgument(f"tensor names must be unique, got {names}", field="tensors")
         keys = embedding_keys(descriptor.id, tenant=tenant, prefix=self.key_prefix, field=id_field)
-
-        payload, check = await codec.pack(tensors)
-        now_ns = time.time_ns()
-        descriptor.options_json = identity.options_json
         del descriptor.tensors[:]
         descriptor.tensors.extend(t.info() for t in tensors)
-        descriptor.nbytes = len(payload)
-        descriptor.created_at.FromNanoseconds(now_ns)
-        if ttl:
-            descriptor.expires_at.FromNanoseconds(now_ns + ttl * 1_000_000_000)
-        else:
-            descriptor.ClearField("expires_at")
-        meta = codec.encode_meta(descriptor, check)
-
+        payload = await codec.join(tensors)
         async with self._guard("put"):
-            return await self._check_and_set(keys, descriptor, identity, payload, meta, ttl * 1000)
+            for _ in range(_MAX_PLACE_ATTEMPTS):
+                placed = await self._upload_and_place(keys, descriptor, identity, payload, ttl)
+                if placed is not None:
+                    return placed
+        log.error("embedding store put of %s gave up after %d contended attempts", descriptor.id, _MAX_PLACE_ATTEMPTS)
+        raise Unavailable("embedding store busy: too many concurrent writes to one id; retry later")
 
-    async def _check_and_set(
+    async def _upload_and_place(
         self,
         keys: EmbeddingKeys,
         descriptor: EmbeddingDescriptor,
         identity: Identity,
         payload: bytes | memoryview,
-        meta: dict[bytes, bytes],
-        ttl_ms: int,
-    ) -> PutResult:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for _ in range(_MAX_WATCH_ATTEMPTS):
-                try:
-                    await pipe.watch(keys.meta, keys.data)
-                    existing = await self._read_existing(pipe, keys, descriptor.id)
-                    if existing is not None:
-                        self._raise_if_other(existing, descriptor, identity)
-                        # Extending the lifetime needs no WATCH (it is harmless on whatever the
-                        # keys hold by now), and under one would make concurrent readers of the
-                        # same embedding invalidate each other's transactions.
-                        await pipe.unwatch()
-                        pipe.multi()
-                        if ttl_ms:
-                            pipe.pexpire(keys.data, ttl_ms, gt=True)
-                            pipe.pexpire(keys.meta, ttl_ms, gt=True)
-                        else:
-                            pipe.persist(keys.data)
-                            pipe.persist(keys.meta)
-                        pipe.pttl(keys.meta)
-                        *_, pttl = await pipe.execute()
-                        _set_expiry(existing, pttl)
-                        return PutResult(existing, created=False)
-                    pipe.multi()
-                    pipe.set(keys.data, payload, px=ttl_ms or None)
-                    pipe.delete(keys.meta)  # no stale fields from a broken predecessor
-                    pipe.hset(keys.meta, mapping=meta)  # type: ignore[arg-type]
-                    if ttl_ms:
-                        pipe.pexpire(keys.meta, ttl_ms)
-                    await pipe.execute()
-                    return PutResult(descriptor, created=True)
-                except rexc.WatchError:
-                    continue  # another writer got there first: look again
-        log.error("embedding store put of %s gave up after %d contended attempts", descriptor.id, _MAX_WATCH_ATTEMPTS)
-        raise Unavailable("embedding store busy: too many concurrent writes to one id; retry later")
-
-    async def _read_existing(self, pipe: Pipeline, keys: EmbeddingKeys, ref: str) -> EmbeddingDescriptor | None:
-        """The descriptor an id holds, or None if it holds nothing usable (absent, broken, half evicted)."""
-        fields = await pipe.hgetall(keys.meta)
+        ttl_s: int,
+        replace_seal: bytes | None = None,
+    ) -> PutResult | None:
+        """One attempt, one round trip: the upload and the place script, pipelined; None if another writer changed the id meanwhile."""
+        upload = keys.upload(secrets.token_hex(8))
+        check = await codec.data_checksum(payload)
+        args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(upload, payload, px=_UPLOAD_TTL_MS)
+            pipe.eval(_PLACE, 3, keys.meta, keys.data, upload, *args)  # type: ignore[arg-type]
+            _, reply = await pipe.execute()
+        if reply[0] == 1:
+            return PutResult(descriptor, created=True)
+        if reply[0] == -1:
+            raise ResourceExhausted("embedding store is full: the upload was evicted before it was stored", reason="STORE_FULL")
+        fields = dict(zip(reply[1][::2], reply[1][1::2], strict=True))
         if not fields:
-            return None
-        stored = await pipe.strlen(keys.data)
+            return None  # deleted since we looked: try again as a new record
         try:
-            existing, _ = await codec.open_record(ref, fields, stored)
+            existing, _ = await codec.open_record(descriptor.id, fields, reply[2])
         except codec.CorruptEmbedding as exc:
+            if replace_seal is not None:
+                return None  # a different damaged record than the one we saw: look again
             _report_corrupt(keys, exc, "replacing it")
-            return None
-        return existing
+            return await self._upload_and_place(
+                keys, descriptor, identity, payload, ttl_s, fields.get(codec.F_RECORD_CHECKSUM.encode(), b"")
+            )
+        self._raise_if_other(existing, descriptor, identity)
+        await self._extend(keys, existing, ttl_s * 1000)
+        return PutResult(existing, created=False)
+
+    @staticmethod
+    def _place_args(
+        descriptor: EmbeddingDescriptor,
+        identity: Identity,
+        payload: bytes | memoryview,
+        check: str,
+        ttl_s: int,
+        replace_seal: bytes | None,
+    ) -> list[bytes | str | int]:
+        """Complete the descriptor (created now), seal its meta hash, and lay out _PLACE's ARGV."""
+        now_ns = time.time_ns()
+        descriptor.options_json = identity.options_json
+        descriptor.nbytes = len(payload)
+        descriptor.created_at.FromNanoseconds(now_ns)
+        if ttl_s:
+            descriptor.expires_at.FromNanoseconds(now_ns + ttl_s * 1_000_000_000)
+        else:
+            descriptor.ClearField("expires_at")
+        meta = codec.encode_meta(descriptor, check)
+        mode, seal = (b"new", b"") if replace_seal is None else (b"replace", replace_seal)
+        return [ttl_s * 1000, mode, codec.F_RECORD_CHECKSUM, seal, *(x for kv in meta.items() for x in kv)]
+
+    async def _extend(self, keys: EmbeddingKeys, existing: EmbeddingDescriptor, ttl_ms: int) -> None:
+        """Extend (never shorten) a kept record's lifetime; set its expires_at from what Redis now says."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if ttl_ms:
+                pipe.pexpire(keys.data, ttl_ms, gt=True)
+                pipe.pexpire(keys.meta, ttl_ms, gt=True)
+            else:
+                pipe.persist(keys.data)
+                pipe.persist(keys.meta)
+            pipe.pttl(keys.meta)
+            *_, pttl = await pipe.execute()
+        _set_expiry(existing, pttl)
 
     @staticmethod
     def _raise_if_other(existing: EmbeddingDescriptor, new: EmbeddingDescriptor, identity: Identity) -> None:
@@ -327,7 +413,34 @@ class EmbeddingStore:
     async def get(self, ref: str, *, tenant: str, with_tensors: bool = True) -> StoredEmbedding | None:
         """The embedding `ref` names, or None if it is absent, expired or damaged."""
         keys = self.keys_for(ref, tenant=tenant)
-        async with self._guard("get"), self._redis.pipeline(transaction=True) as pipe:
+        fields, data, pttl = await self._read(keys, with_tensors, atomic=False)
+        if not fields:
+            return None
+        try:
+            descriptor, tensors = await codec.open_record(ref, fields, data)
+        except codec.CorruptEmbedding:
+            # The one-round-trip read is not atomic: a put or delete between its commands pairs
+            # one record's meta with another's data (the seal catches it). Only an atomic
+            # re-read may call the record damaged, and only that one removes it.
+            fields, data, pttl = await self._read(keys, with_tensors, atomic=True)
+            if not fields:
+                return None
+            try:
+                descriptor, tensors = await codec.open_record(ref, fields, data)
+            except codec.CorruptEmbedding as exc:
+                # Left in place, it would look present to `exists` and to the
+                # encoder's lookup (so nobody re-encodes) while every read fails.
+                _report_corrupt(keys, exc, "removing it; reads see it as absent")
+                await self._drop_damaged(keys, fields.get(codec.F_RECORD_CHECKSUM.encode(), b""))
+                return None
+        _set_expiry(descriptor, pttl)
+        return StoredEmbedding(descriptor, tensors)
+
+    async def _read(
+        self, keys: EmbeddingKeys, with_tensors: bool, *, atomic: bool
+    ) -> tuple[dict[bytes, bytes], bytes | int | None, int]:
+        """Meta, data (or its length) and remaining lifetime, pipelined in one round trip (in MULTI/EXEC if atomic)."""
+        async with self._guard("get"), self._redis.pipeline(transaction=atomic) as pipe:
             pipe.hgetall(keys.meta)
             if with_tensors:
                 pipe.get(keys.data)
@@ -335,24 +448,13 @@ class EmbeddingStore:
                 pipe.strlen(keys.data)
             pipe.pttl(keys.meta)
             fields, data, pttl = await pipe.execute()
-        if not fields:
-            return None
-        try:
-            descriptor, tensors = await codec.open_record(ref, fields, data)
-        except codec.CorruptEmbedding as exc:
-            # Left in place, it would look present to `exists` and to the
-            # encoder's lookup (so nobody re-encodes) while every read fails.
-            _report_corrupt(keys, exc, "removing it; reads see it as absent")
-            await self._drop_damaged(keys, fields.get(codec.F_RECORD_CHECKSUM.encode(), b""))
-            return None
-        _set_expiry(descriptor, pttl)
-        return StoredEmbedding(descriptor, tensors)
+        return fields, data, pttl
 
     async def _drop_damaged(self, keys: EmbeddingKeys, seal: bytes) -> None:
         """Best effort: the read already answered "missing", a failed cleanup changes nothing."""
         try:
             async with asyncio.timeout(self._op_timeout_s):
-                await self._drop_if_unchanged(keys=[keys.meta, keys.data], args=[codec.F_RECORD_CHECKSUM, seal])
+                await self._redis.eval(_DROP_IF_UNCHANGED, 2, keys.meta, keys.data, codec.F_RECORD_CHECKSUM, seal)  # type: ignore[misc]
         except (rexc.RedisError, TimeoutError, OSError) as exc:
             log.warning("could not remove damaged embedding %s: %s", keys.meta, exc)
 

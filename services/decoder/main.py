@@ -22,7 +22,7 @@ SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"]
 
 
 async def serve(settings: Settings) -> None:
-    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
+    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING (while the store takes writes) until SIGTERM."""
     store = EmbeddingStore.from_settings(settings)
     encoder = EncoderClient(settings)
     servicer = DecoderServicer(settings)
@@ -39,7 +39,7 @@ async def serve(settings: Settings) -> None:
     await engine.start()
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)
-    await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose])
+    await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose], probe=store.probe)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"]
 
 
 async def serve(settings: Settings) -> None:
-    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING until SIGTERM."""
+    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING (while the store takes writes) until SIGTERM."""
     register_store_size(settings.redis_url)
     store = EmbeddingStore.from_settings(settings)
     fetcher = GuardedFetcher(settings)
@@ -41,7 +41,7 @@ async def serve(settings: Settings) -> None:
     pipeline = EncoderPipeline(settings, model, store, fetcher)
     servicer.attach(pipeline)
     log.info("encoder SERVING %s on port %d", model.served_name, server.port)
-    await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose])
+    await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe)
 
 
 def main() -> None:
