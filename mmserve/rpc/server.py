@@ -22,17 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.metrics import RpcRecorder, serve_metrics
+from mmserve.rpc.channel import message_size_options, server_options  # noqa: F401 - message_size_options: its old home
 from mmserve.rpc.interceptor import ServiceInterceptor
 
 log = logging.getLogger("mmserve.rpc")
-
-
-def message_size_options(settings: Settings) -> list[tuple[str, int]]:
-    """Raise gRPC's 4 MiB default on both sides (inline media); larger items are uploaded in chunks."""
-    return [
-        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-    ]
 
 
 @dataclass
@@ -84,7 +77,7 @@ async def start_server(
             *tracing.server_interceptors(settings),
             ServiceInterceptor(service, default_tenant=settings.tenant, metrics=RpcRecorder(service)),
         ],
-        options=message_size_options(settings),
+        options=server_options(settings),  # message sizes, the clients' keepalive pings, connection age
     )
     register(server)
     health_servicer = health.aio.HealthServicer()
