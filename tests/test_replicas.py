@@ -67,6 +67,19 @@ class Replica:
         self.process.proc.wait(10)
         self.process.stop()
 
+    def in_flight(self) -> int:
+        """Calls this process is serving now (its in-flight gauge)."""
+        samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        return int(sum(v for k, v in samples.items() if k.startswith("mmserve_requests_in_flight{")))
+
+    def kill_when_busy(self, within_s: float = 10.0) -> int:
+        """SIGKILL as soon as a call is in flight here (at most `within_s` from now); returns the calls seen in flight."""
+        deadline, busy = time.monotonic() + within_s, 0
+        while time.monotonic() < deadline and not (busy := self.in_flight()):
+            time.sleep(0.005)
+        self.kill()
+        return busy
+
     def generate_calls(self) -> int:
         """Generate calls this process has answered, by its request metric (any outcome)."""
         samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
@@ -173,9 +186,11 @@ def test_sigkill_one_decoder_and_one_encoder_under_load(replicas: Replicas) -> N
         futures = [pool.submit(run, i) for i in range(total)]
         assert done.wait(180), "the stack did not answer"
         before_kill = [replicas.decoders[0].generate_calls(), replicas.decoders[1].generate_calls()]
-        replicas.decoders[0].kill()
-        replicas.encoders[0].kill()
+        encoder_busy = replicas.encoders[0].kill_when_busy()
+        decoder_busy = replicas.decoders[0].kill_when_busy()
         outcomes = [f.result(timeout=300) for f in futures]
+    print(f"killed an encoder with {encoder_busy} and a decoder with {decoder_busy} calls in flight")
+    assert decoder_busy, "the decoder was never seen serving a call: the kill proved nothing"
     assert not visible_failures(outcomes), [o for o in outcomes if o.error]
     assert all(o.error == "" for o in outcomes if not o.streamed)
     assert min(before_kill) > 0, f"both decoders should have had traffic before the kill: {before_kill}"
