@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -106,6 +107,7 @@ def replicas(module_redis: LocalRedis, tiny_checkpoint: Path, tmp_path_factory: 
         "MMSERVE_MODEL": f"tiny:{TINY}", "MMSERVE_CACHE_DIR": str(CACHE_DIR), "MMSERVE_REDIS_URL": module_redis.url,
         "MMSERVE_HOST": "127.0.0.1", "MMSERVE_SHUTDOWN_GRACE_S": "2", "MMSERVE_ENCODER_TARGET": encoder_target,
         "MMSERVE_FETCH_ALLOW_LOOPBACK": "true", "MMSERVE_MAX_RUNNING_REQUESTS": "4", "MMSERVE_LOG_LEVEL": "INFO",
+        "PYTHONFAULTHANDLER": "1",  # a process that hangs on SIGTERM is sent SIGABRT: its threads' stacks land in its log
     }  # fmt: skip
     encoders = [Replica("encoder", p, env, logs) for p in encoder_ports]
     decoders = [Replica("decoder", p, env, logs) for p in decoder_ports]
@@ -247,3 +249,43 @@ def test_restarted_decoder_gets_no_call_while_loading_and_calls_soon_after_servi
     assert served_while_loading, "no request completed while the replica loaded: the window proved nothing"
     assert rejoin_s < REJOIN_LIMIT_S, f"the restarted decoder got its first call {rejoin_s:.1f}s after SERVING"
     assert not [o for o in outcomes if o.error], [o for o in outcomes if o.error]
+
+
+def test_sigterm_drains_a_decoder_without_a_single_failure(replicas: Replicas) -> None:
+    """SIGTERM (graceful): health goes NOT_SERVING, running streams finish, new calls go elsewhere; it exits 0."""
+    draining, other = replicas.decoders[1], replicas.decoders[0]
+    for replica in (draining, other):
+        if replica.process is None or not replica.process.alive():
+            replica.start().wait()
+    client = replicas.client()
+    done = threading.Event()
+    completed: list[Outcome] = []
+
+    def run(index: int) -> Outcome:
+        outcome = one_chat(client, index, seed_base=90_000)
+        completed.append(outcome)
+        if len(completed) >= 6:
+            done.set()
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(run, i) for i in range(24)]
+        assert done.wait(180), "the stack did not answer"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not draining.in_flight():
+            time.sleep(0.005)
+        assert draining.process is not None and draining.process.proc is not None
+        proc, start = draining.process.proc, time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(12)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(10)
+            pytest.fail(f"the decoder did not exit 12 s after SIGTERM:\n{draining.process.log_text()[-6000:]}")
+        stopped_s = time.monotonic() - start
+        draining.process.stop()
+        outcomes = [f.result(timeout=300) for f in futures]
+    assert not [o for o in outcomes if o.error], [o for o in outcomes if o.error]
+    assert code == 0
+    assert stopped_s < 10, f"an idle health watch should not hold the shutdown for its grace: {stopped_s:.1f}s"
