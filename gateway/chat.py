@@ -163,7 +163,7 @@ async def collect(
             finish[message.index] = FINISH.get(message.finish_reason, "stop")
         if message.HasField("usage"):
             usage = usage_json(message.usage)
-        message = await call.read()
+        message = await read_rest(call, whole=bool(usage))
     choices = [
         {
             "index": i, "message": assistant_message("".join(texts[i]), calls[i]),
@@ -172,6 +172,20 @@ async def collect(
         for i in sorted(texts)
     ]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage}
+
+
+async def read_rest(call: Any, *, whole: bool) -> Any:
+    """The call's next message, or EOF if the decoder vanished after the request's last output (the one with usage).
+
+    That output ends every choice, so the answer is complete: a replica killed before its status
+    went out must not turn a finished non-streamed completion into a 503.
+    """
+    try:
+        return await call.read()
+    except grpc.RpcError as exc:
+        if whole and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return grpc.aio.EOF
+        raise
 
 
 def sse_events(

@@ -1,9 +1,10 @@
 """What the gateway's routes share: gRPC channels to the decoders and encoders, and who is calling.
 
-Channels are created lazily, on the event loop that serves requests, and use
-round-robin over every address their target resolves to (several decoder or
-encoder replicas behind one DNS name); every call on them carries the service
-token (mmserve/rpc/auth.py), so the services trust the tenant sent with it.
+Channels are created lazily, on the event loop that serves requests, and are
+built by mmserve.rpc.channel: round-robin over the SERVING replicas their
+target resolves to, retried on UNAVAILABLE before any response; every call on
+them carries the service token (mmserve/rpc/auth.py), so the services trust
+the tenant sent with it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import grpc
 from fastapi import Request
 from grpc_health.v1 import health_pb2_grpc
 
-from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import Unauthenticated
-from mmserve.rpc.auth import token_interceptors
+from mmserve.rpc.channel import client_channel
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
-from mmserve.rpc.server import message_size_options
 from mmserve.tenancy import ApiKeys
 
 CARD_TTL_S = 30.0  # how long the gateway trusts a model card (limits) before asking again
@@ -33,10 +32,8 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        interceptors = [*(tracing.client_interceptors(settings) or ()), *token_interceptors(settings)]
-        self._decoder_channel = grpc.aio.insecure_channel(settings.decoder_target, options=options, interceptors=interceptors)
-        self._encoder_channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=interceptors)
+        self._decoder_channel = client_channel(settings.decoder_target, settings)
+        self._encoder_channel = client_channel(settings.encoder_target, settings)
         self.decoder = pb_grpc.DecoderServiceStub(self._decoder_channel)
         self.encoder = enc_grpc.EncoderServiceStub(self._encoder_channel)
         self.health = health_pb2_grpc.HealthStub(self._decoder_channel)

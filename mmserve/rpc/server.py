@@ -30,17 +30,50 @@ from mmserve.config import Settings
 from mmserve.errors import MmserveError
 from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.rpc.auth import service_token, warn_if_open
+from mmserve.rpc.channel import message_size_options, server_options  # noqa: F401 - message_size_options: its old home
 from mmserve.rpc.interceptor import ServiceInterceptor
 
 log = logging.getLogger("mmserve.rpc")
 
 
-def message_size_options(settings: Settings) -> list[tuple[str, int]]:
-    """Raise gRPC's 4 MiB default on both sides (inline media); larger items are uploaded in chunks."""
-    return [
-        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-    ]
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's asyncio health servicer, whose Watch streams end once shutdown has sent them NOT_SERVING.
+
+    Health-checking clients (mmserve.rpc.channel) keep a Watch open on every connection; left
+    open, those would hold `server.stop(grace)` for the whole grace even with no real call running.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Condition()
+        self._draining = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await super().set(service, status)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        async with self._changed:
+            self._draining = True
+            self._changed.notify_all()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        """Send the status now and on every change (as grpc's Watch); return after the last one once draining."""
+        last = None
+        while True:
+            async with self._changed:
+                status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                draining = self._draining
+                if status == last and not draining:
+                    await self._changed.wait()
+                    continue
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if draining:
+                return
 
 
 @dataclass
@@ -48,7 +81,7 @@ class GrpcServer:
     """A started server and its health servicer."""
 
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: HealthServicer
     services: Sequence[str]
     port: int
 
@@ -126,10 +159,10 @@ async def start_server(
                 service, default_tenant=settings.tenant, metrics=RpcRecorder(service), service_token=service_token(settings)
             ),
         ],
-        options=message_size_options(settings),
+        options=server_options(settings),  # message sizes, the clients' keepalive pings, connection age
     )
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -138,9 +171,9 @@ async def start_server(
     bound = server.add_insecure_port(f"{settings.host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind {settings.host}:{port}")
-    await server.start()
     grpc_server = GrpcServer(server, health_servicer, service_names, bound)
-    await grpc_server.set_serving(False)
+    await grpc_server.set_serving(False)  # before start: grpc's servicer begins SERVING, a health-checking client would send calls
+    await server.start()
     log.info("%s listening on %s:%d (health NOT_SERVING until warm)", service, settings.host, bound)
     return grpc_server
 

@@ -13,16 +13,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from mmserve import tracing
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import FailedPrecondition, MmserveError, NotFound, Unavailable, from_rpc_error
 from mmserve.mediainput import is_reference, reference_of, source_kind
-from mmserve.rpc.auth import token_interceptors
+from mmserve.rpc.channel import client_channel
 from mmserve.rpc.metadata import outgoing_metadata
-from mmserve.rpc.server import message_size_options
 from mmserve.store import EmbeddingStore, StoredEmbedding
 from mmserve.store.keys import slot_of
 from services.decoder.conversation import MediaPart
@@ -39,12 +37,10 @@ class ResolvedMedia:
 
 
 class EncoderClient:
-    """The decoder's channel to the encoders (round-robin over every address the target resolves to)."""
+    """The decoder's channel to the encoders: round-robin over the SERVING ones, Encode retried on UNAVAILABLE (mmserve.rpc.channel)."""
 
     def __init__(self, settings: Settings) -> None:
-        options = [*message_size_options(settings), ("grpc.lb_policy_name", "round_robin")]
-        interceptors = [*(tracing.client_interceptors(settings) or ()), *token_interceptors(settings)]  # the token: see mmserve/rpc/auth.py
-        self._channel = grpc.aio.insecure_channel(settings.encoder_target, options=options, interceptors=interceptors)
+        self._channel = client_channel(settings.encoder_target, settings)
         self.stub = enc_grpc.EncoderServiceStub(self._channel)
         self.calls = 0
 
