@@ -30,6 +30,7 @@ import yaml
 from mmserve.config import Settings
 from mmserve.launcher import SERVICE_COMMANDS
 from mmserve.localredis import AOF_ARGS
+from mmserve.rpc.server import LIVENESS_SERVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "deploy" / "kubernetes"
@@ -164,8 +165,10 @@ def test_grpc_services_have_grpc_health_probes_covering_a_model_load(objects: li
         c = container(roles[role])
         port = int(env_of(roles[role], configmaps)[f"MMSERVE_{role.upper()}_PORT"])
         assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == port
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for kind in ("startupProbe", "readinessProbe"):
             assert c[kind]["grpc"] == {"port": port}, (role, kind)  # grpc.health.v1, the whole server ("")
+        # liveness: the process only (a store outage makes "" NOT_SERVING: no traffic, but no restart either)
+        assert c["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}, role
         startup = c["startupProbe"]
         assert startup["failureThreshold"] * startup["periodSeconds"] >= 600, "the startup probe must allow a 10 min model load"
         for kind in ("readinessProbe", "livenessProbe"):

@@ -24,6 +24,7 @@ from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, Unavailable
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import check
+from mmserve.rpc.server import LIVENESS_SERVICE
 from mmserve.store import EmbeddingStore, embedding_keys
 from mmserve.store.connect import parse_store_url, sync_client
 from tests.conftest import Stack, StartService, flush_store, start_stack
@@ -226,6 +227,7 @@ def test_health_follows_the_cluster(cluster_stack: tuple[Stack, LocalRedisCluste
     lost.stop()
     try:
         _wait(lambda: not any(check(t) for t in targets), 30, "NOT_SERVING")
+        assert all(check(t, LIVENESS_SERVICE) for t in targets)  # alive all along: a liveness probe restarts nothing
         with encoder_stub(stack.encoder.target) as stub:
             item = media_pb2.MediaInput(modality=IMAGE, source=media_pb2.MediaSource(data=png_bytes(seed=8)))
             with pytest.raises(grpc.RpcError) as err:

@@ -76,6 +76,11 @@ class HealthServicer(health.aio.HealthServicer):
                 return
 
 
+#: A health service name that is SERVING while the process runs, whatever the model or store: for liveness probes
+#: (a Redis outage makes the service NOT_SERVING, which should stop traffic, not restart the process).
+LIVENESS_SERVICE = "mmserve.liveness"
+
+
 @dataclass
 class GrpcServer:
     """A started server and its health servicer."""
@@ -174,6 +179,7 @@ async def start_server(
     grpc_server = GrpcServer(server, health_servicer, service_names, bound)
     await grpc_server.set_serving(False)  # before start: grpc's servicer begins SERVING, a health-checking client would send calls
     await server.start()
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d (health NOT_SERVING until warm)", service, settings.host, bound)
     return grpc_server
 
