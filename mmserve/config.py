@@ -76,7 +76,40 @@ class Settings(BaseSettings):
         gt=0,
     )
     embedding_ttl_s: int = Field(
-        7 * 24 * 3600, description="Lifetime of a stored embedding in seconds; 0 keeps it until evicted."
+        7 * 24 * 3600,
+        description=(
+            "Lifetime of a stored embedding in seconds, sliding: an encode stores it for this long, and each chat "
+            "that reads it (or a re-encode that finds it) resets it to this long again, at most once per "
+            "`MMSERVE_EMBEDDING_TTL_REFRESH_S`; so an embedding expires this long after its last use. "
+            "0 keeps embeddings until Redis evicts them (maxmemory policy)."
+        ),
+        ge=0,
+    )
+    embedding_ttl_refresh_s: int = Field(
+        3600,
+        ge=0,
+        description=(
+            "Rate limit of the sliding expiry: a read resets an embedding's lifetime only once more than this "
+            "many seconds of it have passed (at most half the TTL), so a hot embedding is not re-touched on every "
+            "read; checked in the read's own round trip."
+        ),
+    )
+    store_chunk_bytes: int = Field(
+        64 * MiB,
+        gt=0,
+        le=512 * MiB,
+        description=(
+            "Embeddings larger than this are stored as several Redis values of at most this size (Redis refuses "
+            "values over 512 MB), written and made visible all at once and reassembled on read."
+        ),
+    )
+    store_max_record_bytes: int = Field(
+        2048 * MiB,
+        gt=0,
+        description=(
+            "Largest embedding (all its tensors) the store accepts; a bigger one is refused before any upload "
+            "(INVALID_ARGUMENT, reason MEDIA_TOO_LARGE, naming this limit)."
+        ),
     )
     tenant: str = Field("default", description="Tenant of every call when no API key identifies one (gateway), or no tenant metadata comes with it (services).")
     redis_persist: bool = Field(

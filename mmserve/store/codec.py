@@ -48,6 +48,7 @@ from mmserve.store.tensors import RawTensor, dtype_name, tensor_nbytes
 F_DESCRIPTOR = "descriptor"
 F_DATA_CHECKSUM = "data_checksum"
 F_RECORD_CHECKSUM = "record_checksum"
+F_CHUNKS = "chunks"  # how many values hold the data (absent: one)
 F_OLD_CHECKSUM = "checksum"  # the first format's only checksum (tensor bytes)
 
 _RECORD_DOMAIN = b"mmserve.embedding-record.v2\0"
@@ -160,8 +161,8 @@ def _as_bytes(value: bytes | str | int) -> bytes:
     return (str(value) if isinstance(value, int) else value).encode()
 
 
-def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str) -> dict[bytes, bytes]:
-    """The sealed `:meta` hash for a complete descriptor and its data's checksum."""
+def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str, chunks: int = 1) -> dict[bytes, bytes]:
+    """The sealed `:meta` hash for a complete descriptor and its data's checksum (over all `chunks` values)."""
     first = descriptor.tensors[0]
     placement = descriptor.WhichOneof("placement")
     fields: dict[str, bytes | str | int] = {
@@ -188,6 +189,8 @@ def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str) 
         "created": _iso(descriptor.created_at.ToNanoseconds()),
         "nbytes": descriptor.nbytes,
     }
+    if chunks > 1:
+        fields[F_CHUNKS] = chunks
     meta = {name.encode(): _as_bytes(value) for name, value in fields.items()}
     meta[F_RECORD_CHECKSUM.encode()] = record_checksum(meta)
     return meta
@@ -201,6 +204,12 @@ def decode_descriptor(raw: bytes) -> embedding_pb2.EmbeddingDescriptor:
     except DecodeError as exc:
         raise CorruptEmbedding("stored descriptor does not parse") from exc
     return descriptor
+
+
+def chunk_count(fields: Mapping[bytes, bytes]) -> int:
+    """How many values hold a record's data, as its meta says (1 when unsaid or unreadable: the seal decides)."""
+    raw = fields.get(F_CHUNKS.encode(), b"1")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 1
 
 
 def check_seal(fields: Mapping[bytes, bytes]) -> None:

@@ -16,6 +16,9 @@ intact) and tenants exclude `:` (the slot parses one way only).
 A put first uploads the data under `<prefix>:{<slot>}:put:<token>` (same
 slot, short-lived) and a script then renames it into place, so the upload
 never goes through Lua and the placement is atomic on a cluster too.
+A record larger than the store's chunk size keeps its data in several values:
+`:data` (chunk 0), `:data:1`, `:data:2`, ... (same slot; the count is the
+sealed meta field `chunks`, absent for a single value).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class EmbeddingKeys:
 
     data: str
     meta: str
+
+    def chunk(self, index: int) -> str:
+        """Where data chunk `index` of a chunked record lives (chunk 0 is `data` itself; same slot)."""
+        return self.data if index == 0 else f"{self.data}:{index}"
 
     def upload(self, token: str) -> str:
         """Where a put stages its data before placing it (same slot as `data` and `meta`)."""

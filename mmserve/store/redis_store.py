@@ -47,7 +47,7 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from mmserve.common.v1 import embedding_pb2
-from mmserve.errors import Conflict, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from mmserve.errors import Conflict, Internal, InvalidArgument, MediaTooLarge, ResourceExhausted, Unavailable
 from mmserve.metrics import STORE_CORRUPT
 from mmserve.store import codec, connect
 from mmserve.store.identity import Identity, is_content_id
@@ -66,41 +66,109 @@ EmbeddingDescriptor = embedding_pb2.EmbeddingDescriptor
 # (every write has a new seal: the descriptor holds its creation time in ns).
 _DROP_IF_UNCHANGED = """
 if (redis.call('HGET', KEYS[1], ARGV[1]) or '') == ARGV[2] then
-  return redis.call('UNLINK', KEYS[1], KEYS[2])
+  local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+  local removed = redis.call('UNLINK', KEYS[1], KEYS[2])
+  for i = 1, n - 1 do
+    removed = removed + redis.call('UNLINK', KEYS[2] .. ':' .. i)
+  end
+  return removed
 end
 return 0
 """
 
-# Places an uploaded record. KEYS: meta, data, upload. ARGV: ttl ms (0: none),
-# mode ("new": only where the id holds no whole record; "replace": only where
-# the meta still has the seal ARGV[4], i.e. the damaged record the caller saw),
-# the seal field's name, that seal, then the meta hash as field, value, ...
+# Removes a record and all its data chunks (their count is in the meta). KEYS: meta, data.
+_DELETE = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+local removed = redis.call('UNLINK', KEYS[1], KEYS[2])
+for i = 1, n - 1 do
+  removed = removed + redis.call('UNLINK', KEYS[2] .. ':' .. i)
+end
+return removed
+"""
+
+# The read's lifetime check, and the sliding expiry in the same round trip. KEYS: meta, data.
+# ARGV: the store's ttl in ms, and the threshold: a record with less than that left (and an
+# expiry at all) gets its full ttl back on every key (meta, data, further chunks). Returns the
+# meta's PTTL after that. A record read again soon after is left alone (rate limit).
+_TOUCH = """
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 and pttl < tonumber(ARGV[2]) then
+  local ttl = tonumber(ARGV[1])
+  local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  for i = 1, n - 1 do
+    redis.call('PEXPIRE', KEYS[2] .. ':' .. i, ttl)
+  end
+  return ttl
+end
+return pttl
+"""
+
+# Places an uploaded record. KEYS: meta, then the n data chunk keys (`:data`,
+# `:data:1`, ...), then the n uploads. ARGV: ttl ms (0: none), mode ("new": only
+# where the id holds no whole record; "replace": only where the meta still has
+# the seal ARGV[4], i.e. the damaged record the caller saw), the seal field's
+# name, that seal, n, then the meta hash as field, value, ...
 # Returns {1} when placed; {0, meta fields, data length} when the id holds
-# something else (the upload is dropped); {-1} when the upload is gone.
+# something else (the uploads are dropped); {-1} when an upload is gone.
+# All chunks become visible at once with the meta: all or nothing.
 _PLACE = """
+local n = tonumber(ARGV[5])
+local function drop_uploads()
+  for i = 1, n do redis.call('UNLINK', KEYS[1 + n + i]) end
+end
+local function existing()
+  drop_uploads()
+  local m = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+  local size = redis.call('STRLEN', KEYS[2])
+  for i = 1, m - 1 do size = size + redis.call('STRLEN', KEYS[2] .. ':' .. i) end
+  return {0, redis.call('HGETALL', KEYS[1]), size}
+end
 if ARGV[2] == 'new' then
   if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('UNLINK', KEYS[3])
-    return {0, redis.call('HGETALL', KEYS[1]), redis.call('STRLEN', KEYS[2])}
+    return existing()
   end
 elseif (redis.call('HGET', KEYS[1], ARGV[3]) or '') ~= ARGV[4] then
-  redis.call('UNLINK', KEYS[3])
-  return {0, redis.call('HGETALL', KEYS[1]), redis.call('STRLEN', KEYS[2])}
+  return existing()
 end
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  return {-1}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + n + i]) == 0 then
+    drop_uploads()
+    return {-1}
+  end
 end
-redis.call('RENAME', KEYS[3], KEYS[2])
+local old = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+for i = n, old - 1 do redis.call('UNLINK', KEYS[2] .. ':' .. i) end
+for i = 1, n do redis.call('RENAME', KEYS[1 + n + i], KEYS[1 + i]) end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('PEXPIRE', KEYS[1], ttl)
-else
-  redis.call('PERSIST', KEYS[2])
+for i = 1, n + 1 do
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  else
+    redis.call('PERSIST', KEYS[i])
+  end
 end
 return {1}
+"""
+
+# Extends (never shortens) a kept record's lifetime on every key. KEYS: meta, data. ARGV: ttl ms (0: persist).
+_EXTEND = """
+local ttl = tonumber(ARGV[1])
+local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
+local keys = {KEYS[1], KEYS[2]}
+for i = 1, n - 1 do keys[#keys + 1] = KEYS[2] .. ':' .. i end
+for _, key in ipairs(keys) do
+  if ttl > 0 then
+    local left = redis.call('PTTL', key)
+    if left >= 0 and left < ttl then redis.call('PEXPIRE', key, ttl) end
+  else
+    redis.call('PERSIST', key)
+  end
+end
+return redis.call('PTTL', KEYS[1])
 """
 
 # A staged upload outlives any put that is still running (op_timeout_s) and
@@ -110,6 +178,9 @@ _UPLOAD_TTL_MS = 120_000
 # Another writer changed the id between our look and our place; the next
 # attempt sees its record and settles. Contention only, never a lost connection.
 _MAX_PLACE_ATTEMPTS = 4
+
+# Redis refuses a string value over 512 MB (proto-max-bulk-len): no chunk may be larger.
+_REDIS_MAX_VALUE = 512 * 1024 * 1024
 
 # The health probe's key (one per process, so replicas probe different slots).
 _PROBE_TTL_MS = 30_000
@@ -152,9 +223,21 @@ class EmbeddingStore:
         retries: int = 2,
         op_timeout_s: float = 10.0,
         max_connections: int = 64,
+        ttl_refresh_s: int = 3600,
+        chunk_bytes: int = 64 * 1024 * 1024,
+        max_record_bytes: int = 2 * 1024 * 1024 * 1024,
     ) -> None:
         if ttl_s < 0:
             raise ValueError("ttl_s must be >= 0 (0: no expiry)")
+        if ttl_refresh_s < 0:
+            raise ValueError("ttl_refresh_s must be >= 0")
+        if not 0 < chunk_bytes <= _REDIS_MAX_VALUE:
+            raise ValueError(f"chunk_bytes must be between 1 and {_REDIS_MAX_VALUE} (Redis's value limit)")
+        if max_record_bytes < 1:
+            raise ValueError("max_record_bytes must be >= 1")
+        self.ttl_refresh_s = ttl_refresh_s
+        self.chunk_bytes = chunk_bytes
+        self.max_record_bytes = max_record_bytes
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain braces (they would move the cluster hash tag)")
         self.ttl_s = ttl_s
@@ -178,8 +261,11 @@ class EmbeddingStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingStore:
-        """A store configured from `MMSERVE_REDIS_URL` and `MMSERVE_EMBEDDING_TTL_S`."""
-        return cls(settings.redis_url, ttl_s=settings.embedding_ttl_s)
+        """A store configured from `MMSERVE_REDIS_URL`, `MMSERVE_EMBEDDING_TTL_S*` and `MMSERVE_STORE_*`."""
+        return cls(
+            settings.redis_url, ttl_s=settings.embedding_ttl_s, ttl_refresh_s=settings.embedding_ttl_refresh_s,
+            chunk_bytes=settings.store_chunk_bytes, max_record_bytes=settings.store_max_record_bytes,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
@@ -299,6 +385,15 @@ class EmbeddingStore:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise InvalidArgument(f"tensor names must be unique, got {names}", field="tensors")
+        size = sum(t.nbytes for t in tensors)
+        if size > self.max_record_bytes:
+            # Refused before any upload: a retry cannot succeed, so this is the caller's input, not load.
+            raise MediaTooLarge(
+                f"embedding of {size} bytes exceeds the store's limit of {self.max_record_bytes} bytes per record "
+                "(MMSERVE_STORE_MAX_RECORD_BYTES); send less media (fewer frames, lower resolution) per item",
+                field="tensors",
+                metadata={"setting": "store_max_record_bytes", "limit": str(self.max_record_bytes)},
+            )
         keys = embedding_keys(descriptor.id, tenant=tenant, prefix=self.key_prefix, field=id_field)
         del descriptor.tensors[:]
         descriptor.tensors.extend(t.info() for t in tensors)
@@ -323,11 +418,16 @@ class EmbeddingStore:
         """One attempt, one round trip: the upload and the place script, pipelined; None if another writer changed the id meanwhile."""
         upload = keys.upload(secrets.token_hex(8))
         check = await codec.data_checksum(payload)
-        args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal)
+        view = memoryview(payload) if len(payload) > self.chunk_bytes else payload
+        chunks = [view[i : i + self.chunk_bytes] for i in range(0, len(payload), self.chunk_bytes)] or [payload]
+        n = len(chunks)
+        uploads = [upload if i == 0 else f"{upload}:{i}" for i in range(n)]
+        args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal, n)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(upload, payload, px=_UPLOAD_TTL_MS)
-            pipe.eval(_PLACE, 3, keys.meta, keys.data, upload, *args)  # type: ignore[arg-type]
-            _, reply = await pipe.execute()
+            for key, chunk in zip(uploads, chunks, strict=True):
+                pipe.set(key, chunk, px=_UPLOAD_TTL_MS)
+            pipe.eval(_PLACE, 1 + 2 * n, keys.meta, *(keys.chunk(i) for i in range(n)), *uploads, *args)  # type: ignore[arg-type]
+            *_, reply = await pipe.execute()
         if reply[0] == 1:
             return PutResult(descriptor, created=True)
         if reply[0] == -1:
@@ -356,6 +456,7 @@ class EmbeddingStore:
         check: str,
         ttl_s: int,
         replace_seal: bytes | None,
+        chunks: int = 1,
     ) -> list[bytes | str | int]:
         """Complete the descriptor (created now), seal its meta hash, and lay out _PLACE's ARGV."""
         now_ns = time.time_ns()
@@ -366,22 +467,14 @@ class EmbeddingStore:
             descriptor.expires_at.FromNanoseconds(now_ns + ttl_s * 1_000_000_000)
         else:
             descriptor.ClearField("expires_at")
-        meta = codec.encode_meta(descriptor, check)
+        meta = codec.encode_meta(descriptor, check, chunks)
         mode, seal = (b"new", b"") if replace_seal is None else (b"replace", replace_seal)
-        return [ttl_s * 1000, mode, codec.F_RECORD_CHECKSUM, seal, *(x for kv in meta.items() for x in kv)]
+        return [ttl_s * 1000, mode, codec.F_RECORD_CHECKSUM, seal, chunks, *(x for kv in meta.items() for x in kv)]
 
     async def _extend(self, keys: EmbeddingKeys, existing: EmbeddingDescriptor, ttl_ms: int) -> None:
         """Extend (never shorten) a kept record's lifetime; set its expires_at from what Redis now says."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if ttl_ms:
-                pipe.pexpire(keys.data, ttl_ms, gt=True)
-                pipe.pexpire(keys.meta, ttl_ms, gt=True)
-            else:
-                pipe.persist(keys.data)
-                pipe.persist(keys.meta)
-            pipe.pttl(keys.meta)
-            *_, pttl = await pipe.execute()
-        _set_expiry(existing, pttl)
+        pttl = await self._redis.eval(_EXTEND, 2, keys.meta, keys.data, ttl_ms)  # type: ignore[misc]
+        _set_expiry(existing, int(pttl))
 
     @staticmethod
     def _raise_if_other(existing: EmbeddingDescriptor, new: EmbeddingDescriptor, identity: Identity) -> None:
@@ -410,10 +503,19 @@ class EmbeddingStore:
             raise InvalidArgument("id must be a content id (mmemb-<64 hex>) unless client_uuid is set", field="id")
         return "id"
 
-    async def get(self, ref: str, *, tenant: str, with_tensors: bool = True) -> StoredEmbedding | None:
-        """The embedding `ref` names, or None if it is absent, expired or damaged."""
+    async def get(
+        self, ref: str, *, tenant: str, with_tensors: bool = True, touch: bool | None = None
+    ) -> StoredEmbedding | None:
+        """The embedding `ref` names, or None if it is absent, expired or damaged.
+
+        `touch` (default: `with_tensors`, i.e. a read for use) slides the expiry:
+        a record with less than ttl - ttl_refresh_s left gets the store's full
+        ttl back, in the same round trip (a record read again soon after is
+        not touched; one that never expires, or a store with ttl 0, neither).
+        """
         keys = self.keys_for(ref, tenant=tenant)
-        fields, data, pttl = await self._read(keys, with_tensors, atomic=False)
+        touch = with_tensors if touch is None else touch
+        fields, data, pttl = await self._read(keys, with_tensors, atomic=False, touch=touch)
         if not fields:
             return None
         try:
@@ -422,7 +524,7 @@ class EmbeddingStore:
             # The one-round-trip read is not atomic: a put or delete between its commands pairs
             # one record's meta with another's data (the seal catches it). Only an atomic
             # re-read may call the record damaged, and only that one removes it.
-            fields, data, pttl = await self._read(keys, with_tensors, atomic=True)
+            fields, data, pttl = await self._read(keys, with_tensors, atomic=True, touch=False, chunks=codec.chunk_count(fields))
             if not fields:
                 return None
             try:
@@ -437,18 +539,39 @@ class EmbeddingStore:
         return StoredEmbedding(descriptor, tensors)
 
     async def _read(
-        self, keys: EmbeddingKeys, with_tensors: bool, *, atomic: bool
+        self, keys: EmbeddingKeys, with_tensors: bool, *, atomic: bool, touch: bool, chunks: int = 1
     ) -> tuple[dict[bytes, bytes], bytes | int | None, int]:
-        """Meta, data (or its length) and remaining lifetime, pipelined in one round trip (in MULTI/EXEC if atomic)."""
-        async with self._guard("get"), self._redis.pipeline(transaction=atomic) as pipe:
-            pipe.hgetall(keys.meta)
-            if with_tensors:
-                pipe.get(keys.data)
-            else:
-                pipe.strlen(keys.data)
-            pipe.pttl(keys.meta)
-            fields, data, pttl = await pipe.execute()
-        return fields, data, pttl
+        """Meta, data (or its length) and remaining lifetime, pipelined in one round trip (in MULTI/EXEC if atomic).
+
+        Reads `chunks` data values at once (a guess: 1 first); when the meta
+        says more, a non-atomic read fetches the rest in a second round trip,
+        an atomic one reads everything again with the count the meta gave.
+        A missing chunk reads as data None (incomplete).
+        """
+        ttl_ms = self.ttl_s * 1000
+        threshold = ttl_ms - min(self.ttl_refresh_s * 1000, ttl_ms // 2)
+        async with self._guard("get"):
+            for _ in range(3):
+                async with self._redis.pipeline(transaction=atomic) as pipe:
+                    pipe.hgetall(keys.meta)
+                    for i in range(chunks):
+                        pipe.get(keys.chunk(i)) if with_tensors else pipe.strlen(keys.chunk(i))
+                    if touch and ttl_ms > 0:
+                        pipe.eval(_TOUCH, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[arg-type]
+                    else:
+                        pipe.pttl(keys.meta)
+                    fields, *parts, pttl = await pipe.execute()
+                want = codec.chunk_count(fields) if fields else chunks
+                if want > chunks and not atomic:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for i in range(chunks, want):
+                            pipe.get(keys.chunk(i)) if with_tensors else pipe.strlen(keys.chunk(i))
+                        parts += await pipe.execute()
+                elif want != chunks and atomic:
+                    chunks = want
+                    continue
+                break
+        return fields, _assemble(parts[:want], with_tensors), int(pttl)
 
     async def _drop_damaged(self, keys: EmbeddingKeys, seal: bytes) -> None:
         """Best effort: the read already answered "missing", a failed cleanup changes nothing."""
@@ -459,7 +582,7 @@ class EmbeddingStore:
             log.warning("could not remove damaged embedding %s: %s", keys.meta, exc)
 
     async def get_many(
-        self, refs: Iterable[str], *, tenant: str, with_tensors: bool = True
+        self, refs: Iterable[str], *, tenant: str, with_tensors: bool = True, touch: bool | None = None
     ) -> dict[str, StoredEmbedding | None]:
         """Several embeddings at once, keyed by reference (None where missing).
 
@@ -470,7 +593,9 @@ class EmbeddingStore:
         unique = list(dict.fromkeys(refs))
         for ref in unique:  # refuse a bad reference before any I/O
             self.keys_for(ref, tenant=tenant)
-        found = await asyncio.gather(*(self.get(r, tenant=tenant, with_tensors=with_tensors) for r in unique))
+        found = await asyncio.gather(
+            *(self.get(r, tenant=tenant, with_tensors=with_tensors, touch=touch) for r in unique)
+        )
         return dict(zip(unique, found, strict=True))
 
     async def exists(self, ref: str, *, tenant: str) -> bool:
@@ -480,16 +605,27 @@ class EmbeddingStore:
             return int(await self._redis.exists(keys.meta, keys.data)) == 2
 
     async def delete(self, ref: str, *, tenant: str) -> bool:
-        """Remove an embedding (UNLINK: freed in the background); False if there was none."""
+        """Remove an embedding, every data chunk included (UNLINK: freed in the background); False if there was none."""
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("delete"):
-            return int(await self._redis.unlink(keys.meta, keys.data)) > 0
+            return int(await self._redis.eval(_DELETE, 2, keys.meta, keys.data)) > 0  # type: ignore[misc]
 
 
 def _report_corrupt(keys: EmbeddingKeys, exc: codec.CorruptEmbedding, action: str) -> None:
     """The one place a failed integrity check is logged and counted."""
     STORE_CORRUPT.labels(exc.reason).inc()
     log.warning("corrupt embedding record %s (%s: %s); %s", keys.meta, exc.reason, exc, action)
+
+
+def _assemble(parts: list[bytes | int | None], with_tensors: bool) -> bytes | int | None:
+    """One record's data from its chunk values (None if any is missing; lengths summed for STRLEN)."""
+    if with_tensors:
+        if any(p is None for p in parts):
+            return None
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+    if len(parts) > 1 and any(not p for p in parts[1:]):
+        return None  # STRLEN of a missing chunk is 0: incomplete
+    return sum(int(p or 0) for p in parts) if parts[0] else None
 
 
 def _set_expiry(descriptor: EmbeddingDescriptor, pttl_ms: int) -> None:

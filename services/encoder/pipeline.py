@@ -212,7 +212,7 @@ class EncoderPipeline:
         if not jobs:
             return []
         keys = sorted({j.key for j in jobs} | {j.content_id for j in jobs if j.item.uuid})
-        found = await self.store.get_many(keys, tenant=tenant, with_tensors=False)
+        found = await self.store.get_many(keys, tenant=tenant, with_tensors=False, touch=True)  # a re-encode slides the expiry
         todo: list[_Job] = []
         for job in jobs:
             stored = found.get(job.key)
