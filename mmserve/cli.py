@@ -7,6 +7,7 @@
     mmserve encode      precompute embeddings of files or URLs, print their ids
     mmserve tiny        build the tiny random-weight checkpoints (offline)
     mmserve health      check a gRPC service's health (used by container healthchecks)
+    mmserve token FILE  write a random service token to FILE unless it exists (compose's token job)
 
 Services read their configuration from MMSERVE_* environment variables (see
 `mmserve.config.Settings`); the same command runs in tests, in `mmserve up`
@@ -56,6 +57,16 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if check(ns.target, ns.service, timeout=ns.timeout) else 1
 
 
+def _token(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmserve.rpc.auth import write_token_file
+
+    made = write_token_file(Path(ns.file))
+    print(f"{'wrote a new' if made else 'kept the'} service token in {ns.file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Serve multimodal LLMs with shared embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(run=_health)
+    token = sub.add_parser("token", help="write a random service token to FILE unless it exists")
+    token.add_argument("file")
+    token.set_defaults(run=_token)
     return parser
 
 

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         description="Shared secret of the encoder, decoder and gateway: the gRPC services serve only calls that carry it (`x-mmserve-service-token` metadata; health and reflection stay open) and trust their `x-mmserve-tenant` only then. Unset: anyone who reaches a port is served, as any tenant (local/dev only; logged at start). `mmserve up` makes a random one per stack.",
     )
 
+    service_token_file: Path | None = Field(
+        None,
+        description="A file holding the service token, read when MMSERVE_SERVICE_TOKEN is unset (a mounted secret; compose's `token` job writes one with `mmserve token FILE`).",
+    )
+
     # --- store -----------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -246,7 +251,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
-    @field_validator("model_revision", "file_root", "api_key", "api_keys", "api_keys_file", "service_token", "otlp_endpoint", "served_model_name", "metrics_port",
+    @field_validator("model_revision", "file_root", "api_key", "api_keys", "api_keys_file", "service_token", "service_token_file", "otlp_endpoint", "served_model_name", "metrics_port",
         "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", "gateway_max_concurrency", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

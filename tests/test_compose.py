@@ -40,13 +40,15 @@ def test_container_commands_are_the_tested_commands(compose: dict) -> None:
 def test_compose_shape(compose: dict) -> None:
     assert "version" not in compose
     services = compose["services"]
-    assert set(services) == {"redis", "encoder", "decoder", "gateway"}
+    assert set(services) == {"token", "redis", "encoder", "decoder", "gateway"}
     for name, service in services.items():
-        assert "healthcheck" in service, name
-        for dependency in service.get("depends_on", {}).values():
-            assert dependency == {"condition": "service_healthy"}, name
-    assert services["decoder"]["depends_on"].keys() == {"redis", "encoder"}
-    assert services["gateway"]["depends_on"].keys() == {"decoder"}
+        if name != "token":
+            assert "healthcheck" in service, name
+        for dependency, condition in service.get("depends_on", {}).items():
+            wanted = "service_completed_successfully" if dependency == "token" else "service_healthy"
+            assert condition == {"condition": wanted}, name
+    assert services["decoder"]["depends_on"].keys() == {"redis", "encoder", "token"}
+    assert services["gateway"]["depends_on"].keys() == {"decoder", "token"}
     redis_command = " ".join(services["redis"]["command"])
     assert "--maxmemory " in redis_command and "--maxmemory-policy allkeys-lru" in redis_command
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
@@ -57,6 +59,31 @@ def test_compose_shape(compose: dict) -> None:
     assert services["decoder"]["environment"]["MMSERVE_ENCODER_TARGET"] == "dns:///encoder:50051"
     assert services["gateway"]["environment"]["MMSERVE_DECODER_TARGET"] == "dns:///decoder:50052"
     assert "models" in compose["volumes"]
+
+
+def test_the_token_job_gives_every_service_one_shared_token(compose: dict) -> None:
+    """Service-to-service auth is on by default: a one-shot job writes the token once, the services read it."""
+    services = compose["services"]
+    path = services["token"]["command"][-1]
+    assert services["token"]["command"] == ["mmserve", "token", path] and f"secrets:{path.rsplit('/', 1)[0]}" in services["token"]["volumes"]
+    for role in ("encoder", "decoder", "gateway"):
+        assert services[role]["environment"]["MMSERVE_SERVICE_TOKEN_FILE"] == path, role
+        assert f"secrets:{path.rsplit('/', 1)[0]}:ro" in services[role]["volumes"], role
+        assert services[role]["depends_on"]["token"] == {"condition": "service_completed_successfully"}, role
+
+
+def test_mmserve_token_writes_once_and_services_read_it(tmp_path: Path) -> None:
+    from mmserve.cli import main
+    from mmserve.config import Settings
+    from mmserve.rpc.auth import service_token
+
+    path = tmp_path / "run" / "service-token"
+    assert main(["token", str(path)]) == 0
+    first = path.read_text()
+    assert len(first.strip()) >= 32 and path.stat().st_mode & 0o777 == 0o600
+    assert main(["token", str(path)]) == 0 and path.read_text() == first  # kept across restarts
+    assert service_token(Settings(service_token_file=path)) == first.strip()
+    assert service_token(Settings(service_token_file=path, service_token="env-wins")) == "env-wins"
 
 
 def test_redis_persists_like_mmserve_up(compose: dict) -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import secrets
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,8 +30,26 @@ SERVICE_TOKEN_KEY = "x-mmserve-service-token"
 
 
 def service_token(settings: Settings) -> str | None:
-    """The configured token, or None when calls are not authenticated."""
-    return settings.service_token.get_secret_value() if settings.service_token is not None else None
+    """The configured token (MMSERVE_SERVICE_TOKEN, else MMSERVE_SERVICE_TOKEN_FILE's contents), or None when calls are not authenticated."""
+    if settings.service_token is not None:
+        return settings.service_token.get_secret_value()
+    if settings.service_token_file is not None:
+        token = settings.service_token_file.read_text().strip()  # a missing file fails the start: better than an open port
+        if not token:
+            raise ValueError(f"the service token file {settings.service_token_file} is empty")
+        return token
+    return None
+
+
+def write_token_file(path: Path) -> bool:
+    """Create `path` with a random token (owner-only) unless it exists; True if it was created."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    return True
 
 
 def check_token(metadata: dict[str, str], expected: str) -> None:
@@ -43,7 +64,7 @@ def check_token(metadata: dict[str, str], expected: str) -> None:
 
 def warn_if_open(service: str, settings: Settings) -> None:
     """Say loudly at start that a service without a token serves anyone, as any tenant."""
-    if settings.service_token is None:
+    if service_token(settings) is None:
         log.warning(
             "MMSERVE_SERVICE_TOKEN is unset: the %s serves every caller that reaches its port and believes the tenant "
             "it claims; fine for local development only, set a shared token anywhere else", service,
