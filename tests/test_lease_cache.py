@@ -66,7 +66,7 @@ def test_same_content_on_two_encoders_runs_the_model_once(stack_own: Stack, star
 
 def _chat(stack: Stack, uuid: str) -> httpx.Response:
     body = {
-        "model": "tiny", "max_tokens": 2,
+        "model": "mmserve-tiny-random", "max_tokens": 2,
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": None, "uuid": uuid}]}],
     }  # fmt: skip
