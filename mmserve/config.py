@@ -116,6 +116,22 @@ class Settings(BaseSettings):
             "(INVALID_ARGUMENT, reason MEDIA_TOO_LARGE, naming this limit)."
         ),
     )
+    encode_lease_ms: int = Field(
+        30_000,
+        description=(
+            "Lifetime of an encoder's lease on content it is encoding (renewed while it works): other encoder "
+            "replicas wait for its result instead of running the model; a lease whose holder died expires after this."
+        ),
+        gt=0,
+    )
+    decoder_cache_bytes: int = Field(
+        256 * MiB,
+        description=(
+            "Bytes of recently used embeddings each decoder keeps in memory (LRU; 0 = off). Every use still checks "
+            "the record's seal in Redis (one small read, no tensor bytes), so a delete or overwrite is seen at once."
+        ),
+        ge=0,
+    )
     tenant: str = Field("default", description="Tenant of every call when no API key identifies one (gateway), or no tenant metadata comes with it (services).")
     redis_persist: bool = Field(
         True,

@@ -29,6 +29,11 @@ ENCODE_SECONDS = Histogram(
     "mmserve_encode_seconds", "Time the modality tower spends on one batch.", ["modality"], buckets=_LATENCY
 )
 ENCODED_ITEMS = Counter("mmserve_encoder_items_encoded", "Media items run through a modality tower.", ["modality"])
+LEASE_WAITS = Counter(
+    "mmserve_encoder_lease_waits",
+    "Media items another encoder was already encoding: this one waited for its result instead of running the model.",
+    ["modality"],
+)
 FETCH_SECONDS = Histogram("mmserve_fetch_seconds", "Time to acquire one media item's bytes.", ["modality"], buckets=_LATENCY)
 STORE_BYTES = Counter("mmserve_store_bytes_written", "Bytes of embeddings written to the store.")
 
@@ -41,6 +46,11 @@ STORE_CORRUPT = Counter(
 )
 
 # decoder
+DECODER_CACHE_HITS = Counter(
+    "mmserve_decoder_cache_hits", "Embeddings a decoder took from its in-memory cache (seal checked in Redis, no tensor read)."
+)
+DECODER_CACHE_MISSES = Counter("mmserve_decoder_cache_misses", "Embeddings a decoder read in full from the store.")
+DECODER_CACHE_BYTES = Gauge("mmserve_decoder_cache_bytes", "Bytes of embeddings held in the decoder's in-memory cache.")
 TTFT = Histogram("mmserve_time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY)
 ITL = Histogram("mmserve_inter_token_latency_seconds", "Time between tokens.", buckets=_TOKEN_LATENCY)
 E2E = Histogram("mmserve_e2e_request_latency_seconds", "Request latency end to end.", buckets=_LATENCY)

@@ -76,6 +76,11 @@ class EmbeddingKeys:
         """Where a put stages its data before placing it (same slot as `data` and `meta`)."""
         return f"{self.data.removesuffix(':data')}:put:{token}"
 
+    @property
+    def lease(self) -> str:
+        """The short-lived encode lease of this id (same slot): one encoder runs the model for it at a time."""
+        return f"{self.data.removesuffix(':data')}:lease"
+
 
 def embedding_keys(ref: str, *, tenant: str, prefix: str = DEFAULT_KEY_PREFIX, field: str = "uuid") -> EmbeddingKeys:
     """Keys for a reference string (a content id, or a client uuid of `tenant`)."""

@@ -171,6 +171,22 @@ end
 return redis.call('PTTL', KEYS[1])
 """
 
+# Lease scripts (KEYS: the lease; ARGV: the holder's token): renew or release
+# only a lease this holder still has, so an expired one taken over by another
+# encoder is never extended or deleted by the first.
+_LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # A staged upload outlives any put that is still running (op_timeout_s) and
 # then expires by itself if its writer died between the upload and the place.
 _UPLOAD_TTL_MS = 120_000
@@ -609,6 +625,56 @@ class EmbeddingStore:
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("delete"):
             return int(await self._redis.eval(_DELETE, 2, keys.meta, keys.data)) > 0  # type: ignore[misc]
+
+
+    # --- encode leases (one model run per content across replicas) ---------
+
+    async def take_lease(self, ref: str, *, tenant: str, token: str, ttl_ms: int) -> bool:
+        """SET NX PX the encode lease of `ref`; True if this holder (`token`) now has it."""
+        keys = self.keys_for(ref, tenant=tenant)
+        async with self._guard("lease"):
+            return bool(await self._redis.set(keys.lease, token, nx=True, px=ttl_ms))
+
+    async def renew_lease(self, ref: str, *, tenant: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lease if `token` still holds it (compare-and-pexpire); False if it was lost."""
+        keys = self.keys_for(ref, tenant=tenant)
+        async with self._guard("lease"):
+            return bool(await self._redis.eval(_LEASE_RENEW, 1, keys.lease, token, ttl_ms))  # type: ignore[misc]
+
+    async def release_lease(self, ref: str, *, tenant: str, token: str) -> bool:
+        """Delete the lease if `token` still holds it (compare-and-delete); False otherwise."""
+        keys = self.keys_for(ref, tenant=tenant)
+        async with self._guard("lease"):
+            return bool(await self._redis.eval(_LEASE_RELEASE, 1, keys.lease, token))  # type: ignore[misc]
+
+    async def lease_holder(self, ref: str, *, tenant: str) -> str | None:
+        """The token holding `ref`'s lease now, or None."""
+        keys = self.keys_for(ref, tenant=tenant)
+        async with self._guard("lease"):
+            value = await self._redis.get(keys.lease)
+        return value.decode() if isinstance(value, bytes) else value
+
+    # --- revalidating reads (the decoder's cache) ---------------------------
+
+    async def seal_of(self, ref: str, *, tenant: str) -> tuple[bytes | None, int]:
+        """The record's seal (meta record_checksum) and remaining lifetime, in one round trip and without its data.
+
+        None when the record is absent or incomplete. A put or delete always
+        changes or removes the seal (every write has a new one: the descriptor
+        holds its creation time in ns), so an unchanged seal means unchanged data.
+        """
+        keys = self.keys_for(ref, tenant=tenant)
+        ttl_ms = self.ttl_s * 1000
+        async with self._guard("get"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.meta, codec.F_RECORD_CHECKSUM)
+            pipe.exists(keys.data)
+            if ttl_ms > 0:  # a use from the cache slides the expiry as a read from Redis would (rate-limited alike)
+                threshold = ttl_ms - min(self.ttl_refresh_s * 1000, ttl_ms // 2)
+                pipe.eval(_TOUCH, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[arg-type]
+            else:
+                pipe.pttl(keys.meta)
+            seal, has_data, pttl = await pipe.execute()
+        return (seal if seal and has_data else None), pttl
 
 
 def _report_corrupt(keys: EmbeddingKeys, exc: codec.CorruptEmbedding, action: str) -> None:

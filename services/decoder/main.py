@@ -37,7 +37,7 @@ async def serve(settings: Settings) -> None:
     model = await asyncio.to_thread(load_model, settings, part=model_part(settings))
     engine = make_engine(model, settings)
     await engine.start()
-    servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint))
+    servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint, cache_bytes=settings.decoder_cache_bytes))
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)
     await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose], probe=store.probe)
 

@@ -24,6 +24,7 @@ from mmserve.rpc.metadata import outgoing_metadata
 from mmserve.store import EmbeddingStore, StoredEmbedding
 from mmserve.store.keys import slot_of
 from services.decoder.conversation import MediaPart
+from services.decoder.embcache import EmbeddingCache
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN}
 
@@ -56,10 +57,11 @@ class EncoderClient:
 class MediaResolver:
     """Media parts -> stored embeddings for one model."""
 
-    def __init__(self, store: EmbeddingStore, encoder: EncoderClient, fingerprint: str) -> None:
+    def __init__(self, store: EmbeddingStore, encoder: EncoderClient, fingerprint: str, *, cache_bytes: int = 0) -> None:
         self.store = store
         self.encoder = encoder
         self.fingerprint = fingerprint
+        self.cache = EmbeddingCache(store, fingerprint, cache_bytes)
 
     async def resolve(self, parts: list[MediaPart], *, tenant: str, timeout: float | None) -> ResolvedMedia:
         if not parts:
@@ -78,7 +80,7 @@ class MediaResolver:
             for i, result in zip(to_encode, results, strict=True):
                 ids[i] = result.embedding.id
                 cached += int(result.cached)
-        found = await self.store.get_many(list(dict.fromkeys(ids)), tenant=tenant, with_tensors=True)
+        found = await self.cache.get_many(list(dict.fromkeys(ids)), tenant=tenant)
         missing = [(part, ref) for part, ref in zip(parts, ids, strict=True) if found.get(ref) is None]
         if missing:
             refs = list(dict.fromkeys(ref for _, ref in missing))

@@ -17,7 +17,9 @@ leaves the store as it found it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
@@ -28,10 +30,10 @@ from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
 from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of, source_kind
-from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, STORE_BYTES
+from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES
 from mmserve.models.families import EncodedItem
 from mmserve.models.loading import LoadedModel
-from mmserve.store import EmbeddingStore, RawTensor, canonical_options_json, content_id, validate_uuid
+from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, canonical_options_json, content_id, validate_uuid
 from services.encoder.batcher import Batcher
 from services.encoder.media.acquire import Acquired, acquire
 from services.encoder.media.budget import RequestBudget
@@ -115,9 +117,10 @@ class EncoderPipeline:
 
     # --- the flow -------------------------------------------------------------------
     async def encode(
-        self, items: list[media_pb2.MediaInput], *, tenant: str, prefix: str = "items", preloaded: dict[int, bytes] | None = None
+        self, items: list[media_pb2.MediaInput], *, tenant: str, prefix: str = "items", preloaded: dict[int, bytes] | None = None,
+        timeout: float | None = None,
     ) -> list[pb.EncodeResult]:
-        """Encode (or find) every item; results in request order."""
+        """Encode (or find) every item; results in request order (`timeout`: the request's remaining deadline)."""
         jobs = [_Job(i, f"{prefix}[{i}]", item) for i, item in enumerate(items)]
         self.validate(jobs, count_field=prefix)
         refs = [j for j in jobs if is_reference(j.item)]
@@ -128,8 +131,9 @@ class EncoderPipeline:
         for job in fresh:
             self._identify(job)
         todo = await self._lookup(fresh, tenant)
-        await self._run_towers(todo, budget)
-        await self._store(todo, tenant)
+        async with self._leases(todo, tenant, timeout):
+            await self._run_towers(todo, budget)
+            await self._store(todo, tenant)
         return [job.result for job in jobs if job.result is not None]
 
     async def _resolve_references(self, jobs: list[_Job], tenant: str) -> None:
@@ -241,6 +245,91 @@ class EncoderPipeline:
             CACHE_MISSES.labels(MODALITY_NAMES[job.modality]).inc()
             todo.append(job)
         return todo
+
+    # --- one model run per content across replicas ----------------------------------
+    @contextlib.asynccontextmanager
+    async def _leases(self, jobs: list[_Job], tenant: str, timeout: float | None) -> Any:
+        """Hold the encode lease of every content this call must run the model for, until it is stored or failed.
+
+        The lease is `SET NX PX` on the content id's key (same hash tag as the
+        record). Content whose lease another encoder holds is not encoded here:
+        this call polls for that encoder's record (small backoff, bounded by the
+        request deadline) and uses it, as if it had been stored before. A lease
+        freed without a record (its holder failed or died: the PX expires it)
+        is taken over. Held leases are renewed while the model runs and
+        released by compare-and-delete at the end.
+        """
+        first_of: dict[str, _Job] = {}
+        for job in jobs:
+            if job.encoded is None:
+                first_of.setdefault(job.content_id, job)
+        held: dict[str, str] = {}
+        renewer: asyncio.Task[None] | None = None
+        try:
+            if first_of:
+                loop = asyncio.get_running_loop()
+                wait_s = timeout if timeout is not None else 10 * self.settings.encode_lease_ms / 1000
+                deadline = loop.time() + max(wait_s, 0.0)
+                found = await asyncio.gather(*(self._take_or_wait(cid, tenant, held, deadline) for cid in first_of))
+                for cid, stored in zip(first_of, found, strict=True):
+                    if stored is None:
+                        continue
+                    desc = stored.descriptor
+                    encoded = EncodedItem(stored.tensors, int(desc.token_count), _placement_of(desc))
+                    for job in jobs:
+                        if job.encoded is None and job.content_id == cid:
+                            job.encoded, job.tensors = encoded, stored.tensors
+                            LEASE_WAITS.labels(MODALITY_NAMES[job.modality]).inc()
+            if held:
+                renewer = asyncio.create_task(self._renew(held, tenant))
+            yield
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MmserveError):
+                    await renewer
+            for cid, token in held.items():
+                try:
+                    await self.store.release_lease(cid, tenant=tenant, token=token)
+                except MmserveError:
+                    log.warning("could not release the encode lease of %s (it expires by itself)", cid)
+
+    async def _take_or_wait(self, cid: str, tenant: str, held: dict[str, str], deadline: float) -> StoredEmbedding | None:
+        """None once this call holds `cid`'s lease (or waited to its deadline): run the model; else the record another encoder stored."""
+        loop = asyncio.get_running_loop()
+        ttl_ms = self.settings.encode_lease_ms
+        delay = 0.01
+        while True:
+            token = secrets.token_hex(16)
+            if await self.store.take_lease(cid, tenant=tenant, token=token, ttl_ms=ttl_ms):
+                # The previous holder may have stored and released between our lookup and this take.
+                stored = await self.store.get(cid, tenant=tenant, with_tensors=True)
+                if stored is not None:
+                    await self.store.release_lease(cid, tenant=tenant, token=token)
+                    return stored
+                held[cid] = token
+                return None
+            if await self.store.exists(cid, tenant=tenant):
+                stored = await self.store.get(cid, tenant=tenant, with_tensors=True)
+                if stored is not None:
+                    return stored
+            if loop.time() + delay > deadline:
+                log.warning("gave up waiting for another encoder's result for %s: encoding it here", cid)
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+
+    async def _renew(self, held: dict[str, str], tenant: str) -> None:
+        """Keep the held leases alive while the model runs (every third of their lifetime)."""
+        ttl_ms = self.settings.encode_lease_ms
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            for cid, token in list(held.items()):
+                try:
+                    if not await self.store.renew_lease(cid, tenant=tenant, token=token, ttl_ms=ttl_ms):
+                        log.warning("lost the encode lease of %s (expired): another encoder may run it too", cid)
+                except MmserveError as exc:
+                    log.warning("could not renew the encode lease of %s: %s", cid, exc)
 
     async def _run_towers(self, jobs: list[_Job], budget: RequestBudget) -> None:
         """Decode + preprocess in worker threads, then encode through the batcher (same content once)."""

@@ -44,7 +44,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         if not request.items:
             raise InvalidArgument("at least one item is required", field="items")
-        results = await self.pipeline.encode(list(request.items), tenant=self._tenant)
+        results = await self.pipeline.encode(list(request.items), tenant=self._tenant, timeout=context.time_remaining())
         return pb.EncodeResponse(results=results)
 
     async def EncodeUpload(
@@ -84,7 +84,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             spool.seek(0)
             data = spool.read()
         try:
-            results = await self.pipeline.encode([item], tenant=self._tenant, prefix="header.item", preloaded={0: data})
+            results = await self.pipeline.encode(
+                [item], tenant=self._tenant, prefix="header.item", preloaded={0: data}, timeout=context.time_remaining()
+            )
         except MmserveError as err:
             # The pipeline names items "<prefix>[i]"; an upload has one item, at header.item.
             if err.field and err.field.startswith("header.item[0]"):
