@@ -24,8 +24,9 @@ from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as dec_pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.localredis import LocalRedis
 from mmserve.store import EmbeddingStore, embedding_keys, tensor_nbytes
-from tests.conftest import Stack
+from tests.conftest import Stack, StartService, start_stack
 from tests.support import encoder_stub, image_item, png_bytes, rpc_error, scrape
 from tests.test_store import assert_same_tensors, make_descriptor, make_tensors
 
@@ -181,6 +182,15 @@ async def test_a_first_format_record_is_a_clean_miss(store: EmbeddingStore, raw:
 def encode(stack: Stack, uuid: str, image: bytes) -> enc_pb.EncodeResult:
     with encoder_stub(stack.encoder.target) as stub:
         return stub.Encode(enc_pb.EncodeRequest(items=[image_item(image, uuid=uuid)])).results[0]
+
+
+@pytest.fixture(scope="module")
+def stack(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
+    """The stack with the decoder's embedding cache off: these tests damage what Redis holds, and a cached copy
+    (verified when it was read, so still right) would be served instead of the record being checked."""
+    stack = start_stack(start_service, module_redis.url, MMSERVE_DECODER_CACHE_BYTES="0")
+    yield stack
+    stack.stop()
 
 
 def chat_rest(stack: Stack, uuid: str) -> httpx.Response:
