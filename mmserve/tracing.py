@@ -47,18 +47,20 @@ def server_interceptors(settings: Settings) -> list[Any]:
     """gRPC server interceptors that open a span per RPC (empty when tracing is off)."""
     if not enabled(settings):
         return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    return [aio_server_interceptor()]
+    # Not the health service: the clients' health checks are long-lived Watch streams, which this
+    # interceptor breaks (a checked channel then sees no healthy backend), and they are no request's span.
+    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
 
 
 def client_interceptors(settings: Settings) -> list[Any] | None:
     """gRPC client interceptors that propagate the trace context (None when tracing is off)."""
     if not enabled(settings):
         return None
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
-    return list(aio_client_interceptors())
+    return list(aio_client_interceptors(filter_=filters.negate(filters.health_check())))
 
 
 def instrument_app(app: Any, settings: Settings) -> None:

@@ -199,7 +199,6 @@ _MAX_PLACE_ATTEMPTS = 4
 _REDIS_MAX_VALUE = 512 * 1024 * 1024
 
 # The health probe's key (one per process, so replicas probe different slots).
-_PROBE_TTL_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -364,7 +363,9 @@ class EmbeddingStore:
         On a cluster, also unless the node asked reports cluster_state:ok.
         """
         async with self._guard("probe"):
-            await self._redis.set(self._probe_key, b"1", px=_PROBE_TTL_MS)
+            # DEL is a write command (refused as SET would be: read-only replica, MISCONF, CLUSTERDOWN on its
+            # slot) that leaves nothing behind, so the store never holds a key that is not an embedding.
+            await self._redis.delete(self._probe_key)
             if self.is_cluster:
                 info = await self._redis.cluster_info()
                 state = info.get("cluster_state", info.get(b"cluster_state")) if isinstance(info, dict) else None
