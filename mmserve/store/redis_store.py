@@ -61,28 +61,29 @@ log = logging.getLogger(__name__)
 
 EmbeddingDescriptor = embedding_pb2.EmbeddingDescriptor
 
-# Removes a damaged embedding only if its meta still has the seal the reader
-# saw ("" for none), so a writer that repaired it meanwhile is never undone
-# (every write has a new seal: the descriptor holds its creation time in ns).
-_DROP_IF_UNCHANGED = """
-if (redis.call('HGET', KEYS[1], ARGV[1]) or '') == ARGV[2] then
-  local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
-  local removed = redis.call('UNLINK', KEYS[1], KEYS[2])
-  for i = 1, n - 1 do
-    removed = removed + redis.call('UNLINK', KEYS[2] .. ':' .. i)
-  end
-  return removed
-end
-return 0
-"""
-
-# Removes a record and all its data chunks (their count is in the meta). KEYS: meta, data.
-_DELETE = """
+# Lua: removes a record and all its data chunks (their count is in the meta), as `removed`. KEYS: meta, data.
+_UNLINK_RECORD = """
 local n = tonumber(redis.call('HGET', KEYS[1], 'chunks') or '1') or 1
 local removed = redis.call('UNLINK', KEYS[1], KEYS[2])
 for i = 1, n - 1 do
   removed = removed + redis.call('UNLINK', KEYS[2] .. ':' .. i)
 end
+"""
+
+# Removes a damaged embedding only if its meta still has the seal the reader
+# saw ("" for none), so a writer that repaired it meanwhile is never undone
+# (every write has a new seal: the descriptor holds its creation time in ns).
+_DROP_IF_UNCHANGED = f"""
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') == ARGV[2] then
+{_UNLINK_RECORD}
+  return removed
+end
+return 0
+"""
+
+# Removes a record and all its data chunks. KEYS: meta, data.
+_DELETE = f"""
+{_UNLINK_RECORD}
 return removed
 """
 
