@@ -14,7 +14,8 @@ measures with the official OpenAI SDK:
 - reuse: time to first token when the image is already stored (referenced by
   uuid) against sending it as a data URL (fresh each time); ratio.
 
-Prints one JSON line. Medians over `--repeats`.
+The two sides alternate request by request, so that load from anything else on
+the machine weighs on both alike. Prints one JSON line. Medians over `--repeats`.
 """
 
 from __future__ import annotations
@@ -40,53 +41,53 @@ from mmserve.samples import data_url, png_bytes
 PROMPT = "Describe this picture in detail."
 
 
-
-
-
-
-
-
 def square_png(size: int, seed: int) -> bytes:
     """A random-noise RGB PNG of size x size, distinct per seed."""
     return png_bytes(size, size, seed)
 
 
-def monolithic_seconds(model: str, cache_dir: Path, pngs: list[bytes], tokens: int) -> float:
-    """Median seconds of processor + generate for one image prompt, in this process."""
-    import torch
-    from transformers import AutoProcessor
+class Monolithic:
+    """The same checkpoint loaded whole in this process: processor + `generate`, the baseline."""
 
-    from mmserve.models.loading import load_model
-    from mmserve.models.source import resolve_model
+    def __init__(self, model: str, cache_dir: Path) -> None:
+        from transformers import AutoProcessor
 
-    source = resolve_model(model, revision=None, cache_dir=cache_dir)
-    family = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family
-    hf_model, processor = family.model, AutoProcessor.from_pretrained(source.path)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    times = []
-    for i, png in enumerate([pngs[0], *pngs]):  # the first run warms up
+        from mmserve.models.loading import load_model
+        from mmserve.models.source import resolve_model
+
+        source = resolve_model(model, revision=None, cache_dir=cache_dir)
+        self.model = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family.model
+        self.processor = AutoProcessor.from_pretrained(source.path)
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        self.text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def seconds(self, png: bytes, tokens: int) -> float:
+        """Seconds of processor + greedy generate of exactly `tokens` tokens for one image prompt."""
+        import torch
+
         start = time.perf_counter()
-        inputs = processor(text=[text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt")
+        inputs = self.processor(text=[self.text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt")
         with torch.inference_mode():
-            out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
         assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
 
 
-def service_seconds(client: object, pngs: list[bytes], tokens: int) -> float:
-    times = []
-    for png in pngs:
-        start = time.perf_counter()
-        reply = client.chat.completions.create(  # type: ignore[attr-defined]
-            model="", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": PROMPT}]}],
-            temperature=0, max_completion_tokens=tokens, extra_body={"ignore_eos": True},
-        )
-        times.append(time.perf_counter() - start)
-        assert reply.usage.completion_tokens == tokens
-    return statistics.median(times)
+def service_seconds(client: object, png: bytes, tokens: int) -> float:
+    """Seconds of one non-streamed chat completion with `png` as a data URL, through the gateway.
+
+    The data URL is built before the clock starts, as the PNG is for the
+    monolithic side: each side starts from the image in its input form.
+    """
+    url = data_url(png)
+    start = time.perf_counter()
+    reply = client.chat.completions.create(  # type: ignore[attr-defined]
+        model="", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}],
+        temperature=0, max_completion_tokens=tokens, extra_body={"ignore_eos": True},
+    )
+    elapsed = time.perf_counter() - start
+    assert reply.usage.completion_tokens == tokens
+    return elapsed
 
 
 def ttft_seconds(client: object, image_part: dict) -> float:
@@ -106,12 +107,18 @@ def ttft_seconds(client: object, image_part: dict) -> float:
 def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: int, seed: int) -> dict[str, object]:
     import openai
 
+    mono = Monolithic(model, cache_dir)  # loaded first: both sides then run under the same load, interleaved
     stack = LocalStack(model, cache_dir)
     try:
         client = openai.OpenAI(base_url=stack.base_url, api_key="bench", max_retries=0, timeout=600)
-        service_seconds(client, [square_png(size, seed - 1)], tokens)  # warm the request path
-        fresh = [square_png(size, seed + i) for i in range(repeats)]
-        e2e_service = service_seconds(client, fresh, tokens)
+        for warm in (seed - 1, seed - 2):  # warm both paths
+            service_seconds(client, square_png(size, warm), tokens)
+            mono.seconds(square_png(size, warm), tokens)
+        services, monos = [], []
+        for i in range(repeats):  # fresh images each time, alternating sides so that load drifts hit both
+            services.append(service_seconds(client, square_png(size, seed + i), tokens))
+            monos.append(mono.seconds(square_png(size, seed + i), tokens))
+        e2e_service, e2e_mono = statistics.median(services), statistics.median(monos)
 
         stored = square_png(size, seed + 1000)
         item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid="bench-image", source=media_pb2.MediaSource(data=stored))
@@ -123,7 +130,6 @@ def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: in
         )
     finally:
         stack.close()
-    e2e_mono = monolithic_seconds(model, cache_dir, fresh, tokens)
     return {
         "model": model, "image_size": size, "tokens": tokens,
         "e2e_service_s": round(e2e_service, 4), "e2e_monolithic_s": round(e2e_mono, 4),

@@ -18,7 +18,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ from services.decoder.engine.builtin.kv import BatchKV, KVShape, SequenceKV
 from services.decoder.engine.builtin.prefix import PrefixCache
 from services.decoder.engine.builtin.sampling import Sampler
 from services.decoder.engine.outputs import RequestOutput
+
+#: A prompt forward of at least this many tokens runs on all cores even when decode steps use fewer.
+WIDE_FORWARD_TOKENS = 64
 
 log = logging.getLogger("mmserve.decoder.engine")
 
@@ -99,7 +103,8 @@ class Scheduler:
         self.capacity = capacity
         self.chunk = prefill_chunk_tokens
         self.prefix = prefix
-        self.threads = threads  # intra-op threads of the loop thread (None: torch's default)
+        self.threads = threads  # intra-op threads of the loop thread for decode steps (None: torch's default)
+        self.prefill_threads = torch.get_num_threads()  # a prompt's forward is wide enough to use every core
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -254,7 +259,8 @@ class Scheduler:
             if end - start > budget and budget < self.chunk:
                 return
             began = time.perf_counter()
-            logits = self._forward_prompt(job, start, end)
+            with self._threads_for(end - start):
+                logits = self._forward_prompt(job, start, end)
             ENGINE_STEP_SECONDS.labels("prefill").observe(time.perf_counter() - began)
             budget -= end - start
             if end == total:
@@ -262,6 +268,19 @@ class Scheduler:
                 self._first_tokens(job, logits)
             if budget <= 0:
                 return
+
+    @contextmanager
+    def _threads_for(self, tokens: int) -> Iterator[None]:
+        """All cores for a forward of many tokens when decode steps run on fewer (one thread suits a tiny model's
+        one-token steps, not its 300-token prompts)."""
+        wide = self.threads is not None and self.threads < self.prefill_threads and tokens >= WIDE_FORWARD_TOKENS
+        if wide:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            yield
+        finally:
+            if wide:
+                torch.set_num_threads(self.threads)
 
     def _forward_prompt(self, job: Job, start: int, end: int) -> torch.Tensor:
         inputs = job.prompt.inputs
