@@ -1,6 +1,6 @@
 """OpenAI chat request JSON -> DecoderService GenerateRequest.
 
-Content parts follow ../docs/inputs.md: text, image_url, video_url,
+Content parts follow docs/inputs.md section 1: text, image_url, video_url,
 audio_url, input_audio, time_series_url, and client-supplied embeddings
 (image_embeds, audio_embeds: see gateway/embeds.py), each optionally with a
 `uuid`; a media part whose payload is null, or an object without its url

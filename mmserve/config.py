@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         None, description="Folder of `mmserve up`'s redis-server append-only file (default: `<cache_dir>/redis`)."
     )
 
-    # --- fetch guard (inputs.md section 2) -------------------------------
+    # --- fetch guard (docs/inputs.md section 2) --------------------------
     fetch_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="If set, only these host names may be fetched (comma-separated)."
     )
@@ -163,13 +163,13 @@ class Settings(BaseSettings):
         1024 * MiB, description="Max size of one item sent through the streaming EncodeUpload RPC."
     )
 
-    # --- per-request item limits (inputs.md section 4) --------------------
+    # --- per-request item limits (docs/inputs.md section 4) ---------------
     max_images_per_request: int = Field(8, description="Images allowed in one request.")
     max_videos_per_request: int = Field(2, description="Videos allowed in one request.")
     max_audios_per_request: int = Field(4, description="Audio items allowed in one request.")
     max_time_series_per_request: int = Field(4, description="Time series allowed in one request.")
 
-    # --- decoding limits (inputs.md section 3) ---------------------------
+    # --- decoding limits (docs/inputs.md sections 3 and 4) ---------------
     image_max_pixels: int = Field(178_956_970, description="Refuse images larger than this from the header.")
     media_max_decoded_bytes: int = Field(
         512 * MiB,

@@ -1,4 +1,4 @@
-"""Prometheus metrics of every mmserve process, named per conventions.md.
+"""Prometheus metrics of every mmserve process, named per docs/architecture.md ("Metrics and logs").
 
 One module so that names, units and labels are decided once. Labels stay
 low-cardinality (service, rpc, outcome, modality); never an id.

@@ -1,6 +1,6 @@
 """Prometheus metrics: after real requests, the counters on all three services moved as they should.
 
-Names follow conventions.md (one `mmserve_` prefix, base units, no colons,
+Names follow docs/architecture.md, "Metrics and logs" (one `mmserve_` prefix, base units, no colons,
 low-cardinality labels); the gateway serves /metrics on its HTTP port, each
 gRPC service on its own metrics port.
 """

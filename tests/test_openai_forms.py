@@ -294,7 +294,7 @@ def test_empty_object_with_a_uuid_is_the_stored_item(stack: Stack, client: opena
 
 
 def test_a_bare_url_string_stays_accepted_for_image_url(client: openai.OpenAI) -> None:
-    """inputs.md compatibility: `"image_url": "<url>"` is the same image as `{"url": "<url>"}`; input_audio must be an object."""
+    """docs/inputs.md section 1: `"image_url": "<url>"` is the same image as `{"url": "<url>"}`; input_audio must be an object."""
     url = data_url(png_bytes(64, 64, seed=41))
     assert chat(client, [text("Look:"), {"type": "image_url", "image_url": url}]).choices[0].message.content == (
         chat(client, [text("Look:"), image(url)]).choices[0].message.content

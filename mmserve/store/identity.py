@@ -1,4 +1,4 @@
-"""What makes two embeddings the same one (inputs.md section 5), and the content id derived from it.
+"""What makes two embeddings the same one (docs/inputs.md section 5), and the content id derived from it.
 
 An embedding is determined by the source bytes, the encoder (weights, revision
 and dtype, summed up in the model fingerprint), the output dtype, the modality

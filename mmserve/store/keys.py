@@ -1,6 +1,6 @@
 """Redis key names of stored embeddings, and the rules for client uuids and tenants.
 
-Layout (conventions.md): `<prefix>:{<slot>}:data` and `<prefix>:{<slot>}:meta`
+Layout (docs/architecture.md, "The embedding store"): `<prefix>:{<slot>}:data` and `<prefix>:{<slot>}:meta`
 with prefix `mmserve:emb:v1`. The braces are a Redis Cluster hash tag: both
 keys of one embedding hash to the same slot, so they can be written in one
 transaction on a cluster too.

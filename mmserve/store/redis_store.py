@@ -1,6 +1,6 @@
 """The embedding store: stored embeddings in Redis, shared by every encoder and decoder.
 
-Design points (conventions.md, "Redis (embedding store)"):
+Design points (docs/architecture.md, "The embedding store"):
 - one Redis, a Redis Cluster or a Sentinel-managed master, chosen by the URL
   (`mmserve.store.connect`); all keys of an embedding share a hash tag, so
   every command below stays in one slot and works the same on a cluster;

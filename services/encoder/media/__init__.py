@@ -1,4 +1,4 @@
-"""Media acquisition and decoding for the encoder (inputs.md sections 2 and 3).
+"""Media acquisition and decoding for the encoder (docs/inputs.md sections 2 and 3).
 
 `sources` turns a MediaSource into encoded bytes (inline, data:, file://, or
 http(s) through the guarded `fetch`er); per-modality decoders (`image`, and

@@ -1,6 +1,6 @@
 """Decode one audio item into mono float32 samples at the model's sampling rate.
 
-Rules (inputs.md section 3):
+Rules (docs/inputs.md section 3):
 
 * Who decodes what: WAV, FLAC and Ogg (Vorbis, Opus) go through soundfile
   (libsndfile); MP3, AAC (ADTS, M4A/MP4), WebM/Matroska audio and any

@@ -3,7 +3,7 @@
 Per-item caps stop one huge file; they do not stop eight large-but-allowed
 files in one request from exhausting memory together. Every fetch, inline
 payload and decoder of one request draws from one `RequestBudget`, so the
-request as a whole stays bounded (inputs.md sections 2 and 3).
+request as a whole stays bounded (docs/inputs.md section 4).
 
 A lock makes the check-and-take atomic: decoders run in worker threads
 (`asyncio.to_thread`) while fetches run on the event loop, and both draw from

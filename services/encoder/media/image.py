@@ -1,6 +1,6 @@
 """Decode one encoded image into an RGB `PIL.Image` the model processors can take.
 
-Rules (inputs.md section 3): only JPEG, PNG, WebP, GIF (first frame), BMP and
+Rules (docs/inputs.md section 3): only JPEG, PNG, WebP, GIF (first frame), BMP and
 TIFF are opened; the size is refused from the header before any pixel memory
 is allocated; the request's pixel budget is charged; the image is fully
 decoded so a truncated file fails here, not later inside a model processor;

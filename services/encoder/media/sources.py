@@ -1,6 +1,6 @@
 """Turn a byte-carrying `MediaSource` (raw bytes or a URL) into the encoded media bytes.
 
-One entry point for every modality, so the rules of inputs.md section 2 are
+One entry point for every modality, so the rules of docs/inputs.md section 2 are
 enforced in one place: size caps before anything large is held in memory,
 strict base64 for data URLs, file:// confined below an operator-chosen root,
 and the guarded fetcher for http(s). Source kinds that carry no encoded file

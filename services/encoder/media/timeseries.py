@@ -1,6 +1,6 @@
 """Load one numeric time series into a z-scored float32 [T, C] array.
 
-Rules (inputs.md section 3):
+Rules (docs/inputs.md section 3):
 
 * Formats: `.npy` (numpy, never with pickle), `.csv` (numeric; one optional
   header row; columns are channels), `.wav` / `.flac` (soundfile; each

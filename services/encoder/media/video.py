@@ -1,6 +1,6 @@
 """Decode one video into uniformly sampled RGB frames plus the timing the model needs.
 
-Rules (inputs.md section 3): the container is opened with PyAV from memory;
+Rules (docs/inputs.md section 3): the container is opened with PyAV from memory;
 the duration and the frame size are refused from the header, before any frame
 is decoded; frames are sampled uniformly by `fps` and capped by `num_frames`;
 undecodable frames are skipped and their samples filled from the next good
