@@ -29,7 +29,7 @@ from gateway.streaming import client_gone, first_message, relay, sse_data
 from gateway.translate import to_generate_request
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
-from mmserve.mediainput import MODALITY_NAMES
+from mmserve.modality import BY_PROTO
 from mmserve.promptsize import check_prompt_size
 
 log = logging.getLogger("mmserve.gateway")
@@ -108,7 +108,7 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
     data = [
         ModelObject(
             id=m.id, created=m.created, owned_by=m.owned_by, random_weights=m.random_weights, family=m.family,
-            modalities=[MODALITY_NAMES[x] for x in m.modalities if x in MODALITY_NAMES], max_model_len=m.max_model_len,
+            modalities=[BY_PROTO[x].name for x in m.modalities if x in BY_PROTO], max_model_len=m.max_model_len,
         )
         for m in reply.models
     ]

@@ -10,7 +10,7 @@ import grpc
 from fastapi.responses import JSONResponse
 
 from gateway.schemas import ErrorResponse
-from mmserve.errors import InvalidArgument, MmserveError
+from mmserve.errors import InvalidArgument, MmserveError, Reason
 
 log = logging.getLogger("mmserve.gateway")
 
@@ -31,7 +31,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 #: Reasons whose HTTP status differs from their gRPC code's.
 # A service refusing the gateway's (or a decoder's) service token is a deployment fault, not the client's: a 500.
-REASON_STATUS = {"REMOTE_FETCH_FAILED": 422, "SERVICE_TOKEN_INVALID": 500}
+REASON_STATUS = {Reason.REMOTE_FETCH_FAILED: 422, Reason.SERVICE_TOKEN_INVALID: 500}
 
 ERROR_TYPE = {
     400: "invalid_request_error",
@@ -141,7 +141,7 @@ def mm_error_response(err: MmserveError, *, request_id: str | None, max_tokens_n
     if detail and not message.startswith(detail.rsplit(".", 1)[-1]):
         message = f"{detail}: {message}"  # e.g. "video.num_frames: must be ...": param names only the part
     if status >= 500 and status not in (501, 503, 504):
-        if err.reason == "SERVICE_TOKEN_INVALID":
+        if err.reason == Reason.SERVICE_TOKEN_INVALID:
             log.error("a service refused this stack's service token (MMSERVE_SERVICE_TOKEN differs or is missing): %s", err.message)
         message = f"internal error (request {request_id})"
     return error_response(message, status=status, param=param, code=err.reason.lower(), request_id=request_id)

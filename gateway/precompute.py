@@ -20,14 +20,14 @@ from gateway.translate import to_encode_items
 from mmserve.common.v1 import embedding_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.errors import MmserveError, from_rpc_error
-from mmserve.mediainput import MODALITY_NAMES
+from mmserve.modality import name_of
 
 router = APIRouter(tags=["precompute"])
 
 
 def _object(desc: embedding_pb2.EmbeddingDescriptor, cached: bool | None = None) -> EmbeddingObject:
     return EmbeddingObject(
-        id=desc.id, modality=MODALITY_NAMES.get(desc.modality, "unknown"), tokens=desc.token_count, model=desc.model,
+        id=desc.id, modality=name_of(desc.modality), tokens=desc.token_count, model=desc.model,
         cached=cached, created_at=desc.created_at.seconds, content_sha256=desc.content_sha256,
         expires_at=desc.expires_at.seconds if desc.HasField("expires_at") else None,
     )

@@ -24,6 +24,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 from mmserve.mediainput import CONTENT_ID_PREFIX
+from mmserve.modality import BY_PROTO, MODALITIES, audio_format
 
 log = logging.getLogger("mmserve.gateway")
 
@@ -40,24 +41,17 @@ MEDIA_PARTS = {
     "audio_embeds": media_pb2.MODALITY_AUDIO,
 }
 SUPPORTED_PARTS = ("text", *MEDIA_PARTS)
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 #: The key of a part's payload object that holds the media itself (absent: a reference, given a uuid).
 PAYLOAD_KEY = {"input_audio": "data", "image_embeds": "data", "audio_embeds": "data"}
 DETAILS = ("low", "high", "auto")
 #: `detail: "low"`: at most 256 tokens of 28x28 pixels (Qwen2.5-VL/Omni; ~196 of 32x32 for Qwen3-VL).
 LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
-#: Allowed keys of media_io_kwargs / mm_processor_kwargs, per modality.
-MEDIA_IO_KEYS = {"image": {"rgba_background_color"}, "video": {"fps", "num_frames"}, "audio": set(), "time_series": set()}
-PROCESSOR_KEYS = {"image": {"min_pixels", "max_pixels"}, "video": {"min_pixels", "max_pixels"}, "audio": set(), "time_series": set()}
-OPTION_FIELD = {
-    media_pb2.MODALITY_IMAGE: "image",
-    media_pb2.MODALITY_VIDEO: "video",
-    media_pb2.MODALITY_AUDIO: "audio",
-    media_pb2.MODALITY_TIME_SERIES: "time_series",
-}
+#: Allowed keys of media_io_kwargs / mm_processor_kwargs, per modality name.
+MEDIA_IO_KEYS = {m.name: m.media_io_keys for m in MODALITIES}
+PROCESSOR_KEYS = {m.name: m.processor_keys for m in MODALITIES}
 
 
-def _check_kwargs(value: dict[str, dict[str, Any]] | None, allowed: dict[str, set[str]], name: str) -> dict[str, dict[str, Any]]:
+def _check_kwargs(value: dict[str, dict[str, Any]] | None, allowed: dict[str, frozenset[str]], name: str) -> dict[str, dict[str, Any]]:
     if not value:
         return {}
     for modality, options in value.items():
@@ -108,7 +102,7 @@ def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]
     """Set the request-level options of the item's modality on the item (none apply to a client embedding)."""
     if item.source.WhichOneof("kind") == "embeds":
         return
-    name = OPTION_FIELD[item.modality]
+    name = BY_PROTO[item.modality].field
     io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
     if item.modality == media_pb2.MODALITY_IMAGE:
         opts = item.image
@@ -151,9 +145,7 @@ def _reference(item: media_pb2.MediaInput, kind: str, uuid: str | None, field: s
 def _input_audio(item: media_pb2.MediaInput, payload: Any, field: str) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
         raise InvalidArgument('input_audio must be {"data": "<base64>", "format": "wav"}', field=field)
-    fmt = payload.get("format")
-    if not isinstance(fmt, str) or fmt not in AUDIO_FORMATS:
-        raise InvalidArgument(f"input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", field=field)
+    fmt = audio_format(payload.get("format"), f"{field}.input_audio.format")
     item.source.url = f"data:audio/{fmt};base64,{payload['data']}"
     item.audio.format = fmt
 

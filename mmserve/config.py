@@ -287,19 +287,6 @@ class Settings(BaseSettings):
             return None
         return self.redis_data_dir or self.cache_dir / "redis"
 
-    def item_limits(self) -> dict[str, int]:
-        """Media items allowed per request, by modality name."""
-        return {
-            "image": self.max_images_per_request,
-            "video": self.max_videos_per_request,
-            "audio": self.max_audios_per_request,
-            "time_series": self.max_time_series_per_request,
-        }
-
-    def fetch_timeout(self, modality: str) -> float:
-        """Per-item total fetch deadline for a modality name (image, audio, video, time_series)."""
-        return float(getattr(self, f"fetch_timeout_{modality}_s"))
-
 
 def markdown_table() -> str:
     """The README's configuration reference: every setting, its env var, default and meaning."""

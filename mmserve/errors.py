@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import ClassVar
 
 import grpc
@@ -38,18 +39,50 @@ _PLAIN = {
 _ADDRESS = re.compile(r"ipv[46]:|unix:|dns:|\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]*:[0-9a-fA-F:]*\]|[\w.-]+:\d{2,5}\b")
 
 
+class Reason(StrEnum):
+    """Every machine-readable reason an mmserve error carries (`ErrorInfo.reason`; lower-cased, the OpenAI `code`).
+
+    One list, so that a client can rely on it and the same fault reads the same in every service (docs/errors.md).
+    """
+
+    INTERNAL = "INTERNAL"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    MEDIA_TOO_LARGE = "MEDIA_TOO_LARGE"
+    FETCH_REFUSED = "FETCH_REFUSED"
+    REMOTE_FETCH_FAILED = "REMOTE_FETCH_FAILED"
+    NOT_FOUND = "NOT_FOUND"
+    EMBEDDING_NOT_FOUND = "EMBEDDING_NOT_FOUND"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    UUID_CONFLICT = "UUID_CONFLICT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    MODEL_MISMATCH = "MODEL_MISMATCH"
+    MODALITY_MISMATCH = "MODALITY_MISMATCH"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    QUEUE_FULL = "QUEUE_FULL"
+    STORE_FULL = "STORE_FULL"
+    UNAVAILABLE = "UNAVAILABLE"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    ENCODER_UNAVAILABLE = "ENCODER_UNAVAILABLE"
+    ENGINE_STOPPED = "ENGINE_STOPPED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INVALID_API_KEY = "INVALID_API_KEY"
+    SERVICE_TOKEN_INVALID = "SERVICE_TOKEN_INVALID"
+
+
 class MmserveError(Exception):
     """Base of all mmserve errors; never leaks paths or tracebacks in `message`."""
 
     status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
-    default_reason: ClassVar[str] = "INTERNAL"
+    default_reason: ClassVar[Reason] = Reason.INTERNAL
 
     def __init__(
         self,
         message: str,
         *,
         field: str | None = None,
-        reason: str | None = None,
+        reason: Reason | str | None = None,  # a str: a reason from a newer peer, kept as sent
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -73,89 +106,89 @@ class InvalidArgument(MmserveError):
     """The request itself is wrong (HTTP 400)."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = Reason.INVALID_ARGUMENT
 
 
 class MediaTooLarge(InvalidArgument):
     """An item or request exceeds a configured size, duration or pixel cap."""
 
-    default_reason = "MEDIA_TOO_LARGE"
+    default_reason = Reason.MEDIA_TOO_LARGE
 
 
 class FetchRefused(InvalidArgument):
     """The fetch guard refused a URL before any byte was sent to it."""
 
-    default_reason = "FETCH_REFUSED"
+    default_reason = Reason.FETCH_REFUSED
 
 
 class RemoteFetchFailed(MmserveError):
     """The remote refused or failed to serve the media (HTTP 422)."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "REMOTE_FETCH_FAILED"
+    default_reason = Reason.REMOTE_FETCH_FAILED
 
 
 class NotFound(MmserveError):
     """A referenced embedding does not exist (or has expired)."""
 
     status = grpc.StatusCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
+    default_reason = Reason.NOT_FOUND
 
 
 class Conflict(MmserveError):
     """A client uuid is already bound to other content or another model."""
 
     status = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "UUID_CONFLICT"
+    default_reason = Reason.UUID_CONFLICT
 
 
 class FailedPrecondition(MmserveError):
     """The request is well formed but cannot run in the current state (e.g. model mismatch)."""
 
     status = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
+    default_reason = Reason.FAILED_PRECONDITION
 
 
 class ResourceExhausted(MmserveError):
     """Queue full or too many requests (HTTP 429)."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+    default_reason = Reason.RESOURCE_EXHAUSTED
 
 
 class Unavailable(MmserveError):
     """A dependency (Redis, the encoder) is down; retrying later can help."""
 
     status = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
+    default_reason = Reason.UNAVAILABLE
 
 
 class DeadlineExceeded(MmserveError):
     """A deadline (the caller's, or a per-item fetch deadline) ran out."""
 
     status = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
+    default_reason = Reason.DEADLINE_EXCEEDED
 
 
 class Cancelled(MmserveError):
     """The caller went away."""
 
     status = grpc.StatusCode.CANCELLED
-    default_reason = "CANCELLED"
+    default_reason = Reason.CANCELLED
 
 
 class Unimplemented(MmserveError):
     """A capability the contract names but this server does not offer."""
 
     status = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "UNIMPLEMENTED"
+    default_reason = Reason.UNIMPLEMENTED
 
 
 class Unauthenticated(MmserveError):
     """Missing or wrong credentials (HTTP 401)."""
 
     status = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "INVALID_API_KEY"
+    default_reason = Reason.INVALID_API_KEY
 
 
 class Internal(MmserveError):

@@ -12,15 +12,6 @@ from mmserve.common.v1 import media_pb2
 #: Prefix of content-derived embedding ids ("mmemb-<64 hex>"); client uuids may not use it.
 CONTENT_ID_PREFIX = "mmemb-"
 
-MODALITY_NAMES: dict[int, str] = {
-    media_pb2.MODALITY_IMAGE: "image",
-    media_pb2.MODALITY_VIDEO: "video",
-    media_pb2.MODALITY_AUDIO: "audio",
-    media_pb2.MODALITY_TIME_SERIES: "time_series",
-}
-MODALITY_BY_NAME: dict[str, int] = {name: value for value, name in MODALITY_NAMES.items()}
-
-
 def source_kind(item: media_pb2.MediaInput) -> str | None:
     return item.source.WhichOneof("kind") if item.HasField("source") else None
 

@@ -28,7 +28,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.errors import MmserveError, from_rpc_error
-from mmserve.mediainput import MODALITY_BY_NAME, MODALITY_NAMES
+from mmserve.modality import BY_NAME, name_of
 from mmserve.rpc.auth import token_metadata
 
 INLINE_LIMIT = 32 * 1024 * 1024
@@ -54,7 +54,7 @@ def guess_modality(source: str, *, sampling_rate: float | None) -> str:
 
 def build_item(source: str, modality: str, *, uuid: str, sampling_rate: float | None) -> tuple[media_pb2.MediaInput, bytes | None]:
     """The MediaInput for one source, and the local file's bytes when it needs uploading."""
-    item = media_pb2.MediaInput(modality=MODALITY_BY_NAME[modality], uuid=uuid)
+    item = media_pb2.MediaInput(modality=BY_NAME[modality].proto, uuid=uuid)
     if modality == "time_series":
         if sampling_rate is None:
             raise SystemExit(f"{source}: time series need --sampling-rate")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmserve encode", description="Precompute embeddings and print their ids.")
     parser.add_argument("sources", nargs="+", help="local files or URLs (http, https, data, file)")
     parser.add_argument("--target", default=None, help="encoder host:port (default: MMSERVE_ENCODER_TARGET or 127.0.0.1:50051)")
-    parser.add_argument("--modality", choices=sorted(MODALITY_BY_NAME), help="modality of every source (default: from the extension)")
+    parser.add_argument("--modality", choices=sorted(BY_NAME), help="modality of every source (default: from the extension)")
     parser.add_argument("--uuid", action="append", default=[], help="client uuid for the source at the same position (repeatable)")
     parser.add_argument("--sampling-rate", type=float, help="sampling rate in Hz (required for time series)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per item")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             desc = result.embedding
             row = {
-                "id": desc.id, "modality": MODALITY_NAMES.get(desc.modality, "?"), "tokens": desc.token_count,
+                "id": desc.id, "modality": name_of(desc.modality), "tokens": desc.token_count,
                 "cached": result.cached, "expires_at": desc.expires_at.ToJsonString() if desc.HasField("expires_at") else None,
                 "source": source,
             }

@@ -236,6 +236,19 @@ def test_embedding_from_another_model_is_failed_precondition(decoder: pb_grpc.De
     assert last.usage.cached_media == 1 and last.usage.prompt_tokens > ours.token_count
 
 
+def test_a_reference_of_another_modality_is_the_same_400_in_both_services(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> None:
+    """An image embedding named by a video part: INVALID_ARGUMENT / MODALITY_MISMATCH from the encoder and the decoder alike."""
+    with encoder_stub(stack.encoder.target) as enc:
+        enc.Encode(enc_pb.EncodeRequest(items=[image_item(png_bytes(seed=902), uuid="dec-an-image")]))
+        as_video = media_pb2.MediaInput(modality=media_pb2.MODALITY_VIDEO, uuid="dec-an-image")
+        enc_code, enc_err = rpc_error(lambda: enc.Encode(enc_pb.EncodeRequest(items=[as_video])))
+    dec_code, dec_err = rpc_error(lambda: list(decoder.Generate(request(user(text("What is it?"), media(as_video))))))
+    assert enc_code == dec_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert enc_err.reason == dec_err.reason == "MODALITY_MISMATCH"
+    assert (enc_err.field, dec_err.field) == ("items[0].modality", "messages[0].content[1].modality")
+    assert "is image, not video" in enc_err.message and "is image, not video" in dec_err.message
+
+
 def test_unknown_references_are_not_found_listing_all(decoder: pb_grpc.DecoderServiceStub) -> None:
     fake = "mmemb-" + "ab" * 32
     req = request(

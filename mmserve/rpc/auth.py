@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from mmserve.config import Settings
-from mmserve.errors import Unauthenticated
+from mmserve.errors import Reason, Unauthenticated
 
 log = logging.getLogger("mmserve.rpc")
 
@@ -58,7 +58,7 @@ def check_token(metadata: dict[str, str], expected: str) -> None:
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthenticated(
             f"missing or wrong service token: calls to this service need {SERVICE_TOKEN_KEY} metadata (MMSERVE_SERVICE_TOKEN)",
-            reason="SERVICE_TOKEN_INVALID",
+            reason=Reason.SERVICE_TOKEN_INVALID,
         )
 
 

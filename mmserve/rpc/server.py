@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.errors import MmserveError
+from mmserve.log import setup_logging
 from mmserve.metrics import RpcRecorder, serve_metrics
 from mmserve.rpc.auth import service_token, warn_if_open
 from mmserve.rpc.channel import message_size_options, server_options  # noqa: F401 - message_size_options: its old home
@@ -191,3 +192,10 @@ async def wait_for_signal() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def run_service(role: str, serve: Callable[[Settings], Awaitable[None]]) -> None:
+    """The one start-up path of a gRPC service: settings from the environment, logging, then `serve` until SIGTERM."""
+    settings = Settings()
+    setup_logging(role, level=settings.log_level, json_logs=settings.log_json)
+    asyncio.run(serve(settings))

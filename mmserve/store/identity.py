@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
-from mmserve.errors import InvalidArgument
+from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, Reason
 from mmserve.mediainput import CONTENT_ID_PREFIX
+from mmserve.modality import name_of
 from mmserve.store.tensors import dtype_info
 
 CONTENT_ID_RE = re.compile(r"mmemb-[0-9a-f]{64}")
@@ -119,6 +120,30 @@ class Identity:
         if self.options_json != other.options_json:
             out.append("other processing options")
         return out
+
+
+def check_uuid_binding(uuid: str, *, stored: Identity, wanted: Identity, field: str) -> None:
+    """A client uuid names one embedding for good: binding it to another identity is a 409 (never a silent new version)."""
+    differences = wanted.differences(stored)
+    if differences:
+        raise Conflict(
+            f"uuid {uuid!r} is already bound to {' and '.join(differences)}; use a new uuid, or delete the old embedding first",
+            field=field, metadata={"uuid": uuid},
+        )  # fmt: skip
+
+
+def check_usable(descriptor: embedding_pb2.EmbeddingDescriptor, *, modality: int, fingerprint: str, field: str) -> None:
+    """A stored embedding may stand for a part only if it is of the part's modality and this server's model made it."""
+    if descriptor.modality != modality:
+        raise InvalidArgument(
+            f"embedding {descriptor.id} is {name_of(descriptor.modality)}, not {name_of(modality)}",
+            field=f"{field}.modality", reason=Reason.MODALITY_MISMATCH,
+        )  # fmt: skip
+    if descriptor.model_fingerprint != fingerprint:
+        raise FailedPrecondition(
+            f"embedding {descriptor.id} was made by another model ({descriptor.model_fingerprint}); this server serves {fingerprint}",
+            field=field, reason=Reason.MODEL_MISMATCH,
+        )  # fmt: skip
 
 
 def content_id(*, modality: int, content_sha256: str, model_fingerprint: str, dtype: int, options_json: str) -> str:

@@ -47,10 +47,10 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from mmserve.common.v1 import embedding_pb2
-from mmserve.errors import Conflict, Internal, InvalidArgument, MediaTooLarge, ResourceExhausted, Unavailable
+from mmserve.errors import Internal, InvalidArgument, MediaTooLarge, Reason, ResourceExhausted, Unavailable
 from mmserve.metrics import STORE_CORRUPT
 from mmserve.store import codec, connect
-from mmserve.store.identity import Identity, is_content_id
+from mmserve.store.identity import Identity, check_uuid_binding, is_content_id
 from mmserve.store.keys import DEFAULT_KEY_PREFIX, EmbeddingKeys, embedding_keys, validate_uuid
 from mmserve.store.tensors import RawTensor
 
@@ -307,7 +307,7 @@ class EmbeddingStore:
             log.warning("embedding store %s failed (redis at %s): %s: %s", op, self._location, type(exc).__name__, exc)
             raise Unavailable(
                 f"embedding store unavailable: no working connection to Redis ({type(exc).__name__}); retry later",
-                reason="STORE_UNAVAILABLE",
+                reason=Reason.STORE_UNAVAILABLE,
             ) from exc
         except (rexc.ClusterError, rexc.RedisClusterException, rexc.AskError, rexc.TryAgainError) as exc:
             # What the cluster client gives up on: CLUSTERDOWN, uncovered slots, redirects without end.
@@ -315,17 +315,17 @@ class EmbeddingStore:
             raise Unavailable(
                 f"embedding store unavailable: the Redis cluster cannot serve this key now ({type(exc).__name__}); "
                 "retry later",
-                reason="STORE_UNAVAILABLE",
+                reason=Reason.STORE_UNAVAILABLE,
             ) from exc
         except (rexc.ReadOnlyError, rexc.BusyLoadingError) as exc:
             log.warning("embedding store %s refused (redis at %s): %s", op, self._location, exc)
             raise Unavailable(
                 f"embedding store unavailable: Redis is not accepting writes ({type(exc).__name__}); retry later",
-                reason="STORE_UNAVAILABLE",
+                reason=Reason.STORE_UNAVAILABLE,
             ) from exc
         except rexc.OutOfMemoryError as exc:
             log.error("embedding store %s: redis at %s is out of memory: %s", op, self._location, exc)
-            raise ResourceExhausted("embedding store is full; retry later", reason="STORE_FULL") from exc
+            raise ResourceExhausted("embedding store is full; retry later", reason=Reason.STORE_FULL) from exc
         except rexc.ResponseError as exc:
             if not str(exc).startswith("MISCONF"):
                 log.exception("embedding store %s failed (redis at %s)", op, self._location)
@@ -333,7 +333,7 @@ class EmbeddingStore:
             log.error("embedding store %s refused (redis at %s): %s", op, self._location, exc)
             raise Unavailable(
                 "embedding store unavailable: Redis refuses writes (it cannot persist); retry later",
-                reason="STORE_UNAVAILABLE",
+                reason=Reason.STORE_UNAVAILABLE,
             ) from exc
         except rexc.RedisError as exc:
             log.exception("embedding store %s failed (redis at %s)", op, self._location)
@@ -449,7 +449,7 @@ class EmbeddingStore:
         if reply[0] == 1:
             return PutResult(descriptor, created=True)
         if reply[0] == -1:
-            raise ResourceExhausted("embedding store is full: the upload was evicted before it was stored", reason="STORE_FULL")
+            raise ResourceExhausted("embedding store is full: the upload was evicted before it was stored", reason=Reason.STORE_FULL)
         fields = dict(zip(reply[1][::2], reply[1][1::2], strict=True))
         if not fields:
             return None  # deleted since we looked: try again as a new record
@@ -497,19 +497,12 @@ class EmbeddingStore:
     @staticmethod
     def _raise_if_other(existing: EmbeddingDescriptor, new: EmbeddingDescriptor, identity: Identity) -> None:
         theirs = Identity(existing.modality, existing.content_sha256, existing.model_fingerprint, existing.options_json)
-        differences = identity.differences(theirs)
-        if not differences:
-            return
-        if not new.client_uuid:
+        if new.client_uuid:
+            check_uuid_binding(new.id, stored=theirs, wanted=identity, field="uuid")
+        elif differences := identity.differences(theirs):
             # A content id is derived from the identity: a mismatch is a bug in the caller.
             log.error("content id %s is stored with another identity (%s)", new.id, ", ".join(differences))
             raise Internal("content id does not match the stored embedding")
-        raise Conflict(
-            f"uuid {new.id!r} is already bound to {' and '.join(differences)}; use a new uuid, "
-            "or delete the old embedding first",
-            field="uuid",
-            metadata={"uuid": new.id},
-        )
 
     @staticmethod
     def _check_id(descriptor: EmbeddingDescriptor) -> str:

@@ -9,9 +9,8 @@ import grpc
 
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
-from mmserve.log import setup_logging
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import start_server
+from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore
 from services.decoder.engine import make_engine, model_part
 from services.decoder.media import EncoderClient, MediaResolver
@@ -43,6 +42,4 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings()
-    setup_logging("decoder", level=settings.log_level, json_logs=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("decoder", serve)

@@ -17,11 +17,12 @@ from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
-from mmserve.errors import FailedPrecondition, MmserveError, NotFound, Unavailable, from_rpc_error
+from mmserve.errors import MmserveError, NotFound, Reason, Unavailable, from_rpc_error
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.rpc.channel import client_channel
 from mmserve.rpc.metadata import outgoing_metadata
 from mmserve.store import EmbeddingStore, StoredEmbedding
+from mmserve.store.identity import check_usable
 from mmserve.store.keys import slot_of
 from services.decoder.conversation import MediaPart
 from services.decoder.embcache import EmbeddingCache
@@ -87,7 +88,7 @@ class MediaResolver:
             raise NotFound(
                 f"no stored embedding for: {', '.join(refs)}",
                 field=missing[0][0].field,
-                reason="EMBEDDING_NOT_FOUND",
+                reason=Reason.EMBEDDING_NOT_FOUND,
                 metadata={"missing": ",".join(refs)},
             )
         embeddings = []
@@ -99,26 +100,15 @@ class MediaResolver:
         return ResolvedMedia(embeddings, cached)
 
     def _check(self, stored: StoredEmbedding, part: MediaPart) -> None:
-        desc = stored.descriptor
-        if desc.model_fingerprint != self.fingerprint:
-            raise FailedPrecondition(
-                f"embedding {desc.id} was made by another model ({desc.model_fingerprint}); "
-                f"this decoder serves {self.fingerprint}",
-                field=part.field,
-                reason="MODEL_MISMATCH",
-            )
-        if desc.modality != part.item.modality:
-            raise FailedPrecondition(
-                f"embedding {desc.id} holds another modality than this part declares", field=f"{part.field}.modality"
-            )
+        check_usable(stored.descriptor, modality=part.item.modality, fingerprint=self.fingerprint, field=part.field)
 
     async def _encode(self, parts: list[MediaPart], timeout: float | None) -> list[enc_pb.EncodeResult]:
         try:
             return await self.encoder.encode([p.item for p in parts], timeout)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc, peer="encoder")
-            if exc.code() in _UNREACHABLE and err.reason in {"UNAVAILABLE", "INTERNAL"}:  # type: ignore[attr-defined]
-                raise Unavailable("the encoder is unavailable; retry later", reason="ENCODER_UNAVAILABLE") from None
+            if exc.code() in _UNREACHABLE and err.reason in {Reason.UNAVAILABLE, Reason.INTERNAL}:  # type: ignore[attr-defined]
+                raise Unavailable("the encoder is unavailable; retry later", reason=Reason.ENCODER_UNAVAILABLE) from None
             raise _reanchor(err, parts) from None
 
 

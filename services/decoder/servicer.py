@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -20,15 +19,15 @@ import grpc
 from mmserve.config import Settings
 from mmserve.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from mmserve.errors import InvalidArgument, NotFound, Unavailable
+from mmserve.errors import InvalidArgument, NotFound, Reason, Unavailable
 from mmserve.log import note
-from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import E2E, GENERATION_TOKENS, ITL, PROMPT_TOKENS, TTFT
+from mmserve.modality import check_item_limits
 from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import LoadedModel
 from mmserve.promptsize import check_prompt_size, max_prompt_chars, prompt_field
 from mmserve.rpc.metadata import remaining_timeout, tenant_var
-from services.decoder.conversation import Conversation, SamplingConfig, check_token_ids, parse_conversation, parse_sampling
+from services.decoder.conversation import SamplingConfig, check_token_ids, parse_conversation, parse_sampling
 from services.decoder.engine import Engine, EngineRequest, Finish, StepOutput
 from services.decoder.engine.tokentext import TokenText
 from services.decoder.guidance import checked_grammar, grammar_for
@@ -79,7 +78,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         family = model.family
         start = time.perf_counter()
         if request.model and request.model not in {model.served_name, model.source.requested}:
-            raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason=Reason.MODEL_NOT_FOUND)
         sampling = parse_sampling(request.sampling)
         check_token_ids(sampling, len(family.tokenizer))
         tools = parse_tools(request, family)
@@ -91,7 +90,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             return family.chat_part(modality)
 
         conversation = parse_conversation(request, chat_part=chat_part, reserved=family.reserved_strings())
-        self._check_item_limits(conversation)
+        check_item_limits((p.item.modality for p in conversation.media), self.settings, "messages")
         async with engine.admission.slot():
             admitted = time.perf_counter()
             media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
@@ -204,9 +203,3 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 field="sampling.max_tokens",
             )
         return sampling.max_tokens
-
-    def _check_item_limits(self, conversation: Conversation) -> None:
-        tally = Tally(MODALITY_NAMES[p.item.modality] for p in conversation.media)
-        for name, limit in self.settings.item_limits().items():
-            if tally[name] > limit:
-                raise InvalidArgument(f"too many {name} items: {tally[name]} (limit {limit} per request)", field="messages")

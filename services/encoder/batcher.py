@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from mmserve.mediainput import MODALITY_NAMES
 from mmserve.metrics import ENCODE_SECONDS, ENCODED_ITEMS
+from mmserve.modality import name_of
 from mmserve.models.families import EncodedItem, PreparedItem
 
 log = logging.getLogger("mmserve.encoder.batcher")
@@ -72,7 +72,7 @@ class Batcher:
 
     async def _work(self, modality: int, queue: asyncio.Queue[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        name = MODALITY_NAMES.get(modality, str(modality))
+        name = name_of(modality)
         while True:
             batch = await self._collect(queue)
             if not batch:

@@ -9,10 +9,9 @@ import grpc
 
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
-from mmserve.log import setup_logging
 from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import start_server
+from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore
 from services.encoder.media.fetch import GuardedFetcher
 from services.encoder.pipeline import EncoderPipeline
@@ -45,6 +44,4 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings()
-    setup_logging("encoder", level=settings.log_level, json_logs=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("encoder", serve)

@@ -21,19 +21,20 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmserve.common.v1 import embedding_pb2, media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, MmserveError, NotFound
-from mmserve.mediainput import MODALITY_NAMES, is_reference, reference_of, source_kind
+from mmserve.errors import InvalidArgument, MmserveError, NotFound, Reason
+from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES
+from mmserve.modality import BY_PROTO, Modality, check_item_limits
 from mmserve.models.families import EncodedItem
 from mmserve.models.loading import LoadedModel
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, canonical_options_json, content_id, validate_uuid
+from mmserve.store.identity import Identity, check_usable, check_uuid_binding
 from services.encoder.batcher import Batcher
 from services.encoder.media.acquire import Acquired, acquire
 from services.encoder.media.budget import RequestBudget
@@ -42,14 +43,6 @@ from services.encoder.media.embeds import check_size, client_embedding
 from services.encoder.media.fetch import GuardedFetcher
 
 log = logging.getLogger("mmserve.encoder")
-
-_PLACEMENT_FIELD = {
-    media_pb2.MODALITY_IMAGE: "image",
-    media_pb2.MODALITY_VIDEO: "video",
-    media_pb2.MODALITY_AUDIO: "audio",
-    media_pb2.MODALITY_TIME_SERIES: "time_series",
-}
-
 
 @dataclass
 class _Job:
@@ -68,6 +61,11 @@ class _Job:
     @property
     def modality(self) -> int:
         return self.item.modality
+
+    @property
+    def kind(self) -> Modality:
+        """The item's modality (validated on entry)."""
+        return BY_PROTO[self.item.modality]
 
     @property
     def key(self) -> str:
@@ -96,24 +94,19 @@ class EncoderPipeline:
         """Check every item before any work; errors name the offending field."""
         for job in jobs:
             item = job.item
-            if item.modality not in MODALITY_NAMES:
+            if item.modality not in BY_PROTO:
                 raise InvalidArgument("modality must be set (image, video, audio or time_series)", field=f"{job.field}.modality")
             self.family.check_modality(item.modality, f"{job.field}.modality")
             opts = item.WhichOneof("options")
-            if opts is not None and opts != _PLACEMENT_FIELD[item.modality]:
-                raise InvalidArgument(
-                    f"{opts} options given for a {MODALITY_NAMES[item.modality]} item", field=f"{job.field}.{opts}"
-                )
+            if opts is not None and opts != job.kind.field:
+                raise InvalidArgument(f"{opts} options given for a {job.kind.name} item", field=f"{job.field}.{opts}")
             if item.uuid:
                 validate_uuid(item.uuid, f"{job.field}.uuid")
             if not is_reference(item) and not item.HasField("source"):
                 raise InvalidArgument("source is required (or a uuid to refer to a stored embedding)", field=f"{job.field}.source")
             if source_kind(item) == "embeds" and opts is not None:
                 raise InvalidArgument("processing options do not apply to a client embedding", field=f"{job.field}.{opts}")
-        tally = Tally(MODALITY_NAMES[job.modality] for job in jobs)
-        for name, limit in self.settings.item_limits().items():
-            if tally[name] > limit:
-                raise InvalidArgument(f"too many {name} items: {tally[name]} (limit {limit} per request)", field=count_field)
+        check_item_limits((job.modality for job in jobs), self.settings, count_field)
 
     # --- the flow -------------------------------------------------------------------
     async def encode(
@@ -146,28 +139,17 @@ class EncoderPipeline:
             raise NotFound(
                 f"no stored embedding for: {', '.join(ids)}",
                 field=missing[0].field,
-                reason="EMBEDDING_NOT_FOUND",
+                reason=Reason.EMBEDDING_NOT_FOUND,
                 metadata={"missing": ",".join(ids)},
             )
         for job in jobs:
             desc = found[reference_of(job.item)].descriptor  # type: ignore[union-attr]
             self._check_stored(desc, job)
             job.result = pb.EncodeResult(embedding=desc, cached=True)
-            CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+            CACHE_HITS.labels(job.kind.name).inc()
 
     def _check_stored(self, desc: embedding_pb2.EmbeddingDescriptor, job: _Job) -> None:
-        if desc.modality != job.modality:
-            raise InvalidArgument(
-                f"embedding {desc.id} is {MODALITY_NAMES.get(desc.modality, '?')}, not {MODALITY_NAMES[job.modality]}",
-                field=f"{job.field}.modality",
-            )
-        if desc.model_fingerprint != self.model.fingerprint:
-            raise FailedPrecondition(
-                f"embedding {desc.id} was made by another model ({desc.model_fingerprint}), "
-                f"this server runs {self.model.fingerprint}",
-                field=job.field,
-                reason="MODEL_MISMATCH",
-            )
+        check_usable(desc, modality=job.modality, fingerprint=self.model.fingerprint, field=job.field)
 
     async def _acquire(self, job: _Job, budget: RequestBudget, preloaded: bytes | None) -> None:
         if source_kind(job.item) == "embeds" and preloaded is None:
@@ -175,12 +157,12 @@ class EncoderPipeline:
         start = time.perf_counter()
         try:
             job.acquired = await acquire(
-                job.item, modality=MODALITY_NAMES[job.modality], settings=self.settings,
+                job.item, modality=job.kind.name, settings=self.settings,
                 budget=budget, fetcher=self.fetcher, preloaded=preloaded,
             )
         except MmserveError as err:
             raise err.at(job.field) from None
-        FETCH_SECONDS.labels(MODALITY_NAMES[job.modality]).observe(time.perf_counter() - start)
+        FETCH_SECONDS.labels(job.kind.name).observe(time.perf_counter() - start)
         job.content_sha256 = job.acquired.sha256
 
     async def _take_embedding(self, job: _Job, budget: RequestBudget) -> None:
@@ -189,7 +171,7 @@ class EncoderPipeline:
         try:
             check_size(embeds, self.settings, budget)
             job.encoded, job.content_sha256 = await asyncio.to_thread(
-                client_embedding, self.family, job.modality, embeds, MODALITY_NAMES[job.modality]
+                client_embedding, self.family, job.modality, embeds, job.kind.name
             )
         except MmserveError as err:
             raise err.at(job.field) from None
@@ -211,6 +193,9 @@ class EncoderPipeline:
             options_json=job.options_json,
         )
 
+    def _identity(self, job: _Job) -> Identity:
+        return Identity(job.modality, job.content_sha256, self.model.fingerprint, job.options_json)
+
     async def _lookup(self, jobs: list[_Job], tenant: str) -> list[_Job]:
         """Mark jobs whose identity is stored as cached; return those that need the model."""
         if not jobs:
@@ -222,16 +207,10 @@ class EncoderPipeline:
             stored = found.get(job.key)
             if stored is not None:
                 desc = stored.descriptor
-                if (desc.content_sha256, desc.options_json, desc.model_fingerprint, desc.modality) != (
-                    job.content_sha256, job.options_json, self.model.fingerprint, job.modality,
-                ):
-                    raise Conflict(
-                        f"uuid {job.item.uuid!r} is already bound to other content or another model; "
-                        "use a new uuid or delete the old embedding",
-                        field=f"{job.field}.uuid",
-                    )
+                if job.item.uuid:
+                    check_uuid_binding(job.item.uuid, stored=Identity.of(desc), wanted=self._identity(job), field=f"{job.field}.uuid")
                 job.result = pb.EncodeResult(embedding=desc, cached=True)
-                CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+                CACHE_HITS.labels(job.kind.name).inc()
                 continue
             if job.item.uuid and found.get(job.content_id) is not None:
                 # Same content already encoded without this uuid: copy it, no model run.
@@ -239,10 +218,10 @@ class EncoderPipeline:
                 if full is not None:
                     job.tensors = full.tensors
                     job.encoded = EncodedItem(full.tensors, int(full.descriptor.token_count), _placement_of(full.descriptor))
-                    CACHE_HITS.labels(MODALITY_NAMES[job.modality]).inc()
+                    CACHE_HITS.labels(job.kind.name).inc()
                     todo.append(job)
                     continue
-            CACHE_MISSES.labels(MODALITY_NAMES[job.modality]).inc()
+            CACHE_MISSES.labels(job.kind.name).inc()
             todo.append(job)
         return todo
 
@@ -279,7 +258,7 @@ class EncoderPipeline:
                     for job in jobs:
                         if job.encoded is None and job.content_id == cid:
                             job.encoded, job.tensors = encoded, stored.tensors
-                            LEASE_WAITS.labels(MODALITY_NAMES[job.modality]).inc()
+                            LEASE_WAITS.labels(job.kind.name).inc()
             if held:
                 renewer = asyncio.create_task(self._renew(held, tenant))
             yield
@@ -386,7 +365,7 @@ class EncoderPipeline:
             client_uuid=bool(job.item.uuid),
             options_json=job.options_json,
         )
-        getattr(desc, _PLACEMENT_FIELD[job.modality]).CopyFrom(encoded.placement)
+        getattr(desc, job.kind.field).CopyFrom(encoded.placement)
         return desc
 
 

@@ -11,7 +11,7 @@ from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
-from mmserve.errors import InvalidArgument, MediaTooLarge, MmserveError, NotFound, Unavailable
+from mmserve.errors import InvalidArgument, MediaTooLarge, MmserveError, NotFound, Reason, Unavailable
 from mmserve.rpc.metadata import tenant_var
 from mmserve.store import EmbeddingStore
 from services.encoder.pipeline import EncoderPipeline
@@ -99,7 +99,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             raise InvalidArgument("id is required", field="id")
         stored = await self.store.get(request.id, tenant=self._tenant, with_tensors=request.include_tensors)
         if stored is None:
-            raise NotFound(f"no stored embedding for: {request.id}", field="id", reason="EMBEDDING_NOT_FOUND", metadata={"missing": request.id})
+            raise NotFound(f"no stored embedding for: {request.id}", field="id", reason=Reason.EMBEDDING_NOT_FOUND, metadata={"missing": request.id})
         tensors = [t.to_proto() for t in stored.tensors] if request.include_tensors else []
         return pb.GetEmbeddingResponse(embedding=stored.descriptor, tensors=tensors)
 

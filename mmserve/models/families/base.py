@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from mmserve.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
-from mmserve.mediainput import MODALITY_NAMES
+from mmserve.modality import name_of
 from mmserve.store import RawTensor
 
 
@@ -102,8 +102,8 @@ class Family(ABC):
     def check_modality(self, modality: int, field: str) -> None:
         """A modality the loaded model cannot take is a clear 400."""
         if modality not in self.modalities:
-            accepted = ", ".join(sorted(MODALITY_NAMES[m] for m in self.modalities))
-            name = MODALITY_NAMES.get(modality, str(modality))
+            accepted = ", ".join(sorted(name_of(m) for m in self.modalities))
+            name = name_of(modality)
             note = f" ({self.modality_note})" if self.modality_note else ""
             raise InvalidArgument(
                 f"this model ({self.name}) does not accept {name} input; it accepts: {accepted}{note}", field=field

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from mmserve.errors import ResourceExhausted
+from mmserve.errors import Reason, ResourceExhausted
 from mmserve.metrics import QUEUE_SECONDS
 from mmserve.models.families import ChatPrompt
 from services.decoder.conversation import SamplingConfig
@@ -113,7 +113,7 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self.waiting >= self.max_waiting and self._slots.locked():
             raise ResourceExhausted(
-                f"the decoder is busy: {self.max_waiting} requests are already waiting", reason="QUEUE_FULL"
+                f"the decoder is busy: {self.max_waiting} requests are already waiting", reason=Reason.QUEUE_FULL
             )
         self.waiting += 1
         start = time.perf_counter()

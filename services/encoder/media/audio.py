@@ -24,7 +24,7 @@ Rules (docs/inputs.md section 3):
 * Header sanity: a sample rate outside 1 kHz..384 kHz or more than 64
   channels is refused before anything is allocated, whatever the header says.
 * If the caller names a `format` (OpenAI `input_audio.format`), it must be
-  one of AUDIO_FORMATS; bytes that are another supported container (vLLM's
+  one of mmserve.modality.AUDIO_FORMATS; bytes that are another supported container (vLLM's
   example client sends Ogg labelled "wav") are decoded as what their magic
   bytes say, and the mismatch is logged at INFO. Bytes no sniffer recognises
   are refused.
@@ -49,11 +49,12 @@ import soundfile as sf
 
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, MediaTooLarge
+from mmserve.modality import audio_format
 from services.encoder.media.budget import RequestBudget, human_bytes
+from services.encoder.media.containers import is_iso_bmff, is_matroska
 
 logger = logging.getLogger(__name__)
 
-AUDIO_FORMATS: tuple[str, ...] = ("wav", "mp3", "flac", "ogg")
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
@@ -69,7 +70,6 @@ _PYAV_DEMUXERS = {
 }
 _SOUNDFILE_KINDS = frozenset({"wav", "flac", "ogg", None})
 _ACCEPTED_NAMES = "WAV, FLAC, Ogg (Vorbis/Opus), MP3, AAC/M4A, WebM"
-_ISO_BMFF_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"})
 # WAVE format tags whose data chunk holds exactly block_align bytes per frame.
 _PCM_TAGS = frozenset({0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE})
 _MAX_ID3_TAGS = 4
@@ -123,9 +123,9 @@ def _sniff_head(head: bytes) -> str | None:
         if (head[1] >> 3) & 3 != 1 and head[2] >> 4 != 15 and (head[2] >> 2) & 3 != 3:
             return "mp3"  # MPEG audio: valid version, bitrate and rate indexes
         return None
-    if len(head) >= 8 and head[4:8] in _ISO_BMFF_BOXES:
+    if is_iso_bmff(head):
         return "mp4"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
+    if is_matroska(head):
         return "matroska"
     return None
 
@@ -302,9 +302,7 @@ def _check_target_rate(target_rate: int) -> None:
 
 def _check_label(format: str, kind: str | None) -> None:
     """The caller's format label must be a known name; bytes of another supported container win over it."""
-    name = format.strip().lower() if isinstance(format, str) else ""
-    if name not in AUDIO_FORMATS:
-        raise InvalidArgument(f"must be one of {', '.join(AUDIO_FORMATS)}", field="audio.format")
+    name = audio_format(format, "audio.format")
     if kind is None:
         raise InvalidArgument(f"the data is not {name} (it is not a recognised audio format)", field="audio.format")
     if kind != name:

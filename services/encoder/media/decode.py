@@ -13,6 +13,7 @@ from typing import Any
 from mmserve.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
+from mmserve.modality import audio_format
 from services.encoder.media.acquire import Acquired, frame_list_fps
 from services.encoder.media.audio import audio_from_array, decode_audio
 from services.encoder.media.budget import RequestBudget
@@ -21,7 +22,6 @@ from services.encoder.media.sources import is_frame_list_url
 from services.encoder.media.timeseries import load_time_series, series_from_array
 from services.encoder.media.video import decode_video, frames_from_images, resolve_sampling
 
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 SERIES_FORMATS = ("npy", "csv", "wav", "flac")
 
 
@@ -50,9 +50,7 @@ def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, A
         opts = item.audio
         out: dict[str, Any] = {}
         if opts.HasField("format"):
-            if opts.format not in AUDIO_FORMATS:
-                raise InvalidArgument(f"format must be one of {', '.join(AUDIO_FORMATS)}", field="audio.format")
-            out["format"] = opts.format
+            out["format"] = audio_format(opts.format, "audio.format")
         if kind == "array":
             if not opts.HasField("sampling_rate") or not opts.sampling_rate > 0:
                 raise InvalidArgument("sampling_rate (Hz, > 0) is required for raw audio arrays", field="audio.sampling_rate")

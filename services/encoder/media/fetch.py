@@ -36,6 +36,7 @@ import httpx
 
 from mmserve.config import Settings
 from mmserve.errors import DeadlineExceeded, FetchRefused, InvalidArgument, RemoteFetchFailed
+from mmserve.modality import BY_NAME
 from services.encoder.media.budget import RequestBudget, item_too_large
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ _NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: local use
 _V4_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 _V4_SHARED = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, RFC 6598
 _MAX_ADDRESSES_TRIED = 4
-_MODALITIES = frozenset({"image", "audio", "video", "time_series"})
 _USER_AGENT = "mmserve-fetch/1"
 
 
@@ -172,9 +172,9 @@ class GuardedFetcher:
         Raises FetchRefused (guard said no, nothing was sent), MediaTooLarge,
         RemoteFetchFailed (remote 4xx/5xx, connection failure), DeadlineExceeded.
         """
-        if modality not in _MODALITIES:
+        if modality not in BY_NAME:
             raise ValueError(f"unknown modality {modality!r}")  # a caller bug, not a client error
-        limit_s = self._settings.fetch_timeout(modality)
+        limit_s = BY_NAME[modality].fetch_timeout_s(self._settings)
         try:
             async with asyncio.timeout(limit_s):
                 return await self._fetch_hops(url, budget=budget, field=field)

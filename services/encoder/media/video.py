@@ -70,6 +70,7 @@ import numpy as np
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, MediaTooLarge
 from services.encoder.media.budget import RequestBudget, check_decoded_bytes
+from services.encoder.media.containers import is_iso_bmff, is_matroska
 from services.encoder.media.image import decode_image
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ VIDEO_DEMUXERS: dict[str, str] = {
     "asf": "asf",
 }
 _ACCEPTED_NAMES = "MP4/MOV, WebM/MKV, AVI, MPEG-TS, MPEG-PS, FLV, Ogg, ASF"
-_ISO_BMFF_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"})
 _ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 # No real video has more than this many frames per second; a stream that does
 # is a forgery meant to make the demux pass slow (each packet is Python work).
@@ -149,9 +149,9 @@ def pick_frames(frame_times: list[float], times: list[float]) -> list[int]:
 
 def sniff_container(head: bytes) -> str | None:
     """The allowed container whose signature `head` (first ~400 bytes) carries, or None."""
-    if len(head) >= 8 and head[4:8] in _ISO_BMFF_BOXES:
+    if is_iso_bmff(head):
         return "mp4"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
+    if is_matroska(head):
         return "matroska"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "avi"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mmserve.config import Settings
-from mmserve.errors import InvalidArgument, Unavailable
+from mmserve.errors import InvalidArgument, Reason, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
 from mmserve.models.families import ChatPrompt, Family
 from mmserve.rpc.metadata import tenant_var
@@ -167,7 +167,7 @@ class TransformersEngine(Engine):
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         if not self.scheduler.alive:
-            raise Unavailable("the decoder's engine has stopped", reason="ENGINE_STOPPED")
+            raise Unavailable("the decoder's engine has stopped", reason=Reason.ENGINE_STOPPED)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[list[StepOutput] | BaseException] = asyncio.Queue()
 

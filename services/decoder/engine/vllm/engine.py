@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from mmserve.config import Settings
-from mmserve.errors import FailedPrecondition, InvalidArgument, Unavailable
-from mmserve.mediainput import MODALITY_NAMES
+from mmserve.errors import FailedPrecondition, InvalidArgument, Reason, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
+from mmserve.modality import BY_PROTO
 from mmserve.models.families import ChatPrompt, Family
 from mmserve.models.loading import dtype_name
 from mmserve.store import StoredEmbedding
@@ -123,7 +123,7 @@ class VllmEngine(Engine):
         if supported is None:
             raise FailedPrecondition(f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model")
         supported |= family.modalities & {TIME_SERIES}  # as prompt embeddings
-        refused = sorted(MODALITY_NAMES[m] for m in family.modalities - supported)
+        refused = sorted(BY_PROTO[m].name for m in family.modalities - supported)
         family.modalities = family.modalities & supported
         family.modality_note = "; ".join(f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused)
         self.family = family
@@ -191,7 +191,7 @@ class VllmEngine(Engine):
         time series; it cannot take them together with multimodal embedding inputs.
         """
         if others:
-            names = ", ".join(sorted(MODALITY_NAMES[m] for m in others))
+            names = ", ".join(sorted(BY_PROTO[m].name for m in others))
             raise InvalidArgument(
                 f"with the vllm engine a time series cannot share a request with {names}: vLLM then takes the whole prompt as embeddings",
                 field="messages",
@@ -225,7 +225,7 @@ class VllmEngine(Engine):
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         if self._llm is None or self._llm.errored:
-            raise Unavailable("the decoder's vLLM engine has stopped", reason="ENGINE_STOPPED")
+            raise Unavailable("the decoder's vLLM engine has stopped", reason=Reason.ENGINE_STOPPED)
         sampling, prompt = request.sampling, request.prompt
         eos = frozenset() if sampling.ignore_eos else self._eos
         output = RequestOutput(sampling.n, self.family.tokenizer, sampling.stop, eos, request.max_tokens, prompt.num_tokens)

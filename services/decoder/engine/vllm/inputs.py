@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mmserve.common.v1 import media_pb2
-from mmserve.mediainput import MODALITY_NAMES
+from mmserve.modality import BY_PROTO
 from mmserve.models.families import Family
 from mmserve.models.families.qwen import placement_of
 from mmserve.models.families.qwen3_vl import Qwen3_VL
@@ -68,7 +68,7 @@ def vllm_media(family: Family, media: list[StoredEmbedding]) -> VllmMedia:
     for stored in media:
         grouped.setdefault(int(stored.descriptor.modality), []).append(stored)
     for modality, items in grouped.items():
-        name = MODALITY_NAMES[modality]
+        name = BY_PROTO[modality].name
         feats = torch.cat([_features(family.name, s) for s in items])
         placements = [placement_of(s) for s in items]
         grids = torch.tensor([list(p.grid_thw) for p in placements], dtype=torch.long)
