@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         description="Max gRPC message size on both sides; larger media goes through the streaming upload RPC.",
     )
     shutdown_grace_s: float = Field(10.0, description="Seconds in-flight RPCs get to finish on SIGTERM.")
+    grpc_max_connection_age_s: float = Field(
+        30.0,
+        gt=0,
+        description="The encoder and decoder close each client connection after about this long (gRPC max_connection_age, +-10% jitter; running calls finish): the client reconnects and re-resolves its DNS name then, so a replica added behind the name gets calls within this (x1.1) plus a second or two.",
+    )
     service_token: SecretStr | None = Field(
         None,
         description="Shared secret of the encoder, decoder and gateway: the gRPC services serve only calls that carry it (`x-mmserve-service-token` metadata; health and reflection stay open) and trust their `x-mmserve-tenant` only then. Unset: anyone who reaches a port is served, as any tenant (local/dev only; logged at start). `mmserve up` makes a random one per stack.",

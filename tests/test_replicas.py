@@ -43,15 +43,17 @@ class Replica:
     process: ServiceProcess | None = None
     metrics_port: int = 0
     starts: int = 0
+    host: str = "127.0.0.1"  # any of 127.0.0.0/8: replicas on 127.0.0.1 and 127.0.0.2 can share a port
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Replica:
-        self.metrics_port, self.starts = free_port(), self.starts + 1
-        env = {**self.env, f"MMSERVE_{self.role.upper()}_PORT": str(self.port), "MMSERVE_METRICS_PORT": str(self.metrics_port)}
-        self.process = ServiceProcess(self.role, env, log_path=self.logs / f"{self.role}-{self.port}-{self.starts}.log").start()
+        self.metrics_port, self.starts = free_port(self.host), self.starts + 1
+        env = {**self.env, "MMSERVE_HOST": self.host, f"MMSERVE_{self.role.upper()}_PORT": str(self.port), "MMSERVE_METRICS_PORT": str(self.metrics_port)}
+        log_path = self.logs / f"{self.role}-{self.host}-{self.port}-{self.starts}.log"
+        self.process = ServiceProcess(self.role, env, log_path=log_path).start()
         return self
 
     def wait(self, timeout: float = 300) -> None:
@@ -70,7 +72,7 @@ class Replica:
 
     def in_flight(self) -> int:
         """Calls this process is serving now (its in-flight gauge)."""
-        samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        samples = scrape(f"http://{self.host}:{self.metrics_port}/metrics")
         return int(sum(v for k, v in samples.items() if k.startswith("mmserve_requests_in_flight{")))
 
     def kill_when_busy(self, within_s: float = 10.0) -> int:
@@ -83,8 +85,12 @@ class Replica:
 
     def generate_calls(self) -> int:
         """Generate calls this process has answered, by its request metric (any outcome)."""
-        samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
-        return int(sum(v for k, v in samples.items() if k.startswith("mmserve_requests_total{") and 'rpc="Generate"' in k))
+        return self.calls("Generate")
+
+    def calls(self, rpc: str) -> int:
+        """Calls of `rpc` (Generate, Encode...) this process has answered, by its request metric (any outcome)."""
+        samples = scrape(f"http://{self.host}:{self.metrics_port}/metrics")
+        return int(sum(v for k, v in samples.items() if k.startswith("mmserve_requests_total{") and f'rpc="{rpc}"' in k))
 
 
 @dataclass

@@ -14,9 +14,20 @@ Replicas come and go, so a channel must route around them by itself:
   health watched) about a second after its port opens, not 20-30 s later;
 - keepalive pings, so a replica that vanishes without a FIN (a dead host) is
   noticed in seconds; the servers' ping policy (`server_options`) allows them;
-- frequent DNS re-resolution: servers close connections after
-  `MAX_CONNECTION_AGE_MS` (see `server_options`), each reconnect re-resolves,
-  so replicas added by `--scale` behind one name get calls within a minute.
+- DNS re-resolution that finds replicas added by `--scale` behind one name.
+  gRPC's DNS resolver never polls and ignores TTLs: it resolves again only
+  when the load balancer asks, i.e. when a connection to a replica is lost,
+  and at most every `grpc.dns_min_time_between_resolutions_ms` (gRPC's
+  default is 30 s; here 1 s). So the servers close every connection after
+  `grpc_max_connection_age_s` (gRPC max_connection_age, 30 s by default,
+  +-10% jitter; see `server_options`): the GOAWAY makes the client reconnect
+  and re-resolve, and a replica added to the name gets calls within
+  1.1 x that age plus a second (the resolution interval, the connection and
+  its health check). A replica removed from the name stops getting new calls
+  within the same bound; one that is also stopped gracefully (SIGTERM: health
+  NOT_SERVING first) loses no call either way. `tests/test_dns_replicas.py`
+  checks both for gateway -> decoder and decoder -> encoder. Service configs
+  published in DNS TXT records are ignored: ours is the one below.
 
 Every mmserve server serves grpc.health.v1: with health checking on, a
 backend without it would count as unhealthy.
@@ -51,8 +62,7 @@ RECONNECT_MAX_MS = 1000  # a replica restarted after any outage is retried at le
 CONNECT_TIMEOUT_MS = 2000  # gRPC's "min reconnect backoff": how long one connection attempt may take
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
-DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
-MAX_CONNECTION_AGE_MS = 30_000  # servers: reconnect (and re-resolve) every ~30 s
+DNS_MIN_RESOLUTION_INTERVAL_MS = 1000  # re-resolve at most once a second (gRPC's default: 30 s)
 SERVER_MIN_PING_INTERVAL_MS = 5_000  # below the clients' keepalive time, so their pings are never strikes
 
 
@@ -102,6 +112,7 @@ def client_options(settings: Settings) -> list[tuple[str, int | str]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+        ("grpc.service_config_disable_resolution", 1),  # a TXT record must not replace `service_config()`
     ]
 
 
@@ -112,7 +123,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for its pings
-        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        # Each connection is closed after about this long (+-10%): the client reconnects and re-resolves (see above).
+        ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
         # Streams running when a connection ages out may finish: as long as a request may last.
         ("grpc.max_connection_age_grace_ms", int(settings.gateway_request_timeout_s * 1000)),
     ]
