@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -154,6 +155,22 @@ for i = 1, n + 1 do
 end
 return {1}
 """
+
+
+@dataclass(frozen=True)
+class _Script:
+    """A Lua script sent by its SHA1 (EVALSHA) where it runs on every put or get: the body only when Redis lacks it."""
+
+    body: str
+    sha: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+_PLACE_SCRIPT = _Script(_PLACE)
+_TOUCH_SCRIPT = _Script(_TOUCH)
+
 
 # Extends (never shortens) a kept record's lifetime on every key. KEYS: meta, data. ARGV: ttl ms (0: persist).
 _EXTEND = """
@@ -441,11 +458,23 @@ class EmbeddingStore:
         n = len(chunks)
         uploads = [upload if i == 0 else f"{upload}:{i}" for i in range(n)]
         args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal, n)
+        place_keys = (keys.meta, *(keys.chunk(i) for i in range(n)), *uploads)
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, chunk in zip(uploads, chunks, strict=True):
                 pipe.set(key, chunk, px=_UPLOAD_TTL_MS)
-            pipe.eval(_PLACE, 1 + 2 * n, keys.meta, *(keys.chunk(i) for i in range(n)), *uploads, *args)  # type: ignore[arg-type]
-            *_, reply = await pipe.execute()
+            # (the cluster pipeline blocks its evalsha method, not the command, which goes to the keys' slot)
+            pipe.execute_command("EVALSHA", _PLACE_SCRIPT.sha, len(place_keys), *place_keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        reply = replies[-1]
+        for r in replies[:-1]:
+            if isinstance(r, Exception):
+                raise r
+        if isinstance(reply, rexc.NoScriptError):
+            # Redis lost its script cache (restart, SCRIPT FLUSH, a new node): the uploads are there, place them
+            # with the script's body (which caches it again).
+            reply = await self._redis.eval(_PLACE_SCRIPT.body, len(place_keys), *place_keys, *args)  # type: ignore[misc]
+        elif isinstance(reply, Exception):
+            raise reply
         if reply[0] == 1:
             return PutResult(descriptor, created=True)
         if reply[0] == -1:
@@ -568,10 +597,19 @@ class EmbeddingStore:
                     for i in range(chunks):
                         pipe.get(keys.chunk(i)) if with_tensors else pipe.strlen(keys.chunk(i))
                     if touch and ttl_ms > 0:
-                        pipe.eval(_TOUCH, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[arg-type]
+                        pipe.execute_command("EVALSHA", _TOUCH_SCRIPT.sha, 2, keys.meta, keys.data, ttl_ms, threshold)
                     else:
                         pipe.pttl(keys.meta)
-                    fields, *parts, pttl = await pipe.execute()
+                    fields, *parts, pttl = await pipe.execute(raise_on_error=False)
+                for r in (fields, *parts):
+                    if isinstance(r, Exception):
+                        raise r
+                if isinstance(pttl, rexc.NoScriptError):
+                    # The script cache was emptied (restart, SCRIPT FLUSH, a new node): touch with its body,
+                    # which caches it again (one more round trip, that once).
+                    pttl = await self._redis.eval(_TOUCH_SCRIPT.body, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[misc]
+                elif isinstance(pttl, Exception):
+                    raise pttl
                 want = codec.chunk_count(fields) if fields else chunks
                 if want > chunks and not atomic:
                     async with self._redis.pipeline(transaction=False) as pipe:
