@@ -94,7 +94,10 @@ async def service_images_per_s(target: str, pngs: list[bytes], concurrency: int)
 
 
 async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str, dict[str, float]]:
-    """MB/s of store put/get against raw SET/GET of the same bytes (median of `repeats`)."""
+    """MB/s of store put/get against raw SET/GET of the same bytes.
+
+    Medians of interleaved rounds (`repeats` at 16 MB, 16/size times as many below), after one untimed round.
+    """
     out: dict[str, dict[str, float]] = {}
     # The same client the store builds for this URL (a cluster client for redis+cluster://), used bare.
     raw = connect.async_client(url, connect_timeout_s=1.0, socket_timeout_s=30.0, retries=2, max_connections=8)
@@ -105,25 +108,47 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
             data = np.random.default_rng(size).standard_normal((rows, hidden), dtype=np.float32).tobytes()
             mb = len(data) / MB
             timings: dict[str, list[float]] = {"put": [], "get": [], "set": [], "get_raw": []}
-            for i in range(repeats):
+
+            async def store_round(i: int) -> tuple[float, float]:
                 desc = embedding_pb2.EmbeddingDescriptor(
                     id=f"bench-{size}-{i}", modality=media_pb2.MODALITY_IMAGE, model="bench", model_fingerprint="bench",
-                    token_count=rows, content_sha256=f"{i:064x}", client_uuid=True, options_json="{}",
+                    token_count=rows, content_sha256=f"{i + 1:064x}", client_uuid=True, options_json="{}",
                 )
                 tensor = RawTensor("embeddings", 1, (rows, hidden), data)
                 t = time.perf_counter()
                 await store.put(desc, [tensor], tenant="bench")
-                timings["put"].append(time.perf_counter() - t)
+                put_s = time.perf_counter() - t
                 t = time.perf_counter()
                 got = await store.get(desc.id, tenant="bench")
-                timings["get"].append(time.perf_counter() - t)
+                get_s = time.perf_counter() - t
                 assert got is not None and bytes(got.tensors[0].data) == data
+                return put_s, get_s
+
+            async def raw_round(i: int) -> tuple[float, float]:
                 t = time.perf_counter()
                 await raw.set(f"raw-{size}-{i}", data, ex=600)
-                timings["set"].append(time.perf_counter() - t)
+                set_s = time.perf_counter() - t
                 t = time.perf_counter()
                 assert len(await raw.get(f"raw-{size}-{i}")) == len(data)
-                timings["get_raw"].append(time.perf_counter() - t)
+                return set_s, time.perf_counter() - t
+
+            # One untimed round each first (connections, script cache), then interleaved rounds whose
+            # order alternates, so neither side always runs on a server the other has just warmed or loaded.
+            await store_round(-1)
+            await raw_round(-1)
+            # The same bytes per size: `repeats` rounds at 16 MB, proportionally more below (a 1 MB round
+            # is ~2 ms, so 5 of them were mostly scheduling noise on a shared machine).
+            for i in range(repeats * max(1, 16 // size)):
+                if i % 2:
+                    put_s, get_s = await store_round(i)
+                    set_s, get_raw_s = await raw_round(i)
+                else:
+                    set_s, get_raw_s = await raw_round(i)
+                    put_s, get_s = await store_round(i)
+                timings["put"].append(put_s)
+                timings["get"].append(get_s)
+                timings["set"].append(set_s)
+                timings["get_raw"].append(get_raw_s)
             mbps = {k: mb / statistics.median(v) for k, v in timings.items()}
             out[f"{size}MB"] = {
                 "put_mb_s": round(mbps["put"], 1),
@@ -143,7 +168,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="images per measurement")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent Encode calls")
-    parser.add_argument("--repeats", type=int, default=5, help="store round trips per size")
+    parser.add_argument("--repeats", type=int, default=9, help="store rounds at 16 MB (16/size times as many at smaller sizes)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     ns = parser.parse_args()
 

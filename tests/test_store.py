@@ -353,6 +353,27 @@ async def test_no_staged_upload_outlives_a_put(store: EmbeddingStore, raw: redis
     assert sorted(all_keys(raw)) == sorted([keys.data.encode(), keys.meta.encode()])
 
 
+async def test_put_and_get_survive_an_emptied_script_cache(store: EmbeddingStore, raw: redis.Redis) -> None:
+    """The place and touch scripts go by SHA1 (EVALSHA); after SCRIPT FLUSH (or a restart) both fall back to the body."""
+    tensors = make_tensors(seed=3)
+
+    def flush() -> None:
+        if isinstance(raw, redis.RedisCluster):
+            raw.execute_command("SCRIPT FLUSH", target_nodes=redis.RedisCluster.PRIMARIES)
+        else:
+            raw.script_flush()
+
+    flush()
+    put = await store.put(make_descriptor(uuid="flushed"), tensors, tenant="t")
+    assert put.created
+    flush()
+    got = await store.get("flushed", tenant="t")
+    assert got is not None
+    assert_same_tensors(got.tensors, tensors)
+    keys = embedding_keys("flushed", tenant="t")
+    assert sorted(all_keys(raw)) == sorted([keys.data.encode(), keys.meta.encode()])  # no upload left behind
+
+
 async def test_same_uuid_in_two_tenants_is_two_embeddings(store: EmbeddingStore) -> None:
     a, b = make_tensors(seed=1), make_tensors(seed=2)
     assert (await store.put(make_descriptor(uuid="u1", content=b"A"), a, tenant="alice")).created

@@ -53,6 +53,10 @@ F_OLD_CHECKSUM = "checksum"  # the first format's only checksum (tensor bytes)
 
 _RECORD_DOMAIN = b"mmserve.embedding-record.v2\0"
 
+# One compact JSON encoder, built once: json.dumps(..., separators=...) builds a new encoder on every
+# call (~5 us each, three per put). Same output as json.dumps with those separators.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 # Above this size, joining tensors runs in a worker thread (bytes.join releases
 # the GIL there, and the event loop keeps serving).
 OFFLOAD_BYTES = 2 * 1024 * 1024
@@ -176,15 +180,12 @@ def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str, 
         "options": descriptor.options_json,
         "token_count": descriptor.token_count,
         "dtype": dtype_name(first.dtype),
-        "shape": json.dumps(list(first.shape), separators=(",", ":")),
-        "tensors": json.dumps(
-            [[t.name, dtype_name(t.dtype), list(t.shape)] for t in descriptor.tensors], separators=(",", ":")
-        ),
-        "placement": json.dumps(
+        "shape": _compact_json(list(first.shape)),
+        "tensors": _compact_json([[t.name, dtype_name(t.dtype), list(t.shape)] for t in descriptor.tensors]),
+        "placement": _compact_json(
             {placement: json_format.MessageToDict(getattr(descriptor, placement), preserving_proto_field_name=True)}
             if placement
-            else {},
-            separators=(",", ":"),
+            else {}
         ),
         "created": _iso(descriptor.created_at.ToNanoseconds()),
         "nbytes": descriptor.nbytes,
