@@ -109,7 +109,7 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
             mb = len(data) / MB
             timings: dict[str, list[float]] = {"put": [], "get": [], "set": [], "get_raw": []}
 
-            async def store_round(i: int) -> tuple[float, float]:
+            async def store_round(i: int, size: int = size, rows: int = rows, hidden: int = hidden, data: bytes = data) -> tuple[float, float]:
                 desc = embedding_pb2.EmbeddingDescriptor(
                     id=f"bench-{size}-{i}", modality=media_pb2.MODALITY_IMAGE, model="bench", model_fingerprint="bench",
                     token_count=rows, content_sha256=f"{i + 1:064x}", client_uuid=True, options_json="{}",
@@ -124,7 +124,7 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
                 assert got is not None and bytes(got.tensors[0].data) == data
                 return put_s, get_s
 
-            async def raw_round(i: int) -> tuple[float, float]:
+            async def raw_round(i: int, size: int = size, data: bytes = data) -> tuple[float, float]:
                 t = time.perf_counter()
                 await raw.set(f"raw-{size}-{i}", data, ex=600)
                 set_s = time.perf_counter() - t
