@@ -28,9 +28,8 @@ from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
-from mmserve.stack import wait_http_ok
 from tests.conftest import CACHE_DIR, TINY
-from tests.test_replicas import Outcome, Replica, one_chat
+from tests.test_replicas import Outcome, Replica, one_chat, running
 
 AGE_S = 3.0  # MMSERVE_GRPC_MAX_CONNECTION_AGE_S of every service here (30 s by default)
 # A new answer is used after the next connection ages out (gRPC jitters the age by +-10%), one resolution
@@ -117,18 +116,9 @@ def stack(module_redis: LocalRedis, tiny_checkpoint: Path, tmp_path_factory: pyt
     }, log_path=logs / "gateway.log")  # fmt: skip
     try:
         # Replica 2 of each loads with the rest (the loads overlap) but is not on the name yet.
-        for replica in [*encoders, *decoders]:
-            replica.start()
-        for replica in [*encoders, *decoders]:
-            replica.wait()
-        gateway.start()
-        wait_http_ok(f"http://127.0.0.1:{gateway_port}/health", timeout=60, alive=gateway.alive)
-        yield Stack(answers, encoders, decoders, f"http://127.0.0.1:{gateway_port}/v1")
+        with running(encoders, decoders, gateway, gateway_port):
+            yield Stack(answers, encoders, decoders, f"http://127.0.0.1:{gateway_port}/v1")
     finally:
-        gateway.stop()
-        for replica in [*decoders, *encoders]:
-            if replica.process is not None:
-                replica.process.stop()
         dns.stop()
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,14 +123,21 @@ def replicas(module_redis: LocalRedis, tiny_checkpoint: Path, tmp_path_factory: 
         **env, "MMSERVE_GATEWAY_PORT": str(gateway_port),
         "MMSERVE_DECODER_TARGET": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in decoder_ports),
     }, log_path=logs / "gateway.log")  # fmt: skip
+    with running(encoders, decoders, gateway, gateway_port):
+        yield Replicas(encoders, decoders, gateway, f"http://127.0.0.1:{gateway_port}/v1")
+
+
+@contextmanager
+def running(encoders: list[Replica], decoders: list[Replica], gateway: ServiceProcess, gateway_port: int) -> Iterator[None]:
+    """Every replica started together and waited for together (the loads overlap), then the gateway; all stopped after."""
     try:
-        for replica in [*encoders, *decoders]:  # start together, wait together: the loads overlap
+        for replica in [*encoders, *decoders]:
             replica.start()
         for replica in [*encoders, *decoders]:
             replica.wait()
         gateway.start()
         wait_http_ok(f"http://127.0.0.1:{gateway_port}/health", timeout=60, alive=gateway.alive)
-        yield Replicas(encoders, decoders, gateway, f"http://127.0.0.1:{gateway_port}/v1")
+        yield
     finally:
         gateway.stop()
         for replica in [*decoders, *encoders]:
