@@ -10,11 +10,8 @@ OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
@@ -25,14 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import chat, completions, precompute
+from gateway.context import RequestContext
 from gateway.errors import error_response, error_responses, mm_error_response, validation_param
 from gateway.limits import BodyLimit
 from gateway.state import gateway
 from mmserve import tracing
 from mmserve.config import Settings
 from mmserve.errors import MmserveError, from_rpc_error
-from mmserve.log import request_id_var
-from mmserve.metrics import IN_FLIGHT, REQUEST_SECONDS, REQUESTS
 from mmserve.tenancy import ApiKeys
 
 log = logging.getLogger("mmserve.gateway")
@@ -61,36 +57,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.api_keys = ApiKeys.from_settings(settings)  # a bad keys file stops the start, not the first request
     app.state.gateway = None
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.gateway_body_timeout_s)
+    app.add_middleware(RequestContext)  # outside the body limit: a 413 or 408 has its request id and metrics too
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(precompute.router)
     tracing.setup("gateway", settings)
     tracing.instrument_app(app, settings)
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Any) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request_id_var.set(rid)
-        request.state.request_id = rid
-        start = time.perf_counter()
-        IN_FLIGHT.labels("gateway").inc()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: still the OpenAI error shape, still one log line, no traceback to the client
-            log.exception("unhandled error")
-            response = error_response(f"internal error (request {rid})", status=500, code="internal", request_id=rid)
-        finally:
-            IN_FLIGHT.labels("gateway").dec()
-        response.headers["x-request-id"] = rid
-        path = getattr(request.scope.get("route"), "path", "unmatched")
-        if path not in ("/metrics", "/health"):
-            seconds = time.perf_counter() - start
-            REQUESTS.labels("gateway", path, str(response.status_code)).inc()
-            REQUEST_SECONDS.labels("gateway", path).observe(seconds)
-            log.info("%s %s %d", request.method, path, response.status_code,
-                     extra={"fields": {"service": "gateway", "route": path, "status": response.status_code,
-                                       "duration_ms": round(seconds * 1000, 1)}})
-        return response
 
     def rid(request: Request) -> str | None:
         return getattr(request.state, "request_id", None)

@@ -197,7 +197,8 @@ class Settings(BaseSettings):
     # --- encoder ---------------------------------------------------------
     encoder_max_batch: int = Field(8, description="Items the encoder runs through a tower in one batch.")
     encoder_batch_wait_ms: float = Field(
-        2.0, description="How long the encoder waits for more items to batch together."
+        0.0,
+        description="How long an idle encoder waits for more items before running a batch; 0: at once (items that arrive while the tower is busy are batched anyway).",
     )
 
     # --- decoder ---------------------------------------------------------

@@ -1,7 +1,9 @@
 """Batch concurrent tower calls onto one model thread.
 
 Concurrent Encode calls each submit their prepared items; a worker per
-modality waits a few milliseconds for more to arrive, then runs them through
+modality takes whatever has queued (what arrived while the tower was busy,
+optionally waiting `MMSERVE_ENCODER_BATCH_WAIT_MS` for more: by default it does
+not, since a lone request should not pay for batching), then runs them through
 the tower together (one forward pass amortises kernel launch and Python
 overhead) on a single dedicated thread, so torch's own intra-op threads get
 the cores and towers never run concurrently with themselves. An item submitted
