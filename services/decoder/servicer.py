@@ -110,7 +110,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             first = last = 0.0
             held: dict[int, StepOutput] = {}
             parsers = self._parsers(tools, family, sampling.n)
-            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens, grammar))
+            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens, grammar, final_only=request.whole_choices))
             async with aclosing(outputs):  # a cancel or a failed write aborts the engine request now, not at GC
                 async for out in outputs:
                     now = time.perf_counter()
@@ -118,7 +118,8 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                         first = now
                         TTFT.observe(first - start)
                     elif out.index == 0:
-                        ITL.observe(now - last)
+                        for _ in out.token_ids:  # a merged output (whole_choices) stands for len(token_ids) gaps
+                            ITL.observe((now - last) / len(out.token_ids))
                     last = now
                     completion += len(out.token_ids)
                     if out.usage is not None:

@@ -88,11 +88,12 @@ class Family(ABC):
         self.generation_config = generation_config if model is None else getattr(model, "generation_config", None)
         self.input_embeddings: torch.nn.Module | None = None  # the prompt part's token embeddings, when it needs them
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
+        """Where the model lives (fixed once loaded; cached: every decode step asks)."""
         return next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         if self.model is None:
             assert self._dtype is not None

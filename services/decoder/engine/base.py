@@ -84,6 +84,10 @@ class EngineRequest:
     sampling: SamplingConfig
     max_tokens: int  # resolved: within the context
     grammar: str | None = None  # llguidance grammar the output must follow (structured outputs, tool calls)
+    #: The caller wants each choice whole when it ends (a non-streamed completion): an engine may then hand over
+    #: the first output at once (time to first token) and the rest merged when each choice finishes, instead of one
+    #: hand-off per token, as vLLM's RequestOutputKind.FINAL_ONLY.
+    final_only: bool = False
 
 
 @dataclass

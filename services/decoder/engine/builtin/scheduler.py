@@ -72,6 +72,8 @@ class Job:
     prefilled: int = 0  # prompt tokens in rows[0]
     reserved: int = 0  # KV tokens held
     next_tokens: list[int] = field(default_factory=list)  # per choice: the token to feed next
+    held: dict[int, StepOutput] = field(default_factory=dict)  # final_only: per choice, what it made since its first output
+    started: bool = False  # an output was handed over
 
     def __post_init__(self) -> None:
         self.next_tokens = [0] * self.n
@@ -355,4 +357,21 @@ class Scheduler:
                     self.reserved -= freed
         if job.output.finished:
             self._drop(job)
+        if job.request.final_only and job.started:
+            outs = self._hold(job, outs)
+            if not outs:
+                return
+        job.started = True
         job.emit(outs)
+
+    @staticmethod
+    def _hold(job: Job, outs: list[StepOutput]) -> list[StepOutput]:
+        """A final-only job's outputs after its first: merged per choice, handed over when the choice ends (one wake-up, not one per token)."""
+        ready = []
+        for out in outs:
+            merged = job.held.pop(out.index).merged(out) if out.index in job.held else out
+            if merged.finish is None:
+                job.held[out.index] = merged
+            else:
+                ready.append(merged)
+        return ready
