@@ -11,7 +11,7 @@ import torch
 
 from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition
-from mmserve.models.families import FAMILIES, Family
+from mmserve.models.families import Family, families, family_for
 from mmserve.models.fingerprint import model_fingerprint
 from mmserve.models.source import ModelSource, resolve_model
 from mmserve.models.tensors import TORCH_TO_PROTO, dtype_name
@@ -40,9 +40,9 @@ def detect_family(source: ModelSource) -> type[Family]:
     """Pick the family from `config.model_type` (a checkpoint's own statement of its architecture)."""
     config = json.loads((source.path / "config.json").read_text())
     model_type = config.get("model_type", "")
-    family = FAMILIES.get(model_type)
+    family = family_for(model_type)
     if family is None:
-        supported = ", ".join(sorted(FAMILIES))
+        supported = ", ".join(sorted(families()))
         raise FailedPrecondition(f"model type {model_type!r} is not supported (supported: {supported})", field="model")
     return family
 

@@ -4,18 +4,14 @@ A family is one class with two halves sharing one definition of the model:
 the encoder half (preprocess -> modality tower -> embedding + placement) and
 the decoder half (placeholder expansion, position ids, embedding splice).
 Any family also takes time series when its checkpoint carries the
-time-series adapter (`time_series/`).
+time-series adapter (`time_series/`). Families are found through the
+`mmserve.families` entry-point group (`registry`), so a family can also come
+from another installed package.
 """
 
 from __future__ import annotations
 
 from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
-from mmserve.models.families.qwen2_5_omni import Qwen2_5_Omni
-from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
-from mmserve.models.families.qwen3_vl import Qwen3_VL
+from mmserve.models.families.registry import families, family_for
 
-FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Qwen2_5_VL, Qwen3_VL, Qwen2_5_Omni)}
-#: Other model_type values of the same architectures (a thinker-only Omni checkpoint).
-FAMILIES["qwen2_5_omni_thinker"] = Qwen2_5_Omni
-
-__all__ = ["FAMILIES", "ChatPrompt", "EncodedItem", "Family", "PrefillInputs", "PreparedItem"]
+__all__ = ["ChatPrompt", "EncodedItem", "Family", "PrefillInputs", "PreparedItem", "families", "family_for"]

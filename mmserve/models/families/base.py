@@ -72,6 +72,8 @@ class Family(ABC):
 
     #: `config.model_type` of checkpoints of this family.
     name: ClassVar[str]
+    #: The checkpoint `config.model_type` values this family serves (empty: just `name`).
+    model_types: ClassVar[tuple[str, ...]] = ()
     #: Media this instance's model accepts (media_pb2.Modality values).
     modalities: frozenset[int]
     #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.

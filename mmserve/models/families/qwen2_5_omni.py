@@ -32,6 +32,7 @@ def audio_tokens(feature_length: int) -> int:
 
 class Qwen2_5_Omni(QwenFamily):
     name = "qwen2_5_omni"
+    model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # a thinker-only checkpoint too
     model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
     base_modalities = frozenset({IMAGE, VIDEO, AUDIO})
     towers = ("visual", "audio_tower")
