@@ -31,10 +31,10 @@ from pathlib import Path
 import grpc
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.launcher import LocalStack
 from mmserve.samples import data_url, png_bytes
 

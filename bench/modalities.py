@@ -30,10 +30,10 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 
 from gateway.disconnect import ClientDisconnected, unless_disconnected
 from gateway.errors import error_body, http_status, rest_param
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
 
 log = logging.getLogger("mmserve.gateway")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from mmserve.common.v1 import tensor_pb2
+from mmserve.api.common.v1 import tensor_pb2
 from mmserve.store import RawTensor
 
 assert sys.byteorder == "little", "mmserve stores little-endian tensors"

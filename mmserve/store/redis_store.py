@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
-from mmserve.common.v1 import embedding_pb2
+from mmserve.api.common.v1 import embedding_pb2
 from mmserve.errors import Internal, InvalidArgument, MediaTooLarge, Reason, ResourceExhausted, Unavailable
 from mmserve.metrics import STORE_CORRUPT
 from mmserve.store import codec, connect

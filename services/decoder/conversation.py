@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 
 ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant", pb.ROLE_TOOL: "tool"}

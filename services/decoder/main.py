@@ -7,8 +7,8 @@ import logging
 
 import grpc
 
+from mmserve.api.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.config import Settings
-from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore

@@ -7,8 +7,8 @@ import logging
 
 import grpc
 
+from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import run_service, start_server

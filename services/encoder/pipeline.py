@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument, MmserveError, NotFound, Reason
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES

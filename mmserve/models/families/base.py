@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from google.protobuf.message import Message
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
 from mmserve.modality import name_of
 from mmserve.store import RawTensor

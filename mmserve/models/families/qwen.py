@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.time_series import TimeSeriesSupport

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
 from mmserve.models.tensors import to_raw

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from services.encoder.media.budget import RequestBudget, item_too_large

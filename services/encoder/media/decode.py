@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from mmserve.modality import audio_format
