@@ -86,6 +86,7 @@ def _upload(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Precompute embeddings of files or URLs, print their ids."""
     parser = argparse.ArgumentParser(prog="mmserve encode", description="Precompute embeddings and print their ids.")
     parser.add_argument("sources", nargs="+", help="local files or URLs (http, https, data, file)")
     parser.add_argument("--target", default=None, help="encoder host:port (default: MMSERVE_ENCODER_TARGET or 127.0.0.1:50051)")

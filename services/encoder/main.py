@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
+from mmserve.cli import role_arguments
 from mmserve.config import Settings
 from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
@@ -43,5 +44,8 @@ async def serve(settings: Settings) -> None:
     await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the encoder gRPC service."""
+    role_arguments("encoder", __doc__, argv)
     run_service("encoder", serve)
+    return 0
