@@ -10,10 +10,10 @@ import grpc
 from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.cli import role_arguments
 from mmserve.config import Settings
-from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore
+from mmserve.store.size import register_store_size
 from services.encoder.media.fetch import GuardedFetcher
 from services.encoder.pipeline import EncoderPipeline
 from services.encoder.servicer import EncoderServicer
