@@ -76,9 +76,9 @@ async def chat_completions(
     try:
         first = await first_message(request, call)
     except grpc.RpcError as exc:
-        err = from_rpc_error(exc, peer="decoder")
-        err.field = json_field(err.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
-        raise ChatError(err, max_tokens_name) from None
+        failed = from_rpc_error(exc, peer="decoder")
+        failed.field = json_field(failed.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
+        raise ChatError(failed, max_tokens_name) from None
     except ClientDisconnected:
         return client_gone()
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -67,7 +67,7 @@ async def gateway(request: Request) -> Gateway:
     state = request.app.state
     if getattr(state, "gateway", None) is None:
         state.gateway = Gateway(state.settings)
-    return state.gateway  # type: ignore[no-any-return]
+    return state.gateway
 
 
 def tenant(request: Request) -> str:

@@ -56,7 +56,7 @@ async def first_message(request: Request, call: Any) -> pb.GenerateResponse:
         raise
     if first is grpc.aio.EOF:
         raise MmserveError("the decoder ended the stream without a result")
-    return first  # type: ignore[no-any-return]
+    return first
 
 
 async def relay(call: Any, first: pb.GenerateResponse, keepalive_s: float, render: Render, end: End) -> AsyncGenerator[str, None]:

@@ -104,6 +104,7 @@ def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]
         return
     name = BY_PROTO[item.modality].field
     io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
+    opts: media_pb2.ImageOptions | media_pb2.VideoOptions
     if item.modality == media_pb2.MODALITY_IMAGE:
         opts = item.image
         if "rgba_background_color" in io:

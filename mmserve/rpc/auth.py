@@ -98,7 +98,7 @@ class _AddToken:
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         metadata.add(SERVICE_TOKEN_KEY, self._token)
-        return details._replace(metadata=metadata)  # type: ignore[attr-defined, no-any-return]
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple; grpc-stubs say a plain class
 
 
 # One class per call kind: a grpc.aio channel files each interceptor under the first kind it implements only.

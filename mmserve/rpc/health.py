@@ -16,7 +16,7 @@ def check(target: str, service: str = "", *, timeout: float = 3.0) -> bool:
     """True if the server at `target` reports SERVING for `service` now."""
     try:
         with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
     except grpc.RpcError:

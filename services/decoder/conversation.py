@@ -8,7 +8,7 @@ can pass them through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from mmserve.api.common.v1 import media_pb2
 from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
@@ -169,7 +169,9 @@ def parse_sampling(params: pb.SamplingParams) -> SamplingConfig:
     )
 
 
-def _in_range(params: pb.SamplingParams, name: str, low: float, high: float, default: float) -> float:
+def _in_range(
+    params: pb.SamplingParams, name: Literal["presence_penalty", "frequency_penalty", "min_p"], low: float, high: float, default: float
+) -> float:
     value = getattr(params, name) if params.HasField(name) else default
     if not low <= value <= high:
         raise InvalidArgument(f"{name} must be between {low:g} and {high:g}", field=f"sampling.{name}")

@@ -107,7 +107,7 @@ class MediaResolver:
             return await self.encoder.encode([p.item for p in parts], timeout)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc, peer="encoder")
-            if exc.code() in _UNREACHABLE and err.reason in {Reason.UNAVAILABLE, Reason.INTERNAL}:  # type: ignore[attr-defined]
+            if exc.code() in _UNREACHABLE and err.reason in {Reason.UNAVAILABLE, Reason.INTERNAL}:
                 raise Unavailable("the encoder is unavailable; retry later", reason=Reason.ENCODER_UNAVAILABLE) from None
             raise _reanchor(err, parts) from None
 

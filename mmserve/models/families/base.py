@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
-from mmserve.modality import name_of
+from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor
 
 
@@ -73,7 +73,7 @@ class Family(ABC):
     #: `config.model_type` of checkpoints of this family.
     name: ClassVar[str]
     #: Media this instance's model accepts (media_pb2.Modality values).
-    modalities: frozenset[int]
+    modalities: frozenset[ModalityValue]
     #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.
     modality_note: str = ""
     #: How this family's models call tools (None: they do not).
@@ -157,6 +157,12 @@ class Family(ABC):
     @abstractmethod
     def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
         """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
+
+    @abstractmethod
+    def prompt_embeds(
+        self, prompt: ChatPrompt, media: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+        """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
 
     @abstractmethod
     def decode_positions(self, positions: list[int]) -> torch.Tensor:

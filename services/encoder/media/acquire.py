@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from services.encoder.media.sources import decode_frame_list_url, is_frame_list_
 from services.encoder.media.video import resolve_sampling
 
 #: Element types accepted for raw arrays (audio PCM, time series).
-ARRAY_DTYPES = {
+ARRAY_DTYPES: dict[int, np.dtype[Any]] = {
     tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DATA_TYPE_INT16: np.dtype("<i2"),
