@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from PIL import Image
@@ -56,7 +57,7 @@ class Monolithic:
         from mmserve.models.source import resolve_model
 
         source = resolve_model(model, revision=None, cache_dir=cache_dir)
-        self.model = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family.model
+        self.model: Any = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family.model  # a transformers model
         self.processor = AutoProcessor.from_pretrained(source.path)
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
         self.text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
