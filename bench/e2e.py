@@ -27,14 +27,15 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.launcher import LocalStack
 from mmserve.samples import data_url, png_bytes
 
@@ -56,7 +57,7 @@ class Monolithic:
         from mmserve.models.source import resolve_model
 
         source = resolve_model(model, revision=None, cache_dir=cache_dir)
-        self.model = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family.model
+        self.model: Any = load_model(Settings(model=model, cache_dir=cache_dir), part="full").family.model  # a transformers model
         self.processor = AutoProcessor.from_pretrained(source.path)
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
         self.text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)

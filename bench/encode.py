@@ -25,15 +25,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from PIL import Image
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving
@@ -59,7 +60,8 @@ def direct_images_per_s(model: str, cache_dir: Path, pngs: list[bytes]) -> float
     from mmserve.models.loading import load_model
 
     loaded = load_model(Settings(model=model, cache_dir=cache_dir), part="encoder")
-    processor, hf_model = loaded.family.processor, loaded.family.model
+    processor = loaded.family.processor
+    hf_model: Any = loaded.family.model  # a transformers model: its towers are reached by attribute
     images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
     with torch.inference_mode():
         warm = processor.image_processor(images=images[:1], return_tensors="pt")
@@ -129,7 +131,8 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
                 await raw.set(f"raw-{size}-{i}", data, ex=600)
                 set_s = time.perf_counter() - t
                 t = time.perf_counter()
-                assert len(await raw.get(f"raw-{size}-{i}")) == len(data)
+                got = await raw.get(f"raw-{size}-{i}")
+                assert got is not None and len(got) == len(data)
                 return set_s, time.perf_counter() - t
 
             # One untimed round each first (connections, script cache), then interleaved rounds whose

@@ -30,12 +30,13 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
+from mmserve.modality import ModalityValue
 from mmserve.rpc.health import wait_serving
 
 
@@ -70,7 +71,7 @@ def series(seed: int, samples: int = 2000, channels: int = 2) -> bytes:
     return buf.getvalue()
 
 
-MODALITIES: dict[str, tuple[int, Callable[[int], bytes]]] = {
+MODALITIES: dict[str, tuple[ModalityValue, Callable[[int], bytes]]] = {
     "image": (media_pb2.MODALITY_IMAGE, image),
     "video": (media_pb2.MODALITY_VIDEO, video),
     "audio": (media_pb2.MODALITY_AUDIO, audio),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return error_response(f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json", request_id=rid(request))
         param = (first.get("ctx") or {}).get("param") or validation_param(first, exc.body)
@@ -100,13 +101,14 @@ def create_app(settings: Settings) -> FastAPI:
             response.headers[key] = value
         return response
 
-    health_docs = {503: {"description": 'The decoder is not SERVING: `{"status": "unavailable"}`.'}, "default": error_responses()["default"]}
+    health_docs: dict[int | str, dict[str, Any]] = {503: {"description": 'The decoder is not SERVING: `{"status": "unavailable"}`.'}, "default": error_responses()["default"]}
 
     @app.get("/health", tags=["operations"], responses=health_docs)
     async def health(request: Request) -> JSONResponse:
         """200 when the decoder behind this gateway reports SERVING, 503 otherwise."""
         try:
-            reply = await (await gateway(request)).health.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+            stub = (await gateway(request)).health
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=3)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             serving = False

@@ -27,7 +27,7 @@ from gateway.schemas import ChatCompletionRequest, ModelList, ModelObject
 from gateway.state import Gateway, call_metadata, gateway, tenant
 from gateway.streaming import client_gone, first_message, relay, sse_data
 from gateway.translate import to_generate_request
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.modality import BY_PROTO
 from mmserve.promptsize import check_prompt_size
@@ -76,9 +76,9 @@ async def chat_completions(
     try:
         first = await first_message(request, call)
     except grpc.RpcError as exc:
-        err = from_rpc_error(exc, peer="decoder")
-        err.field = json_field(err.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
-        raise ChatError(err, max_tokens_name) from None
+        failed = from_rpc_error(exc, peer="decoder")
+        failed.field = json_field(failed.field, chat_part_type(body.messages))  # a client embedding's field in JSON terms
+        raise ChatError(failed, max_tokens_name) from None
     except ClientDisconnected:
         return client_gone()
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -27,7 +27,7 @@ from gateway.schemas import CompletionRequest, CompletionResponse
 from gateway.state import Gateway, call_metadata, gateway, tenant
 from gateway.streaming import MergedCalls, client_gone, first_message, relay, sse_data
 from gateway.translate import completion_prompts, to_completion_request
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.promptsize import check_prompt_size
 

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
 from mmserve.errors import InvalidArgument
 
 #: part type -> the placement keys it takes beside the tensor payload

@@ -31,7 +31,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 #: Reasons whose HTTP status differs from their gRPC code's.
 # A service refusing the gateway's (or a decoder's) service token is a deployment fault, not the client's: a 500.
-REASON_STATUS = {Reason.REMOTE_FETCH_FAILED: 422, Reason.SERVICE_TOKEN_INVALID: 500}
+REASON_STATUS: dict[str, int] = {Reason.REMOTE_FETCH_FAILED: 422, Reason.SERVICE_TOKEN_INVALID: 500}
 
 ERROR_TYPE = {
     400: "invalid_request_error",

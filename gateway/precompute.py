@@ -17,8 +17,8 @@ from gateway.errors import error_responses
 from gateway.schemas import DeletedEmbedding, EmbeddingObject, EncodeRequest, EncodeResponse
 from gateway.state import Gateway, call_metadata, gateway, tenant
 from gateway.translate import to_encode_items
-from mmserve.common.v1 import embedding_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import embedding_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.modality import name_of
 

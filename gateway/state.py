@@ -15,10 +15,10 @@ import grpc
 from fastapi import Request
 from grpc_health.v1 import health_pb2_grpc
 
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import Unauthenticated
 from mmserve.rpc.channel import client_channel
 from mmserve.rpc.metadata import REQUEST_ID_KEY, TENANT_KEY
@@ -67,7 +67,7 @@ async def gateway(request: Request) -> Gateway:
     state = request.app.state
     if getattr(state, "gateway", None) is None:
         state.gateway = Gateway(state.settings)
-    return state.gateway  # type: ignore[no-any-return]
+    return state.gateway
 
 
 def tenant(request: Request) -> str:

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 
 from gateway.disconnect import ClientDisconnected, unless_disconnected
 from gateway.errors import error_body, http_status, rest_param
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import MmserveError, from_rpc_error
 
 log = logging.getLogger("mmserve.gateway")
@@ -56,7 +56,7 @@ async def first_message(request: Request, call: Any) -> pb.GenerateResponse:
         raise
     if first is grpc.aio.EOF:
         raise MmserveError("the decoder ended the stream without a result")
-    return first  # type: ignore[no-any-return]
+    return first
 
 
 async def relay(call: Any, first: pb.GenerateResponse, keepalive_s: float, render: Render, end: End) -> AsyncGenerator[str, None]:

@@ -20,8 +20,8 @@ from typing import Any
 from gateway.embeds import PLACEMENT_KEYS, fill_embeds
 from gateway.errors import RequestFieldError
 from gateway.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, EncodeRequest, ResponseFormat, SamplingRequest
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 from mmserve.mediainput import CONTENT_ID_PREFIX
 from mmserve.modality import BY_PROTO, MODALITIES, audio_format
@@ -104,6 +104,7 @@ def item_options(item: media_pb2.MediaInput, io_kwargs: dict[str, dict[str, Any]
         return
     name = BY_PROTO[item.modality].field
     io, proc = io_kwargs.get(name, {}), proc_kwargs.get(name, {})
+    opts: media_pb2.ImageOptions | media_pb2.VideoOptions
     if item.modality == media_pb2.MODALITY_IMAGE:
         opts = item.image
         if "rgba_background_color" in io:

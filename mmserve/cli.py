@@ -9,95 +9,91 @@
     mmserve health      check a gRPC service's health (used by container healthchecks)
     mmserve token FILE  write a random service token to FILE unless it exists (compose's token job)
 
-Services read their configuration from MMSERVE_* environment variables (see
+Each subcommand is an entry point of the group `mmserve.commands`
+(pyproject.toml): a callable `(argv) -> exit status` in the package that owns
+the role, loaded only when it runs. So this shared module imports neither the
+services nor the gateway, `mmserve gateway` never imports torch, and a
+command is added by one line in pyproject.toml. Services read their
+configuration from MMSERVE_* environment variables (see
 `mmserve.config.Settings`); the same command runs in tests, in `mmserve up`
-and in compose. Role modules are imported lazily so that `mmserve gateway`
-never imports torch.
+and in compose.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import ast
+import importlib.util
 import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+GROUP = "mmserve.commands"
+Command = Callable[[list[str]], int]
 
 
-def _encoder(_: argparse.Namespace) -> int:
-    from services.encoder.main import main
-
-    main()
-    return 0
+def commands() -> dict[str, EntryPoint]:
+    """The installed subcommands by name (from the package metadata: reinstall after editing pyproject.toml)."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def _decoder(_: argparse.Namespace) -> int:
-    from services.decoder.main import main
-
-    main()
-    return 0
-
-
-def _gateway(_: argparse.Namespace) -> int:
-    from gateway.main import main
-
-    main()
-    return 0
-
-
-def _health(ns: argparse.Namespace) -> int:
-    if ns.target.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(ns.target, timeout=ns.timeout) as response:
-                return 0 if response.status == 200 else 1
-        except OSError:
-            return 1
-    from mmserve.rpc.health import check
-
-    return 0 if check(ns.target, ns.service, timeout=ns.timeout) else 1
+def _source(module: str) -> Path | None:
+    """The file of `module`, found without importing it or its parent packages."""
+    head, *rest = module.split(".")
+    spec = importlib.util.find_spec(head)
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin else None
+    for base in spec.submodule_search_locations or []:
+        for candidate in (Path(base, *rest).with_suffix(".py"), Path(base, *rest, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
-def _token(ns: argparse.Namespace) -> int:
-    from pathlib import Path
+def summary(ep: EntryPoint) -> str:
+    """First line of the command's docstring, read from its source: importing the service commands would load torch."""
+    path = _source(ep.module)
+    if path is None:
+        return "(not installed)"
+    tree = ast.parse(path.read_text(), str(path))
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == ep.attr]
+    doc = ast.get_docstring(found[0]) if found else ast.get_docstring(tree)
+    return (doc or "").strip().splitlines()[0].rstrip(".") if doc else ""
 
-    from mmserve.rpc.auth import write_token_file
 
-    made = write_token_file(Path(ns.file))
-    print(f"{'wrote a new' if made else 'kept the'} service token in {ns.file}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmserve", description="Serve multimodal LLMs with shared embeddings.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the whole stack on this machine (see mmserve up --help)")
-    sub.add_parser("encoder", help="run the encoder gRPC service").set_defaults(run=_encoder)
-    sub.add_parser("decoder", help="run the decoder gRPC service").set_defaults(run=_decoder)
-    sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway").set_defaults(run=_gateway)
-    sub.add_parser("encode", help="precompute embeddings of files or URLs, print their ids (see mmserve encode --help)")
-    sub.add_parser("tiny", help="build the tiny random-weight checkpoints (see mmserve tiny --help)")
-    health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING (or an HTTP URL answers 200)")
-    health.add_argument("target", help="host:port of a gRPC service, or an http(s):// URL")
-    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
-    health.add_argument("--timeout", type=float, default=3.0)
-    health.set_defaults(run=_health)
-    token = sub.add_parser("token", help="write a random service token to FILE unless it exists")
-    token.add_argument("file")
-    token.set_defaults(run=_token)
+def build_parser(found: dict[str, EntryPoint]) -> argparse.ArgumentParser:
+    """The top-level parser: only for --help and for an unknown command (each command parses its own arguments)."""
+    parser = argparse.ArgumentParser(
+        prog="mmserve",
+        description="Serve multimodal LLMs with shared embeddings.",
+        epilog="`mmserve COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, ep in found.items():
+        sub.add_parser(name, help=summary(ep), add_help=False)
     return parser
 
 
-#: Subcommands with their own argument parsers: everything after the name is theirs.
-PASSTHROUGH = {"up": "mmserve.stack", "encode": "mmserve.precompute", "tiny": "mmserve.models.tiny"}
+def role_arguments(role: str, description: str | None, argv: list[str] | None) -> None:
+    """Parse the command line of a role that takes no arguments (its settings are MMSERVE_* variables), for --help."""
+    argparse.ArgumentParser(prog=f"mmserve {role}", description=description).parse_args([] if argv is None else argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the subcommand named by argv[0] with the rest of argv."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PASSTHROUGH:
-        module = importlib.import_module(PASSTHROUGH[argv[0]])
-        return int(module.main(argv[1:]))
-    ns = build_parser().parse_args(argv)
-    return int(ns.run(ns))
+    found = commands()
+    if not found:
+        print(f"mmserve: no commands installed (entry-point group {GROUP}): reinstall the package (pip install -e .)", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in found:
+        build_parser(found).parse_args(argv[:1])  # prints the help or the error, and exits
+        return 2
+    command: Command = found[argv[0]].load()
+    return int(command(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -252,8 +252,8 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "service") -> MmserveError
     name internal addresses, so it is logged here and the client gets a plain
     message about the peer instead.
     """
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    code = exc.code()
+    message = exc.details() or code.name
     reason: str | None = None
     field: str | None = None
     metadata: dict[str, str] = {}

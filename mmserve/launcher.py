@@ -142,7 +142,8 @@ class LocalStack:
         from mmserve.rpc.health import wait_serving
         from mmserve.stack import wait_http_ok
 
-        venv, resolved = None, {}
+        venv: Path | None = None
+        resolved: dict[str, str] = {}
         if engine == "vllm":
             resolved, venv = vllm_decoder(model, None, cache_dir, vllm_venv)
         self.redis = LocalRedis(maxmemory="2gb").start()

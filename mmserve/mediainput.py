@@ -7,7 +7,7 @@ are looked up, never fetched and never encoded.
 
 from __future__ import annotations
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 
 #: Prefix of content-derived embedding ids ("mmemb-<64 hex>"); client uuids may not use it.
 CONTENT_ID_PREFIX = "mmemb-"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -31,13 +31,19 @@ def audio_format(value: object, field: str) -> str:
     return name
 
 
+#: A media_pb2.Modality value: an int at run time, its own type to mypy (the type the generated messages take).
+ModalityValue: TypeAlias = media_pb2.Modality.ValueType
+#: A modality's field name in MediaInput's `options` oneof and the descriptor's `placement` oneof.
+ModalityField: TypeAlias = Literal["image", "video", "audio", "time_series"]
+
+
 @dataclass(frozen=True)
 class Modality:
     """One kind of media and the settings and fields that belong to it."""
 
     name: str  # "image": metric labels, messages, settings' names, kwargs keys
-    proto: int  # media_pb2.Modality value
-    field: str  # its per-modality message fields: MediaInput's `options` oneof, the descriptor's placement
+    proto: ModalityValue
+    field: ModalityField  # its per-modality message fields: MediaInput's `options` oneof, the descriptor's placement
     limit_setting: str  # Settings field: items allowed per request
     media_io_keys: frozenset[str] = frozenset()  # allowed `media_io_kwargs.<name>` keys
     processor_keys: frozenset[str] = frozenset()  # allowed `mm_processor_kwargs.<name>` keys

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import grpc
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.modality import BY_NAME, name_of
 from mmserve.rpc.auth import token_metadata
@@ -86,6 +86,7 @@ def _upload(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Precompute embeddings of files or URLs, print their ids."""
     parser = argparse.ArgumentParser(prog="mmserve encode", description="Precompute embeddings and print their ids.")
     parser.add_argument("sources", nargs="+", help="local files or URLs (http, https, data, file)")
     parser.add_argument("--target", default=None, help="encoder host:port (default: MMSERVE_ENCODER_TARGET or 127.0.0.1:50051)")

@@ -9,7 +9,7 @@ token per media part) can therefore never fit, and is refused by counting alone.
 
 from __future__ import annotations
 
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 
 

@@ -138,6 +138,7 @@ def run_stack(settings: Settings, *, vllm_venv: Path | None = None, startup_time
 
 
 def main(argv: list[str]) -> int:
+    """Run the whole stack on this machine (Redis, encoder, decoder, gateway)."""
     import argparse
 
     from mmserve.log import setup_logging

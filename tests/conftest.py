@@ -254,8 +254,12 @@ def omni_stack(start_service: StartService) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def vllm_env() -> Path:
-    """The vLLM decoder environment, built by the documented script when missing (CI builds it here)."""
-    if not (DEFAULT_VLLM_VENV / "bin" / "mmserve").exists():
+    """The vLLM decoder environment, built by the documented script when missing or stale (CI builds it here)."""
+    # An environment installed before the `mmserve.commands` entry points has an `mmserve` that runs no command.
+    probe = "import importlib.metadata as m, sys; sys.exit(not m.entry_points(group='mmserve.commands'))"
+    python = DEFAULT_VLLM_VENV / "bin" / "python"
+    stale = not python.exists() or subprocess.run([str(python), "-c", probe], timeout=60).returncode != 0
+    if stale or not (DEFAULT_VLLM_VENV / "bin" / "mmserve").exists():
         root = Path(__file__).resolve().parents[1]
         subprocess.run([str(root / "scripts" / "build-vllm-env"), str(DEFAULT_VLLM_VENV)], check=True, timeout=1800)
     return DEFAULT_VLLM_VENV

@@ -11,8 +11,8 @@ import redis
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2_grpc
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.samples import data_url, png_bytes  # noqa: F401 - re-exported for the tests
 

@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningService, Stack, StartService, start_stack
 from tests.support import scrape
 

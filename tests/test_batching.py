@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from tests.conftest import Stack, StartService, start_stack
 from tests.support import encoder_stub, image_item, png_bytes, scrape

@@ -22,10 +22,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as dec
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as dec
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc
 from mmserve.localredis import LocalRedis
 from mmserve.models.tensors import from_raw
 from mmserve.store import RawTensor

@@ -32,13 +32,13 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     assert generated, "protos/generate.py produced nothing"
     stale = [str(rel) for rel in generated if (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
     assert not stale, f"regenerate with `python protos/generate.py`: {stale}"
-    committed = {p.relative_to(ROOT) for area in ("common", "encoder", "decoder") for p in (ROOT / "mmserve" / area).rglob("*_pb2*")}
+    committed = {p.relative_to(ROOT) for p in (ROOT / "mmserve" / "api").rglob("*_pb2*")}
     assert committed == {rel for rel in generated if "_pb2" in rel.name}, "stubs without a .proto (or the reverse)"
 
 
 def test_every_service_follows_the_naming_conventions() -> None:
-    from mmserve.decoder.v1 import decoder_service_pb2
-    from mmserve.encoder.v1 import encoder_service_pb2
+    from mmserve.api.decoder.v1 import decoder_service_pb2
+    from mmserve.api.encoder.v1 import encoder_service_pb2
 
     for module in (encoder_service_pb2, decoder_service_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():

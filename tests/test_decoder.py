@@ -17,10 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.store import EmbeddingStore
 from tests.conftest import RunningService, Stack, StartService
 from tests.support import encoder_stub, image_item, png_bytes, rpc_error, scrape

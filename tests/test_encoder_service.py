@@ -23,8 +23,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
 from mmserve.rpc.metadata import TENANT_KEY
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, content_id

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from tests.conftest import Stack
 from tests.support import Reference, data_url, png_bytes
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from mmserve.stack import wait_http_ok
 from tests.conftest import MediaServer, RunningService, Stack, StartService, start_stack

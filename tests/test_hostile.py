@@ -23,10 +23,10 @@ import grpc
 import httpx
 import pytest
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.rpc.health import wait_serving

@@ -20,10 +20,10 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as dec_pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as dec_pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from mmserve.store import EmbeddingStore, embedding_keys, tensor_nbytes
 from tests.conftest import Stack, StartService, start_stack

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from tests.conftest import Stack, StartService, start_stack
 from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape

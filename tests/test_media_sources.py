@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import FetchRefused, InvalidArgument, MediaTooLarge, RemoteFetchFailed
 from services.encoder.media.budget import RequestBudget

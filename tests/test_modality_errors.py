@@ -27,8 +27,8 @@ import openai
 import pytest
 import soundfile as sf
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
 from tests.conftest import Stack, StartService, start_stack
 from tests.support import data_url, encoder_stub, png_bytes, redis_keys, rpc_error, scrape

@@ -26,10 +26,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as dpb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as epb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as dpb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as epb
 from tests.conftest import RunningService, Stack
 from tests.support import encoder_stub
 

@@ -30,8 +30,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from tests.conftest import Stack
 from tests.support import data_url, encoder_stub, png_bytes, scrape
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import redis
 
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from mmserve.rpc.auth import SERVICE_TOKEN_KEY
 from mmserve.stack import local_redis

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.launcher import resolve_command
 from tests.conftest import MediaServer, Stack
 from tests.support import encoder_stub, png_bytes, scrape

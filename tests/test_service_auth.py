@@ -24,11 +24,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from mmserve.api.decoder.v1 import decoder_service_pb2 as dec
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
-from mmserve.decoder.v1 import decoder_service_pb2 as dec
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.localredis import LocalRedis
 from mmserve.rpc.auth import SERVICE_TOKEN_KEY, warn_if_open
 from mmserve.rpc.metadata import TENANT_KEY

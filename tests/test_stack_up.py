@@ -25,10 +25,10 @@ import httpx
 import openai
 import pytest
 
-from mmserve.decoder.v1 import decoder_service_pb2 as dec
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
-from mmserve.encoder.v1 import encoder_service_pb2 as enc
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
+from mmserve.api.decoder.v1 import decoder_service_pb2 as dec
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.launcher import resolve_command
 from mmserve.localredis import free_port
 from mmserve.rpc.health import check

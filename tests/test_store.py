@@ -21,7 +21,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from mmserve.common.v1 import embedding_pb2, media_pb2, tensor_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2, tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import Conflict, InvalidArgument, Unavailable
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port

@@ -19,8 +19,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import Conflict, Unavailable
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import check

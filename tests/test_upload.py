@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmserve.common.v1 import media_pb2
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
 from tests.conftest import RunningService, Stack, StartService
 from tests.support import encoder_stub, png_bytes, redis_keys, rpc_error, scrape

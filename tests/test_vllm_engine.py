@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.launcher import vllm_decoder
 from mmserve.localredis import LocalRedis
 from tests.conftest import CACHE_DIR, TINY, RunningService, StartService

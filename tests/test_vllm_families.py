@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from tests.conftest import StartService
 from tests.test_batching import media
 from tests.test_vllm_engine import CASES, Pair, complete, serving_pair

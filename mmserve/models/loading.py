@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmserve.api.common.v1 import tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition
 from mmserve.models.families import Family, families, family_for
@@ -32,7 +33,7 @@ class LoadedModel:
     loaded_at: float
 
     @property
-    def proto_dtype(self) -> int:
+    def proto_dtype(self) -> tensor_pb2.DataType.ValueType:
         return TORCH_TO_PROTO[self.family.dtype]
 
 

@@ -12,12 +12,12 @@ import sys
 
 import torch
 
-from mmserve.common.v1 import tensor_pb2
+from mmserve.api.common.v1 import tensor_pb2
 from mmserve.store import RawTensor
 
 assert sys.byteorder == "little", "mmserve stores little-endian tensors"
 
-TORCH_TO_PROTO: dict[torch.dtype, int] = {
+TORCH_TO_PROTO: dict[torch.dtype, tensor_pb2.DataType.ValueType] = {
     torch.float32: tensor_pb2.DATA_TYPE_FLOAT32,
     torch.float16: tensor_pb2.DATA_TYPE_FLOAT16,
     torch.bfloat16: tensor_pb2.DATA_TYPE_BFLOAT16,
@@ -27,7 +27,7 @@ TORCH_TO_PROTO: dict[torch.dtype, int] = {
     torch.int16: tensor_pb2.DATA_TYPE_INT16,
     torch.uint8: tensor_pb2.DATA_TYPE_UINT8,
 }
-PROTO_TO_TORCH = {v: k for k, v in TORCH_TO_PROTO.items()}
+PROTO_TO_TORCH: dict[int, torch.dtype] = {v: k for k, v in TORCH_TO_PROTO.items()}
 
 
 def to_raw(name: str, tensor: torch.Tensor) -> RawTensor:

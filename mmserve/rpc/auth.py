@@ -52,6 +52,18 @@ def write_token_file(path: Path) -> bool:
     return True
 
 
+def token_command(argv: list[str]) -> int:
+    """Write a random service token to FILE unless it exists (compose's token job)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mmserve token", description=token_command.__doc__)
+    parser.add_argument("file", type=Path)
+    ns = parser.parse_args(argv)
+    made = write_token_file(ns.file)
+    print(f"{'wrote a new' if made else 'kept the'} service token in {ns.file}")
+    return 0
+
+
 def check_token(metadata: dict[str, str], expected: str) -> None:
     """Raise Unauthenticated unless `metadata` carries the token (compared in constant time)."""
     given = metadata.get(SERVICE_TOKEN_KEY, "")
@@ -86,7 +98,7 @@ class _AddToken:
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         metadata.add(SERVICE_TOKEN_KEY, self._token)
-        return details._replace(metadata=metadata)  # type: ignore[attr-defined, no-any-return]
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]  # a namedtuple; grpc-stubs say a plain class
 
 
 # One class per call kind: a grpc.aio channel files each interceptor under the first kind it implements only.

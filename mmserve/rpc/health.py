@@ -16,12 +16,31 @@ def check(target: str, service: str = "", *, timeout: float = 3.0) -> bool:
     """True if the server at `target` reports SERVING for `service` now."""
     try:
         with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
     except grpc.RpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def health_command(argv: list[str]) -> int:
+    """Exit 0 if a gRPC service reports SERVING (or an HTTP URL answers 200)."""
+    import argparse
+    import urllib.request
+
+    parser = argparse.ArgumentParser(prog="mmserve health", description=health_command.__doc__)
+    parser.add_argument("target", help="host:port of a gRPC service, or an http(s):// URL")
+    parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    ns = parser.parse_args(argv)
+    if ns.target.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(ns.target, timeout=ns.timeout) as response:
+                return 0 if response.status == 200 else 1
+        except OSError:
+            return 1
+    return 0 if check(ns.target, ns.service, timeout=ns.timeout) else 1
 
 
 def wait_serving(target: str, *, timeout: float, service: str = "", alive: object = None) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -74,6 +74,12 @@ async def checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield checked(request)
 
 
+def _async_stream(behavior: Callable[..., Any] | None) -> Callable[..., AsyncGenerator[Any, None]]:
+    """A grpc.aio streaming handler: an async generator function, which grpc-stubs (sync handlers only) cannot say."""
+    assert behavior is not None, "a stream handler without its behavior"
+    return cast("Callable[..., AsyncGenerator[Any, None]]", behavior)
+
+
 def as_mmserve_error(exc: BaseException) -> MmserveError:
     """The typed error for any exception raised while serving."""
     if isinstance(exc, MmserveError):
@@ -97,11 +103,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if handler is None or method.startswith(_QUIET_PREFIXES):
             return handler
         name = method.rsplit("/", 1)[-1]
@@ -119,12 +125,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, name, checked),
+                self._wrap_stream(_async_stream(handler.unary_stream), name, checked),
                 request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, name, checked_stream),
+            self._wrap_stream(_async_stream(handler.stream_stream), name, checked_stream),
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -174,7 +180,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             except BaseException as exc:
                 await self._fail(exc, context, name, start)
                 raise
-            context.add_done_callback(lambda _: self._close_later(items))
+            # grpc-stubs declare the callback type a class, not a protocol, so no function matches it.
+            context.add_done_callback(lambda _: self._close_later(items))  # type: ignore[arg-type]
             try:
                 async with contextlib.aclosing(items):
                     async for item in items:

@@ -18,8 +18,9 @@ import contextlib
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,7 +50,7 @@ class HealthServicer(health.aio.HealthServicer):
         self._changed = asyncio.Condition()
         self._draining = False
 
-    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    async def set(self, service: str, status: int) -> None:  # a HealthCheckResponse.ServingStatus
         await super().set(service, status)
         async with self._changed:
             self._changed.notify_all()
@@ -65,7 +66,9 @@ class HealthServicer(health.aio.HealthServicer):
         last = None
         while True:
             async with self._changed:
-                status = self._server_status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                # grpc's servicer keeps the statuses here (what its own Watch reads); its stubs do not declare it.
+                statuses = self._server_status  # type: ignore[attr-defined]
+                status = statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
                 draining = self._draining
                 if status == last and not draining:
                     await self._changed.wait()
@@ -194,7 +197,7 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-def run_service(role: str, serve: Callable[[Settings], Awaitable[None]]) -> None:
+def run_service(role: str, serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
     """The one start-up path of a gRPC service: settings from the environment, logging, then `serve` until SIGTERM."""
     settings = Settings()
     setup_logging(role, level=settings.log_level, json_logs=settings.log_json)

@@ -41,7 +41,7 @@ import xxhash
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.store.tensors import RawTensor, dtype_name, tensor_nbytes
 
 # Hash fields of `:meta` that readers use (every field is under the record checksum).

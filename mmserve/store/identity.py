@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import Conflict, FailedPrecondition, InvalidArgument, Reason
 from mmserve.mediainput import CONTENT_ID_PREFIX
 from mmserve.modality import name_of

@@ -42,12 +42,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
+from redis.typing import EncodableT
 
-from mmserve.common.v1 import embedding_pb2
+from mmserve.api.common.v1 import embedding_pb2
 from mmserve.errors import Internal, InvalidArgument, MediaTooLarge, Reason, ResourceExhausted, Unavailable
 from mmserve.metrics import STORE_CORRUPT
 from mmserve.store import codec, connect
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
     from mmserve.config import Settings
 
 log = logging.getLogger(__name__)
+#: One Redis command as sent on the wire: its name and arguments.
+Command = tuple[EncodableT, ...]
 
 EmbeddingDescriptor = embedding_pb2.EmbeddingDescriptor
 
@@ -362,7 +365,7 @@ class EmbeddingStore:
     async def _discover(self) -> None:
         async with self._discovery:
             if not self._discovered:
-                await self._redis.initialize()  # type: ignore[union-attr]
+                await self._redis.initialize()
                 self._discovered = True
 
     # --- keys ------------------------------------------------------------
@@ -387,9 +390,9 @@ class EmbeddingStore:
             # DEL is a write command (refused as SET would be: read-only replica, MISCONF, CLUSTERDOWN on its
             # slot) that leaves nothing behind, so the store never holds a key that is not an embedding.
             await self._redis.delete(self._probe_key)
-            if self.is_cluster:
-                info = await self._redis.cluster_info()
-                state = info.get("cluster_state", info.get(b"cluster_state")) if isinstance(info, dict) else None
+            if isinstance(self._redis, RedisCluster):
+                info: dict[Any, Any] = await self._redis.cluster_info()  # its keys are str or bytes (decode_responses)
+                state = info.get("cluster_state", info.get(b"cluster_state"))
                 if state not in ("ok", b"ok"):
                     raise rexc.ClusterDownError(f"cluster_state is {state!r}")
 
@@ -460,15 +463,15 @@ class EmbeddingStore:
         n = len(chunks)
         uploads = [upload if i == 0 else f"{upload}:{i}" for i in range(n)]
         place_keys = (keys.meta, *(keys.chunk(i) for i in range(n)), *uploads)
-        sets = [("SET", key, chunk, "PX", _UPLOAD_TTL_MS) for key, chunk in zip(uploads, chunks, strict=True)]
-        place: list[object] = []
+        sets: list[Command] = [("SET", key, chunk, "PX", _UPLOAD_TTL_MS) for key, chunk in zip(uploads, chunks, strict=True)]
+        place: list[EncodableT] = []
 
-        async def place_command() -> list[object]:
+        async def place_command() -> list[EncodableT]:
             # The data checksum and the sealed meta: computed while the uploads travel (_send_overlapped).
             check = await codec.data_checksum(payload)
             args = self._place_args(descriptor, identity, payload, check, ttl_s, replace_seal, n)
-            place[:] = [len(place_keys), *place_keys, *args]
-            return ["EVALSHA", _PLACE_SCRIPT.sha, *place]
+            place[:] = [*place_keys, *args]
+            return ["EVALSHA", _PLACE_SCRIPT.sha, len(place_keys), *place]
 
         replies = await self._send_overlapped(keys.meta, sets, place_command)
         if replies is not None and any(isinstance(r, _REDIRECTS) for r in replies):
@@ -488,7 +491,7 @@ class EmbeddingStore:
         if isinstance(reply, rexc.NoScriptError):
             # Redis lost its script cache (restart, SCRIPT FLUSH, a new node): the uploads are there, place them
             # with the script's body (which caches it again).
-            reply = await self._redis.eval(_PLACE_SCRIPT.body, *place)  # type: ignore[arg-type,misc]
+            reply = await self._redis.eval(_PLACE_SCRIPT.body, len(place_keys), *place)
         elif isinstance(reply, Exception):
             raise reply
         if reply[0] == 1:
@@ -512,8 +515,8 @@ class EmbeddingStore:
         return PutResult(existing, created=False)
 
     async def _send_overlapped(
-        self, key: str, first: list[tuple[object, ...]], then: Callable[[], Awaitable[list[object]]]
-    ) -> list[object] | None:
+        self, key: str, first: list[Command], then: Callable[[], Awaitable[list[EncodableT]]]
+    ) -> list[Any] | None:
         """Send `first`, build the last command (`then`) while they travel, send it: every reply, in one round trip.
 
         Like a pipeline, on one pooled connection to the node of `key` (all
@@ -531,14 +534,15 @@ class EmbeddingStore:
         if isinstance(self._redis, RedisCluster):
             try:
                 node = self._redis.get_node_from_key(key)
-                conn = node.acquire_connection() if node is not None else None
+                taken = node.acquire_connection() if node is not None else None
             except (rexc.SlotNotCoveredError, rexc.MaxConnectionsError):
                 return None
-            if conn is None:
+            if node is None or taken is None:
                 return None
+            conn = taken
 
             async def release() -> None:
-                node.release(conn)
+                node.release(taken)
         else:
             pool = self._redis.connection_pool
             conn = await pool.get_connection()
@@ -550,7 +554,7 @@ class EmbeddingStore:
             await conn.send_packed_command(conn.pack_commands(first), check_health=False)
             last = await then()
             await conn.send_packed_command(conn.pack_commands([last]), check_health=False)
-            replies: list[object] = []
+            replies: list[Any] = []  # Redis replies: whatever each command returns
             for _ in range(len(first) + 1):
                 try:
                     replies.append(await conn.read_response())
@@ -588,7 +592,7 @@ class EmbeddingStore:
 
     async def _extend(self, keys: EmbeddingKeys, existing: EmbeddingDescriptor, ttl_ms: int) -> None:
         """Extend (never shorten) a kept record's lifetime; set its expires_at from what Redis now says."""
-        pttl = await self._redis.eval(_EXTEND, 2, keys.meta, keys.data, ttl_ms)  # type: ignore[misc]
+        pttl = await self._redis.eval(_EXTEND, 2, keys.meta, keys.data, ttl_ms)
         _set_expiry(existing, int(pttl))
 
     @staticmethod
@@ -675,7 +679,7 @@ class EmbeddingStore:
                 if isinstance(pttl, rexc.NoScriptError):
                     # The script cache was emptied (restart, SCRIPT FLUSH, a new node): touch with its body,
                     # which caches it again (one more round trip, that once).
-                    pttl = await self._redis.eval(_TOUCH_SCRIPT.body, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[misc]
+                    pttl = await self._redis.eval(_TOUCH_SCRIPT.body, 2, keys.meta, keys.data, ttl_ms, threshold)
                 elif isinstance(pttl, Exception):
                     raise pttl
                 want = codec.chunk_count(fields) if fields else chunks
@@ -694,7 +698,7 @@ class EmbeddingStore:
         """Best effort: the read already answered "missing", a failed cleanup changes nothing."""
         try:
             async with asyncio.timeout(self._op_timeout_s):
-                await self._redis.eval(_DROP_IF_UNCHANGED, 2, keys.meta, keys.data, codec.F_RECORD_CHECKSUM, seal)  # type: ignore[misc]
+                await self._redis.eval(_DROP_IF_UNCHANGED, 2, keys.meta, keys.data, codec.F_RECORD_CHECKSUM, seal)
         except (rexc.RedisError, TimeoutError, OSError) as exc:
             log.warning("could not remove damaged embedding %s: %s", keys.meta, exc)
 
@@ -725,7 +729,7 @@ class EmbeddingStore:
         """Remove an embedding, every data chunk included (UNLINK: freed in the background); False if there was none."""
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("delete"):
-            return int(await self._redis.eval(_DELETE, 2, keys.meta, keys.data)) > 0  # type: ignore[misc]
+            return int(await self._redis.eval(_DELETE, 2, keys.meta, keys.data)) > 0
 
 
     # --- encode leases (one model run per content across replicas) ---------
@@ -740,13 +744,13 @@ class EmbeddingStore:
         """Extend the lease if `token` still holds it (compare-and-pexpire); False if it was lost."""
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("lease"):
-            return bool(await self._redis.eval(_LEASE_RENEW, 1, keys.lease, token, ttl_ms))  # type: ignore[misc]
+            return bool(await self._redis.eval(_LEASE_RENEW, 1, keys.lease, token, ttl_ms))
 
     async def release_lease(self, ref: str, *, tenant: str, token: str) -> bool:
         """Delete the lease if `token` still holds it (compare-and-delete); False otherwise."""
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("lease"):
-            return bool(await self._redis.eval(_LEASE_RELEASE, 1, keys.lease, token))  # type: ignore[misc]
+            return bool(await self._redis.eval(_LEASE_RELEASE, 1, keys.lease, token))
 
     async def lease_holder(self, ref: str, *, tenant: str) -> str | None:
         """The token holding `ref`'s lease now, or None."""
@@ -771,7 +775,7 @@ class EmbeddingStore:
             pipe.exists(keys.data)
             if ttl_ms > 0:  # a use from the cache slides the expiry as a read from Redis would (rate-limited alike)
                 threshold = ttl_ms - min(self.ttl_refresh_s * 1000, ttl_ms // 2)
-                pipe.eval(_TOUCH, 2, keys.meta, keys.data, ttl_ms, threshold)  # type: ignore[arg-type]
+                pipe.eval(_TOUCH, 2, keys.meta, keys.data, ttl_ms, threshold)
             else:
                 pipe.pttl(keys.meta)
             seal, has_data, pttl = await pipe.execute()

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mmserve.common.v1 import tensor_pb2
+from mmserve.api.common.v1 import tensor_pb2
 from mmserve.errors import InvalidArgument
 
 

@@ -8,10 +8,10 @@ can pass them through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from mmserve.common.v1 import media_pb2
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 
 ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant", pb.ROLE_TOOL: "tool"}
@@ -169,7 +169,9 @@ def parse_sampling(params: pb.SamplingParams) -> SamplingConfig:
     )
 
 
-def _in_range(params: pb.SamplingParams, name: str, low: float, high: float, default: float) -> float:
+def _in_range(
+    params: pb.SamplingParams, name: Literal["presence_penalty", "frequency_penalty", "min_p"], low: float, high: float, default: float
+) -> float:
     value = getattr(params, name) if params.HasField(name) else default
     if not low <= value <= high:
         raise InvalidArgument(f"{name} must be between {low:g} and {high:g}", field=f"sampling.{name}")

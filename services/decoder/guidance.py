@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -24,8 +24,11 @@ import llguidance.hf
 from mmserve.errors import InvalidArgument
 from services.decoder.conversation import Guidance
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 FIELD = "sampling.guidance"
-JSON_DEFAULTS = {"whitespace_flexible": False}
+JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 ANY_OBJECT = {"type": "object"}
 
 

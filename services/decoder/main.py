@@ -7,8 +7,9 @@ import logging
 
 import grpc
 
+from mmserve.api.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
+from mmserve.cli import role_arguments
 from mmserve.config import Settings
-from mmserve.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore
@@ -41,5 +42,8 @@ async def serve(settings: Settings) -> None:
     await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose], probe=store.probe)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the decoder gRPC service."""
+    role_arguments("decoder", __doc__, argv)
     run_service("decoder", serve)
+    return 0

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as enc_pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.errors import MmserveError, NotFound, Reason, Unavailable, from_rpc_error
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.rpc.channel import client_channel
@@ -107,7 +107,7 @@ class MediaResolver:
             return await self.encoder.encode([p.item for p in parts], timeout)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc, peer="encoder")
-            if exc.code() in _UNREACHABLE and err.reason in {Reason.UNAVAILABLE, Reason.INTERNAL}:  # type: ignore[attr-defined]
+            if exc.code() in _UNREACHABLE and err.reason in {Reason.UNAVAILABLE, Reason.INTERNAL}:
                 raise Unavailable("the encoder is unavailable; retry later", reason=Reason.ENCODER_UNAVAILABLE) from None
             raise _reanchor(err, parts) from None
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
-from mmserve.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.errors import InvalidArgument, NotFound, Reason, Unavailable
 from mmserve.log import note
 from mmserve.metrics import E2E, GENERATION_TOKENS, ITL, PROMPT_TOKENS, TTFT

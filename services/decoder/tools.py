@@ -17,7 +17,7 @@ from typing import Any
 
 import llguidance
 
-from mmserve.decoder.v1 import decoder_service_pb2 as pb
+from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument
 from mmserve.models.families import Family
 from mmserve.models.families.base import ToolCallFormat

@@ -7,12 +7,13 @@ import logging
 
 import grpc
 
+from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
+from mmserve.cli import role_arguments
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
-from mmserve.metrics import register_store_size
 from mmserve.models.loading import load_model
 from mmserve.rpc.server import run_service, start_server
 from mmserve.store import EmbeddingStore
+from mmserve.store.size import register_store_size
 from services.encoder.media.fetch import GuardedFetcher
 from services.encoder.pipeline import EncoderPipeline
 from services.encoder.servicer import EncoderServicer
@@ -43,5 +44,8 @@ async def serve(settings: Settings) -> None:
     await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the encoder gRPC service."""
+    role_arguments("encoder", __doc__, argv)
     run_service("encoder", serve)
+    return 0

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.errors import InvalidArgument, MmserveError, NotFound, Reason
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES
-from mmserve.modality import BY_PROTO, Modality, check_item_limits
+from mmserve.modality import BY_PROTO, Modality, ModalityValue, check_item_limits
 from mmserve.models.families import EncodedItem
 from mmserve.models.loading import LoadedModel
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, canonical_options_json, content_id, validate_uuid
@@ -51,7 +52,7 @@ class _Job:
     item: media_pb2.MediaInput
     acquired: Acquired | None = None
     content_sha256: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is a field's name here
     options_json: str = ""
     content_id: str = ""
     result: pb.EncodeResult | None = None
@@ -59,7 +60,7 @@ class _Job:
     encoded: EncodedItem | None = None
 
     @property
-    def modality(self) -> int:
+    def modality(self) -> ModalityValue:
         return self.item.modality
 
     @property
@@ -385,5 +386,5 @@ async def _gather_in_order(coros: Any) -> list[Any]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        raise failed[0].exception()  # type: ignore[misc]
+        raise failed[0].exception()
     return [t.result() for t in tasks]

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
+from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
-from mmserve.encoder.v1 import encoder_service_pb2 as pb
-from mmserve.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.errors import InvalidArgument, MediaTooLarge, MmserveError, NotFound, Reason, Unavailable
 from mmserve.rpc.metadata import tenant_var
 from mmserve.store import EmbeddingStore

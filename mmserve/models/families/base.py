@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 from google.protobuf.message import Message
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.errors import InvalidArgument
-from mmserve.modality import name_of
+from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor
 
 
@@ -75,7 +75,7 @@ class Family(ABC):
     #: The checkpoint `config.model_type` values this family serves (empty: just `name`).
     model_types: ClassVar[tuple[str, ...]] = ()
     #: Media this instance's model accepts (media_pb2.Modality values).
-    modalities: frozenset[int]
+    modalities: frozenset[ModalityValue]
     #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.
     modality_note: str = ""
     #: How this family's models call tools (None: they do not).
@@ -159,6 +159,12 @@ class Family(ABC):
     @abstractmethod
     def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
         """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
+
+    @abstractmethod
+    def prompt_embeds(
+        self, prompt: ChatPrompt, media: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+        """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
 
     @abstractmethod
     def decode_positions(self, positions: list[int]) -> torch.Tensor:

@@ -28,8 +28,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
+from mmserve.modality import ModalityValue
 from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
 from mmserve.models.families.time_series import TimeSeriesSupport
 from mmserve.models.tensors import from_raw, to_raw
@@ -54,7 +55,10 @@ class QwenFamily(Family):
     """Shared implementation; see the module docstring."""
 
     model_class: ClassVar[str]
-    base_modalities: ClassVar[frozenset[int]] = frozenset({IMAGE, VIDEO})
+    base_modalities: ClassVar[frozenset[ModalityValue]] = frozenset({IMAGE, VIDEO})
+    #: The transformers model: its towers, rope index and LLM are reached by attribute, which torch's typing of
+    #: modules (every attribute a Tensor or a Module) cannot follow.
+    model: Any
     towers: ClassVar[tuple[str, ...]] = ("visual",)
     tool_call_format = HERMES_TOOL_CALLS  # used where the checkpoint's chat template renders tools
     #: config attributes holding token ids a user's text may not contain
@@ -234,12 +238,14 @@ class QwenFamily(Family):
     def pad_token(self, modality: int) -> str:
         if modality == TIME_SERIES and self.time_series is not None:
             return self.time_series.tokens[1]
-        return {IMAGE: self.processor.image_token, VIDEO: self.processor.video_token}[modality]
+        tokens: dict[int, str] = {IMAGE: self.processor.image_token, VIDEO: self.processor.video_token}
+        return tokens[modality]
 
     def chat_part(self, modality: int) -> dict[str, Any]:
         if modality == TIME_SERIES and self.time_series is not None:
             return {"type": "text", "text": "".join(self.time_series.tokens)}
-        return {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}[modality]
+        parts: dict[int, dict[str, Any]] = {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}
+        return parts[modality]
 
     def reserved_strings(self) -> tuple[str, ...]:
         ids = [getattr(self.config, attr) for attr in self.reserved_id_attrs if getattr(self.config, attr, None) is not None]

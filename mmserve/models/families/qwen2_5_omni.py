@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mmserve.common.v1 import embedding_pb2
+from mmserve.api.common.v1 import embedding_pb2
 from mmserve.errors import InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
 from mmserve.models.families.qwen import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmserve.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
 from mmserve.models.tensors import to_raw
@@ -42,12 +42,13 @@ class TimeSeriesSupport:
         return c.start_token, c.placeholder_token, c.end_token
 
     @classmethod
-    def load(cls, path: Path, tokenizer: Any, llm_hidden: int, *, dtype: torch.dtype, device: str) -> TimeSeriesSupport | None:
+    def load(cls, path: str | Path, tokenizer: Any, llm_hidden: int, *, dtype: torch.dtype, device: str) -> TimeSeriesSupport | None:
         """The adapter of a checkpoint folder, or None when it has none."""
         folder = Path(path) / SUBFOLDER
         if not (folder / "config.json").exists():
             return None
-        adapter = TimeSeriesAdapter.from_pretrained(folder, dtype=dtype).to(device).eval()
+        # transformers wraps `.to` in a decorator whose typing does not bind `self`.
+        adapter = TimeSeriesAdapter.from_pretrained(folder, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         if adapter.config.out_hidden_size != llm_hidden:
             raise FailedPrecondition(
                 f"time-series adapter outputs {adapter.config.out_hidden_size} features, the LLM takes {llm_hidden}", field="model"

@@ -76,7 +76,7 @@ def family_builder(family: str) -> FamilyBuilder:
         module_name = FAMILY_MODULES[family]
     except KeyError:
         raise ValueError(f"no tiny-checkpoint builder for family {family!r}") from None
-    return importlib.import_module(module_name)  # type: ignore[return-value]
+    return importlib.import_module(module_name)
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,9 @@ def build_tokenizer(chat_template: str, named_tokens: Mapping[str, str] | None =
     extra: list[str] | dict[str, str] = [t for t in block if t not in (PAD_TOKEN, EOS_TOKEN)]
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=merges,
-        unk_token=None,
+        # transformers annotates these narrower than it takes: (left, right) pairs and no unknown token.
+        merges=merges,  # type: ignore[arg-type]
+        unk_token=None,  # type: ignore[arg-type]
         bos_token=None,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,

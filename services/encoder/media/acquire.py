@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from services.encoder.media.budget import RequestBudget, item_too_large
@@ -23,7 +24,7 @@ from services.encoder.media.sources import decode_frame_list_url, is_frame_list_
 from services.encoder.media.video import resolve_sampling
 
 #: Element types accepted for raw arrays (audio PCM, time series).
-ARRAY_DTYPES = {
+ARRAY_DTYPES: dict[int, np.dtype[Any]] = {
     tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DATA_TYPE_INT16: np.dtype("<i2"),

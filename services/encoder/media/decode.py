@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from mmserve.modality import audio_format
@@ -41,30 +41,30 @@ def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, A
             return {"frames_fps": float(fps)}
         if kind == "url" and is_frame_list_url(item.source.url):
             return {"frames_fps": frame_list_fps(item, settings)}  # as the same frames over gRPC: one identity
-        opts = item.video
+        video = item.video
         fps, num_frames = resolve_sampling(
-            settings, opts.fps if opts.HasField("fps") else None, opts.num_frames if opts.HasField("num_frames") else None
+            settings, video.fps if video.HasField("fps") else None, video.num_frames if video.HasField("num_frames") else None
         )
         return {"fps": fps, "num_frames": num_frames}
     if item.modality == media_pb2.MODALITY_AUDIO:
-        opts = item.audio
+        audio = item.audio
         out: dict[str, Any] = {}
-        if opts.HasField("format"):
-            out["format"] = audio_format(opts.format, "audio.format")
+        if audio.HasField("format"):
+            out["format"] = audio_format(audio.format, "audio.format")
         if kind == "array":
-            if not opts.HasField("sampling_rate") or not opts.sampling_rate > 0:
+            if not audio.HasField("sampling_rate") or not audio.sampling_rate > 0:
                 raise InvalidArgument("sampling_rate (Hz, > 0) is required for raw audio arrays", field="audio.sampling_rate")
-            out["sampling_rate"] = float(opts.sampling_rate)
+            out["sampling_rate"] = float(audio.sampling_rate)
         return out
     if item.modality == media_pb2.MODALITY_TIME_SERIES:
-        opts = item.time_series
-        if not opts.HasField("sampling_rate") or not opts.sampling_rate > 0:
+        series = item.time_series
+        if not series.HasField("sampling_rate") or not series.sampling_rate > 0:
             raise InvalidArgument("sampling_rate (Hz, > 0) is required for time series", field="time_series.sampling_rate")
-        out = {"sampling_rate": float(opts.sampling_rate)}
-        if opts.HasField("format"):
-            if opts.format not in SERIES_FORMATS:
+        out = {"sampling_rate": float(series.sampling_rate)}
+        if series.HasField("format"):
+            if series.format not in SERIES_FORMATS:
                 raise InvalidArgument(f"format must be one of {', '.join(SERIES_FORMATS)}", field="time_series.format")
-            out["format"] = opts.format
+            out["format"] = series.format
         return out
     return {}
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from google.protobuf import json_format
 
-from mmserve.common.v1 import media_pb2, tensor_pb2
+from mmserve.api.common.v1 import media_pb2, tensor_pb2
 from mmserve.config import Settings
 from mmserve.errors import InvalidArgument
 from mmserve.models.families import EncodedItem

@@ -26,7 +26,7 @@ import stat
 import urllib.parse
 from pathlib import Path
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import FetchRefused, InvalidArgument, MediaTooLarge
 from services.encoder.media.budget import RequestBudget, item_too_large

@@ -91,6 +91,8 @@ class TransformersEngine(Engine):
         self.context_limit = min(settings.max_model_len, family.max_context)
         self.admission = Admission(settings.max_running_requests, settings.max_waiting_requests)
         use_rows_attention(family.text_config)
+        if family.model is None:
+            raise ValueError("the built-in engine runs the LLM: load the decoder part of the model, not the prompt part")
         if settings.onednn_linears and onednn_available(family.device, family.dtype):
             log.info("oneDNN linear layers: %d", use_onednn_linears(family.model, settings.onednn_min_weights))
         self.shape = KVShape.of(family.text_config, family.dtype, family.device)

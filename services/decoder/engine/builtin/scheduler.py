@@ -275,14 +275,15 @@ class Scheduler:
     def _threads_for(self, tokens: int) -> Iterator[None]:
         """All cores for a forward of many tokens when decode steps run on fewer (one thread suits a tiny model's
         one-token steps, not its 300-token prompts)."""
-        wide = self.threads is not None and self.threads < self.prefill_threads and tokens >= WIDE_FORWARD_TOKENS
-        if wide:
-            torch.set_num_threads(self.prefill_threads)
+        narrow = self.threads
+        if narrow is None or narrow >= self.prefill_threads or tokens < WIDE_FORWARD_TOKENS:
+            yield
+            return
+        torch.set_num_threads(self.prefill_threads)
         try:
             yield
         finally:
-            if wide:
-                torch.set_num_threads(self.threads)
+            torch.set_num_threads(narrow)
 
     def _forward_prompt(self, job: Job, start: int, end: int) -> torch.Tensor:
         inputs = job.prompt.inputs

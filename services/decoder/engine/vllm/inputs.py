@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmserve.common.v1 import media_pb2
+from mmserve.api.common.v1 import media_pb2
 from mmserve.modality import BY_PROTO
 from mmserve.models.families import Family
 from mmserve.models.families.qwen import placement_of

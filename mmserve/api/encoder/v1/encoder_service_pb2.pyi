@@ -7,9 +7,9 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from mmserve.common.v1 import embedding_pb2 as _embedding_pb2
-from mmserve.common.v1 import media_pb2 as _media_pb2
-from mmserve.common.v1 import tensor_pb2 as _tensor_pb2
+from mmserve.api.common.v1 import embedding_pb2 as _embedding_pb2
+from mmserve.api.common.v1 import media_pb2 as _media_pb2
+from mmserve.api.common.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from mmserve.decoder.v1 import decoder_service_pb2 as _decoder_service_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2 as _decoder_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -22,16 +22,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from mmserve.common.v1 import embedding_pb2 as mmserve_dot_common_dot_v1_dot_embedding__pb2
-from mmserve.common.v1 import media_pb2 as mmserve_dot_common_dot_v1_dot_media__pb2
-from mmserve.common.v1 import tensor_pb2 as mmserve_dot_common_dot_v1_dot_tensor__pb2
+from mmserve.api.common.v1 import embedding_pb2 as mmserve_dot_common_dot_v1_dot_embedding__pb2
+from mmserve.api.common.v1 import media_pb2 as mmserve_dot_common_dot_v1_dot_media__pb2
+from mmserve.api.common.v1 import tensor_pb2 as mmserve_dot_common_dot_v1_dot_tensor__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mmserve/encoder/v1/encoder_service.proto\x12\x12mmserve.encoder.v1\x1a!mmserve/common/v1/embedding.proto\x1a\x1dmmserve/common/v1/media.proto\x1a\x1emmserve/common/v1/tensor.proto\"=\n\rEncodeRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.mmserve.common.v1.MediaInput\"Y\n\x0c\x45ncodeResult\x12\x39\n\tembedding\x18\x01 \x01(\x0b\x32&.mmserve.common.v1.EmbeddingDescriptor\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\"C\n\x0e\x45ncodeResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .mmserve.encoder.v1.EncodeResult\"P\n\x0cUploadHeader\x12+\n\x04item\x18\x01 \x01(\x0b\x32\x1d.mmserve.common.v1.MediaInput\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"b\n\x13\x45ncodeUploadRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .mmserve.encoder.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"H\n\x14\x45ncodeUploadResponse\x12\x30\n\x06result\x18\x01 \x01(\x0b\x32 .mmserve.encoder.v1.EncodeResult\":\n\x13GetEmbeddingRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0finclude_tensors\x18\x02 \x01(\x08\"\x82\x01\n\x14GetEmbeddingResponse\x12\x39\n\tembedding\x18\x01 \x01(\x0b\x32&.mmserve.common.v1.EmbeddingDescriptor\x12/\n\x07tensors\x18\x02 \x03(\x0b\x32\x1e.mmserve.common.v1.NamedTensor\"$\n\x16\x44\x65leteEmbeddingRequest\x12\n\n\x02id\x18\x01 \x01(\t\"*\n\x17\x44\x65leteEmbeddingResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc5\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12/\n\nmodalities\x18\x04 \x03(\x0e\x32\x1b.mmserve.common.v1.Modality\x12*\n\x05\x64type\x18\x05 \x01(\x0e\x32\x1b.mmserve.common.v1.DataType\x12\x16\n\x0erandom_weights\x18\x06 \x01(\x08\x32\xf8\x03\n\x0e\x45ncoderService\x12O\n\x06\x45ncode\x12!.mmserve.encoder.v1.EncodeRequest\x1a\".mmserve.encoder.v1.EncodeResponse\x12\x63\n\x0c\x45ncodeUpload\x12\'.mmserve.encoder.v1.EncodeUploadRequest\x1a(.mmserve.encoder.v1.EncodeUploadResponse(\x01\x12\x61\n\x0cGetEmbedding\x12\'.mmserve.encoder.v1.GetEmbeddingRequest\x1a(.mmserve.encoder.v1.GetEmbeddingResponse\x12j\n\x0f\x44\x65leteEmbedding\x12*.mmserve.encoder.v1.DeleteEmbeddingRequest\x1a+.mmserve.encoder.v1.DeleteEmbeddingResponse\x12\x61\n\x0cGetModelInfo\x12\'.mmserve.encoder.v1.GetModelInfoRequest\x1a(.mmserve.encoder.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.encoder.v1.encoder_service_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.api.encoder.v1.encoder_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=162

@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from mmserve.encoder.v1 import encoder_service_pb2 as _encoder_service_pb2
+from mmserve.api.encoder.v1 import encoder_service_pb2 as _encoder_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
