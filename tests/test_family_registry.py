@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from mmserve.models.families import Family, families, family_for
-from mmserve.models.families.qwen2_5_omni import Qwen2_5_Omni
-from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
-from mmserve.models.families.qwen3_vl import Qwen3_VL
+from mmserve.models.families.qwen.qwen2_5_omni import Qwen2_5_Omni
+from mmserve.models.families.qwen.qwen2_5_vl import Qwen2_5_VL
+from mmserve.models.families.qwen.qwen3_vl import Qwen3_VL
 
 
 def test_the_built_in_families_are_registered_by_model_type() -> None:
@@ -27,7 +27,7 @@ def test_the_built_in_families_are_registered_by_model_type() -> None:
 def plugin_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A separately 'installed' distribution (a dist-info folder on the path) that registers its own family."""
     (tmp_path / "acme_family.py").write_text(textwrap.dedent("""
-        from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
+        from mmserve.models.families.qwen.qwen2_5_vl import Qwen2_5_VL
 
         class AcmeVL(Qwen2_5_VL):
             name = "acme_vl"

@@ -30,7 +30,8 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from mmserve.models.tiny.registry import CheckpointSpec, family_builder, get_spec
+from mmserve.models.tiny.chat_templates import template_file
+from mmserve.models.tiny.registry import FAMILY_MODULES, CheckpointSpec, family_builder, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _module_source(module: str) -> bytes:
 
 @cache
 def generator_digest() -> str:
-    """12 hex chars of sha256 over the generator's source files (plus `EXTERNAL_SOURCES`) and the pinned library versions."""
+    """12 hex chars of sha256 over the generator's source files (plus `EXTERNAL_SOURCES` and the families' builders and templates) and the pinned library versions."""
     digest = hashlib.sha256()
     for relative_path, content in _source_files(files(__package__)):
         digest.update(f"file {relative_path} {len(content)}\n".encode())
@@ -76,6 +77,10 @@ def generator_digest() -> str:
         content = _module_source(module)
         digest.update(f"module {module} {len(content)}\n".encode())
         digest.update(content)
+    for family, module in sorted(FAMILY_MODULES.items()):  # each family's builder and template, in its own folder
+        for name, content in ((module, _module_source(module)), (f"{family}.jinja", template_file(family).read_bytes())):
+            digest.update(f"family {family} {name} {len(content)}\n".encode())
+            digest.update(content)
     for library in PINNED_LIBRARIES:
         digest.update(f"lib {library} {version(library)}\n".encode())
     return digest.hexdigest()[:12]

@@ -4,11 +4,12 @@ Kept free of torch/transformers imports so listing checkpoints (the CLI's
 `--help`, config validation) stays instant; the family module that knows how to
 build a spec is imported only when a build is needed.
 
-Adding a family is: a module here with `build(spec, out_dir)` (built from the
-shared pieces in `common`, ending with `common.save_checkpoint`, which also
-writes the time-series adapter every checkpoint carries in `time_series/`), one
-line in `FAMILY_MODULES`, its chat template under `templates/<family>.jinja`,
-and its `TINY.spec(...)` / `MID.spec(...)` entries in `_SPECS`. A special token
+Adding a family is: a builder module in the family's folder with
+`build(spec, out_dir)` (built from the shared pieces in `common`, ending with
+`common.save_checkpoint`, which also writes the time-series adapter every
+checkpoint carries in `time_series/`), its chat template in that folder's
+`templates/<family>.jinja`, one line in `FAMILY_MODULES`, and its
+`TINY.spec(...)` / `MID.spec(...)` entries in `_SPECS`. A special token
 it needs takes the next reserved slot of `tokenizer.SPECIAL_TOKENS`.
 """
 
@@ -63,9 +64,9 @@ class FamilyBuilder(Protocol):
 # family -> module with `build(spec, out_dir)`
 FAMILY_MODULES: Mapping[str, str] = MappingProxyType(
     {
-        "qwen2_5_vl": "mmserve.models.tiny.qwen2_5_vl",
-        "qwen3_vl": "mmserve.models.tiny.qwen3_vl",
-        "qwen2_5_omni": "mmserve.models.tiny.qwen2_5_omni",
+        "qwen2_5_vl": "mmserve.models.families.qwen.tiny_qwen2_5_vl",
+        "qwen3_vl": "mmserve.models.families.qwen.tiny_qwen3_vl",
+        "qwen2_5_omni": "mmserve.models.families.qwen.tiny_qwen2_5_omni",
     }
 )
 

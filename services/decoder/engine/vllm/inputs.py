@@ -24,8 +24,8 @@ import torch
 from mmserve.api.common.v1 import media_pb2
 from mmserve.modality import BY_PROTO
 from mmserve.models.families import Family
-from mmserve.models.families.qwen import placement_of
-from mmserve.models.families.qwen3_vl import Qwen3_VL
+from mmserve.models.families.qwen.common import placement_of
+from mmserve.models.families.qwen.qwen3_vl import Qwen3_VL
 from mmserve.models.tensors import from_raw
 from mmserve.store import StoredEmbedding
 

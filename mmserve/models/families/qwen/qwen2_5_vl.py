@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mmserve.models.families.qwen import IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 
 
 class Qwen2_5_VL(QwenFamily):

@@ -30,8 +30,8 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from mmserve.models.families.qwen.tiny_qwen2_5_vl import full_attention_blocks
 from mmserve.models.tiny import common
-from mmserve.models.tiny.qwen2_5_vl import full_attention_blocks
 from mmserve.models.tiny.random_weights import random_model
 from mmserve.models.tiny.registry import CheckpointSpec
 from mmserve.models.tiny.tokenizer import special_token_id

@@ -21,7 +21,7 @@ import torch
 from mmserve.api.common.v1 import embedding_pb2
 from mmserve.errors import InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
-from mmserve.models.families.qwen import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.families.qwen.common import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import to_raw
 
 

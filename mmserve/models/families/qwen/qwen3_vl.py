@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmserve.models.families.qwen import IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import from_raw, to_raw
 
 
