@@ -58,6 +58,7 @@ def load_model(settings: Settings, *, part: str) -> LoadedModel:
     family_cls = detect_family(source)
     dtype: torch.dtype | str = _DTYPES.get(settings.dtype, "auto") if settings.dtype != "auto" else "auto"
     family = family_cls.load(str(source.path), dtype=dtype, device=settings.device, part=part)
+    family.attach_time_series(source.path, part)  # whatever the family: the adapter, if the checkpoint carries one
     fingerprint = model_fingerprint(
         source.path, family=family_cls.name, dtype=dtype_name(family.dtype), revision=source.revision
     )

@@ -1,19 +1,35 @@
-"""What every model family provides to the encoder and decoder services."""
+"""What every model family provides to the encoder and decoder services.
+
+The base class also attaches what any family can take through it: the
+time-series adapter a checkpoint carries (`time_series/`). `prepare`,
+`encode`, `chat_part`, `placeholder_token` and `reserved_strings` route time
+series to the adapter and the rest to the family's own `*_media` methods, so a
+family folder implements only its own media.
+"""
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import media_pb2
+from mmserve.decoded import DecodedMedia, DecodedSeries
 from mmserve.errors import InvalidArgument
 from mmserve.modality import ModalityValue, name_of
-from mmserve.store import RawTensor
+from mmserve.store import RawTensor, StoredEmbedding
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PretrainedConfig
+
+    from mmserve.models.families.time_series import TimeSeriesSupport
+
+TIME_SERIES = media_pb2.MODALITY_TIME_SERIES
 
 
 @dataclass
@@ -74,6 +90,8 @@ class Family(ABC):
     name: ClassVar[str]
     #: The checkpoint `config.model_type` values this family serves (empty: just `name`).
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Media the family's own towers take (time series comes on top, with an adapter).
+    base_modalities: ClassVar[frozenset[ModalityValue]] = frozenset()
     #: Media this instance's model accepts (media_pb2.Modality values).
     modalities: frozenset[ModalityValue]
     #: Why some modality is not accepted here (set by an engine that takes fewer than the family), for the 400.
@@ -81,7 +99,10 @@ class Family(ABC):
     #: How this family's models call tools (None: they do not).
     tool_call_format: ClassVar[ToolCallFormat | None] = None
 
-    def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, *, dtype: torch.dtype | None = None, generation_config: Any = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module | None, processor: Any, config: PretrainedConfig, *,
+        dtype: torch.dtype | None = None, generation_config: GenerationConfig | None = None,
+    ) -> None:  # fmt: skip
         """`model` is None for the "prompt" part (another engine runs the LLM); `dtype` then says what it runs in."""
         self.model = model
         self.processor = processor
@@ -89,6 +110,22 @@ class Family(ABC):
         self._dtype = dtype
         self.generation_config = generation_config if model is None else getattr(model, "generation_config", None)
         self.input_embeddings: torch.nn.Module | None = None  # the prompt part's token embeddings, when it needs them
+        self.time_series: TimeSeriesSupport | None = None
+        self.modalities = self.base_modalities
+
+    def attach_time_series(self, path: str | Path, part: str) -> None:
+        """Take time series if the checkpoint at `path` carries the adapter (any family: its output is in the LLM's hidden space)."""
+        from mmserve.models.families.time_series import TimeSeriesSupport
+        from mmserve.models.weights import load_input_embeddings
+
+        device = "cpu" if self.model is None else str(self.device)
+        support = TimeSeriesSupport.load(Path(path), self.tokenizer, int(self.text_config.hidden_size), dtype=self.dtype, device=device)
+        if support is None:
+            return
+        self.time_series = support
+        self.modalities = self.modalities | {TIME_SERIES}
+        if part == "prompt" and self.model is None:  # another engine runs the LLM: a time-series prompt goes as embeddings
+            self.input_embeddings = load_input_embeddings(Path(path), self.dtype)
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -123,13 +160,25 @@ class Family(ABC):
     def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
         """The processing options that will really be used (defaults filled, clamped)."""
 
-    @abstractmethod
-    def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:
+    def prepare(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
         """Preprocess decoded media into tower inputs (CPU, no model)."""
+        if modality == TIME_SERIES and self.time_series is not None and isinstance(media, DecodedSeries):
+            return self.time_series.prepare(media)
+        return self.prepare_media(modality, media, options)
 
-    @abstractmethod
     def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         """Run the modality tower on a batch; one result per item, in order."""
+        if modality == TIME_SERIES and self.time_series is not None:
+            return self.time_series.encode(batch)
+        return self.encode_media(modality, batch)
+
+    @abstractmethod
+    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+        """`prepare` for the family's own media."""
+
+    @abstractmethod
+    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        """`encode` for the family's own media."""
 
     def client_tensor_names(self, modality: int) -> tuple[str, ...]:
         """Tensors a client-supplied embedding of `modality` must carry ("embeddings" first); () if not accepted."""
@@ -144,26 +193,49 @@ class Family(ABC):
         """Run every tower once so the first request does not pay for lazy init."""
 
     # --- decoder half ----------------------------------------------------------
-    @abstractmethod
     def chat_part(self, modality: int) -> dict[str, Any]:
-        """The chat-template content part standing for one media item (e.g. {"type": "image"})."""
+        """The chat-template content part standing for one media item (e.g. {"type": "image"}).
 
-    @abstractmethod
+        A time series is plain text `<start><placeholder><end>`: every chat template renders text verbatim.
+        """
+        if modality == TIME_SERIES and self.time_series is not None:
+            return {"type": "text", "text": "".join(self.time_series.tokens)}
+        return self.media_chat_part(modality)
+
+    def placeholder_token(self, modality: int) -> str:
+        """The token a rendered prompt holds for one item of `modality`, before it is repeated to the item's token count."""
+        if modality == TIME_SERIES and self.time_series is not None:
+            return self.time_series.tokens[1]
+        return self.media_placeholder_token(modality)
+
     def reserved_strings(self) -> tuple[str, ...]:
         """Token strings that a user's text may not contain (they would break placeholder counting)."""
+        return self.media_reserved_strings() + (self.time_series.tokens if self.time_series is not None else ())
 
     @abstractmethod
-    def prompt_token_ids(self, prompt: ChatPrompt, media: list[Any], *, expand: bool = True) -> list[int]:
+    def media_chat_part(self, modality: int) -> dict[str, Any]:
+        """`chat_part` for the family's own media."""
+
+    @abstractmethod
+    def media_placeholder_token(self, modality: int) -> str:
+        """`placeholder_token` for the family's own media."""
+
+    @abstractmethod
+    def media_reserved_strings(self) -> tuple[str, ...]:
+        """`reserved_strings` of the family's own media tokens."""
+
+    @abstractmethod
+    def prompt_token_ids(self, prompt: ChatPrompt, media: list[StoredEmbedding], *, expand: bool = True) -> list[int]:
         """The rendered prompt as token ids, media placeholders expanded to each item's token count, or one per item (vLLM expands them itself)."""
 
     @abstractmethod
-    def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
+    def prefill_inputs(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> PrefillInputs:
         """Render the chat template, expand placeholders from stored metadata, splice embeddings, positions."""
 
     @abstractmethod
     def prompt_embeds(
-        self, prompt: ChatPrompt, media: list[Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+        self, prompt: ChatPrompt, media: list[StoredEmbedding]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[StoredEmbedding]], dict[int, torch.Tensor]]:
         """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
 
     @abstractmethod
@@ -203,7 +275,7 @@ class Family(ABC):
         return "tools" in str(template)
 
     @property
-    def text_config(self) -> Any:
+    def text_config(self) -> PretrainedConfig:
         """The language model's config (the whole config for text-only checkpoints)."""
         return getattr(self.config, "text_config", self.config)
 

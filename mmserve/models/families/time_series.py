@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.decoded import DecodedSeries
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
 from mmserve.models.tensors import to_raw
@@ -62,7 +63,7 @@ class TimeSeriesSupport:
         return cls(adapter, ids[1])
 
     # --- encoder half ----------------------------------------------------------------
-    def prepare(self, series: Any) -> PreparedItem:
+    def prepare(self, series: DecodedSeries) -> PreparedItem:
         """`series` is a DecodedSeries (z-scored values [T, C] and its sampling rate)."""
         rate = float(series.sampling_rate)
         tokens = self.config.num_tokens(series.num_samples, series.num_channels, rate)

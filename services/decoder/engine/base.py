@@ -22,6 +22,7 @@ from typing import Any
 from mmserve.errors import Reason, ResourceExhausted
 from mmserve.metrics import QUEUE_SECONDS
 from mmserve.models.families import ChatPrompt
+from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
 
 
@@ -146,7 +147,7 @@ class Engine(ABC):
         """Start the engine's loop and warm the model (before the service reports SERVING)."""
 
     @abstractmethod
-    async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> Any:
+    async def prepare(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> Any:
         """Render the prompt with its media (stored embeddings, prompt order); the result has `num_tokens`."""
 
     @abstractmethod

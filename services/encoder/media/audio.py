@@ -40,7 +40,6 @@ import io
 import logging
 import math
 import struct
-from dataclasses import dataclass
 from typing import Literal
 
 import av
@@ -48,6 +47,7 @@ import numpy as np
 import soundfile as sf
 
 from mmserve.config import Settings
+from mmserve.decoded import DecodedAudio
 from mmserve.errors import InvalidArgument, MediaTooLarge
 from mmserve.modality import audio_format
 from services.encoder.media.budget import RequestBudget, human_bytes
@@ -77,17 +77,6 @@ _UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})  # streamed WAVs write these when th
 
 Layout = Literal["channels_first", "channels_last"]
 
-
-@dataclass(frozen=True)
-class DecodedAudio:
-    """Mono samples ready for a model's feature extractor, and where they came from."""
-
-    samples: np.ndarray  # float32 [n], mono, in [-1, 1], at sample_rate
-    sample_rate: int  # the target rate asked for
-    source_rate: int  # the rate of the file (or array)
-    channels: int  # channels of the source, before the downmix
-    duration_s: float  # source frames / source_rate
-    format: str  # "wav", "flac", "ogg", "mp3", "aac", "mp4", "matroska", "array", or libsndfile's name
 
 
 def sniff_audio_format(data: bytes) -> str | None:

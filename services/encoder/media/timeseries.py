@@ -34,12 +34,12 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 
 from mmserve.config import Settings
+from mmserve.decoded import DecodedSeries
 from mmserve.errors import InvalidArgument, MediaTooLarge
 
 logger = logging.getLogger(__name__)
@@ -71,18 +71,6 @@ _MIME_FORMATS = {
 _RATE_FIELD = "time_series.sampling_rate"
 _FORMAT_FIELD = "time_series.format"
 
-
-@dataclass(frozen=True)
-class DecodedSeries:
-    """A normalised series and what a model adapter needs to know about it."""
-
-    values: np.ndarray  # float32 [T, C], z-scored per channel
-    raw_mean: np.ndarray  # float64 [C], per-channel mean before z-scoring
-    raw_std: np.ndarray  # float64 [C], per-channel population std before z-scoring
-    num_samples: int  # T
-    num_channels: int  # C
-    sampling_rate: float  # Hz
-    format: str  # npy, csv, wav, flac or array
 
 
 def sniff_series_format(data: bytes) -> str | None:

@@ -68,6 +68,7 @@ import av
 import numpy as np
 
 from mmserve.config import Settings
+from mmserve.decoded import DecodedVideo
 from mmserve.errors import InvalidArgument, MediaTooLarge
 from services.encoder.media.budget import RequestBudget, check_decoded_bytes
 from services.encoder.media.containers import is_iso_bmff, is_matroska
@@ -93,22 +94,6 @@ _ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
 _MAX_SOURCE_FPS = 1000.0
 _FLOOR_EPS = 1e-6
 
-
-@dataclass(frozen=True)
-class DecodedVideo:
-    """Sampled frames of one video and the timing a model needs to place them."""
-
-    frames: np.ndarray  # uint8 [N, H, W, 3], RGB, in time order
-    timestamps: list[float]  # seconds (from the first frame) of each returned frame
-    sample_times: list[float]  # the sample grid t_i the frames were picked for
-    sampled_fps: float  # N / duration_s: the rate of the sample grid
-    duration_s: float
-    source_fps: float  # frames in the source / duration_s
-
-    @property
-    def num_frames(self) -> int:
-        """How many frames were sampled."""
-        return int(self.frames.shape[0])
 
 
 def resolve_sampling(settings: Settings, fps: float | None, num_frames: int | None) -> tuple[float, int]:

@@ -22,19 +22,18 @@ share).
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.decoded import DecodedMedia, DecodedVideo
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue
 from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
-from mmserve.models.families.time_series import TimeSeriesSupport
 from mmserve.models.tensors import from_raw, to_raw
-from mmserve.models.weights import load_input_embeddings
+from mmserve.store import StoredEmbedding
 
 IMAGE, VIDEO, AUDIO, TIME_SERIES = (
     media_pb2.MODALITY_IMAGE,
@@ -46,9 +45,13 @@ IMAGE, VIDEO, AUDIO, TIME_SERIES = (
 TYPE_IDS = {IMAGE: 1, VIDEO: 2}
 
 
-def placement_of(stored: Any) -> Any:
+def placement_of(stored: StoredEmbedding) -> Any:
+    """The stored item's placement message (which one follows from its modality, checked when it was stored)."""
     desc = stored.descriptor
-    return getattr(desc, desc.WhichOneof("placement"))
+    which = desc.WhichOneof("placement")
+    if which is None:
+        raise FailedPrecondition(f"stored embedding {desc.id} has no placement metadata", field="messages")
+    return getattr(desc, which)
 
 
 class QwenFamily(Family):
@@ -63,11 +66,6 @@ class QwenFamily(Family):
     tool_call_format = HERMES_TOOL_CALLS  # used where the checkpoint's chat template renders tools
     #: config attributes holding token ids a user's text may not contain
     reserved_id_attrs: ClassVar[tuple[str, ...]] = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-    def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, time_series: TimeSeriesSupport | None, **kwargs: Any) -> None:
-        super().__init__(model, processor, config, **kwargs)
-        self.time_series = time_series
-        self.modalities = self.base_modalities | ({TIME_SERIES} if time_series else frozenset())
 
     @classmethod
     def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
@@ -84,17 +82,13 @@ class QwenFamily(Family):
             for tower in cls.towers:
                 setattr(model.model, tower, None)
         processor = AutoProcessor.from_pretrained(path)
-        time_series = TimeSeriesSupport.load(
-            path, processor.tokenizer, model.config.text_config.hidden_size, dtype=model.dtype, device=device
-        )
-        return cls(model, processor, model.config, time_series)
+        return cls(model, processor, model.config)
 
     @classmethod
     def _load_prompt_part(cls, path: str, dtype: torch.dtype | str) -> Family:
         """Processor and config, no LLM or towers: for an engine that runs the LLM itself (vLLM).
 
-        With a time-series adapter it also reads the token embedding table, so that a time-series prompt can be
-        handed over as prompt embeddings (the adapter itself runs in the encoder).
+        (`Family.attach_time_series` then reads the token embedding table if the checkpoint has the adapter.)
         """
         from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
@@ -107,12 +101,7 @@ class QwenFamily(Family):
         except OSError:
             generation = None
         processor = AutoProcessor.from_pretrained(path)
-        hidden = int(config.get_text_config().hidden_size)
-        time_series = TimeSeriesSupport.load(path, processor.tokenizer, hidden, dtype=dtype, device="cpu")
-        family = cls(None, processor, config, time_series, dtype=dtype, generation_config=generation)
-        if time_series is not None:
-            family.input_embeddings = load_input_embeddings(Path(path), dtype)
-        return family
+        return cls(None, processor, config, dtype=dtype, generation_config=generation)
 
     @property
     def max_context(self) -> int:
@@ -144,13 +133,11 @@ class QwenFamily(Family):
             return self._pixel_bounds(self.processor.video_processor, item.video, "video")
         return {}
 
-    def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:
-        if modality == IMAGE:
+    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+        if modality == IMAGE and isinstance(media, Image.Image):
             return self._prepare_image(media, options)
-        if modality == VIDEO:
+        if modality == VIDEO and isinstance(media, DecodedVideo):
             return self._prepare_video(media, options)
-        if modality == TIME_SERIES and self.time_series is not None:
-            return self.time_series.prepare(media)
         raise InvalidArgument("unsupported modality", field="modality")
 
     def _size(self, options: dict[str, Any]) -> dict[str, int]:
@@ -166,10 +153,10 @@ class QwenFamily(Family):
         )
         return PreparedItem(IMAGE, {"pixel_values": batch["pixel_values"], "grid_thw": grid}, placement)
 
-    def _video_processor_kwargs(self, video: Any) -> dict[str, Any]:
+    def _video_processor_kwargs(self, video: DecodedVideo) -> dict[str, Any]:
         return {}
 
-    def _prepare_video(self, video: Any, options: dict[str, Any]) -> PreparedItem:
+    def _prepare_video(self, video: DecodedVideo, options: dict[str, Any]) -> PreparedItem:
         batch = self.processor.video_processor(
             videos=[video.frames], size=self._size(options), return_tensors="pt", **self._video_processor_kwargs(video)
         )
@@ -191,9 +178,7 @@ class QwenFamily(Family):
         return [to_raw("embeddings", output.pooler_output[index])]
 
     @torch.inference_mode()
-    def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        if modality == TIME_SERIES and self.time_series is not None:
-            return self.time_series.encode(batch)
+    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         if modality in (IMAGE, VIDEO):
             pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
             grid = torch.cat([p.inputs["grid_thw"] for p in batch]).to(self.device)
@@ -235,34 +220,28 @@ class QwenFamily(Family):
         self.encode(IMAGE, [self.prepare(IMAGE, image, options)])
 
     # --- decoder half --------------------------------------------------------------------
-    def pad_token(self, modality: int) -> str:
-        if modality == TIME_SERIES and self.time_series is not None:
-            return self.time_series.tokens[1]
+    def media_placeholder_token(self, modality: int) -> str:
         tokens: dict[int, str] = {IMAGE: self.processor.image_token, VIDEO: self.processor.video_token}
         return tokens[modality]
 
-    def chat_part(self, modality: int) -> dict[str, Any]:
-        if modality == TIME_SERIES and self.time_series is not None:
-            return {"type": "text", "text": "".join(self.time_series.tokens)}
+    def media_chat_part(self, modality: int) -> dict[str, Any]:
         parts: dict[int, dict[str, Any]] = {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}
         return parts[modality]
 
-    def reserved_strings(self) -> tuple[str, ...]:
+    def media_reserved_strings(self) -> tuple[str, ...]:
         ids = [getattr(self.config, attr) for attr in self.reserved_id_attrs if getattr(self.config, attr, None) is not None]
         tokens = list(self.tokenizer.convert_ids_to_tokens(ids))
-        if self.time_series is not None:
-            tokens.extend(self.time_series.tokens)
         return tuple(tokens)
 
-    def placeholder_text(self, stored: Any) -> str:
+    def placeholder_text(self, stored: StoredEmbedding) -> str:
         """What one item's pad token becomes in the prompt text (the processor's expansion)."""
-        return self.pad_token(stored.descriptor.modality) * int(stored.descriptor.token_count)
+        return self.placeholder_token(stored.descriptor.modality) * int(stored.descriptor.token_count)
 
-    def _expand(self, text: str, media: list[Any]) -> str:
+    def _expand(self, text: str, media: list[StoredEmbedding]) -> str:
         out: list[str] = []
         pos = 0
         for stored in media:
-            pad = self.pad_token(stored.descriptor.modality)
+            pad = self.placeholder_token(stored.descriptor.modality)
             found = text.find(pad, pos)
             if found < 0:
                 raise InvalidArgument("the chat template dropped a media placeholder", field="messages")
@@ -271,28 +250,28 @@ class QwenFamily(Family):
         out.append(text[pos:])
         return "".join(out)
 
-    def prompt_token_ids(self, prompt: ChatPrompt, media: list[Any], *, expand: bool = True) -> list[int]:
+    def prompt_token_ids(self, prompt: ChatPrompt, media: list[StoredEmbedding], *, expand: bool = True) -> list[int]:
         """The rendered prompt's token ids, each media placeholder expanded to its item's token count (or left single)."""
         text = self.render(prompt)
         return list(self.tokenizer([self._expand(text, media) if expand else text])["input_ids"][0])
 
-    def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
+    def prefill_inputs(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> PrefillInputs:
         ids, embeds, by_modality, masks = self.prompt_embeds(prompt, media)
         positions, delta = self.rope_index(ids, by_modality)
         return PrefillInputs(ids, embeds, positions, delta, self.prefill_extra(ids, by_modality, masks, embeds))
 
     def prompt_embeds(
-        self, prompt: ChatPrompt, media: list[Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+        self, prompt: ChatPrompt, media: list[StoredEmbedding]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[StoredEmbedding]], dict[int, torch.Tensor]]:
         """The expanded prompt's ids [1, L] and embeddings [1, L, hidden] with each item's spliced in; items and masks by modality."""
         ids = torch.tensor([self.prompt_token_ids(prompt, media)], device=self.device)
         embeds = self.embed_tokens(ids)
-        by_modality: dict[int, list[Any]] = defaultdict(list)
+        by_modality: dict[int, list[StoredEmbedding]] = defaultdict(list)
         for stored in media:
             by_modality[stored.descriptor.modality].append(stored)
         masks: dict[int, torch.Tensor] = {}
         for modality, items in by_modality.items():
-            mask = ids == self.tokenizer.convert_tokens_to_ids(self.pad_token(modality))
+            mask = ids == self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality))
             feats = torch.cat([from_raw(m.tensor("embeddings"), self.device) for m in items]).to(embeds.dtype)
             if int(mask.sum()) != feats.shape[0]:
                 raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
@@ -300,20 +279,20 @@ class QwenFamily(Family):
             masks[modality] = mask
         return ids, embeds, by_modality, masks
 
-    def _grid(self, items: list[Any]) -> torch.Tensor | None:
+    def _grid(self, items: list[StoredEmbedding]) -> torch.Tensor | None:
         return torch.tensor([list(placement_of(m).grid_thw) for m in items], device=self.device) if items else None
 
     def _types(self, ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(ids, dtype=torch.int)
         for modality, value in TYPE_IDS.items():
-            types[ids == self.tokenizer.convert_tokens_to_ids(self.pad_token(modality))] = value
+            types[ids == self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality))] = value
         return types
 
-    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, 1, L] and the decode-time delta (family-specific)."""
         raise NotImplementedError
 
-    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[Any]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
+    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
         """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
         return {}
 
@@ -322,7 +301,7 @@ class QwenFamily(Family):
         return rows.view(1, -1, 1).expand(3, -1, 1)
 
     def placeholder_token_ids(self) -> frozenset[int]:
-        return frozenset(int(self.tokenizer.convert_tokens_to_ids(self.pad_token(m))) for m in self.modalities)
+        return frozenset(int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(m))) for m in self.modalities)
 
     @torch.inference_mode()
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from mmserve.api.common.v1 import embedding_pb2
+from mmserve.decoded import DecodedAudio, DecodedMedia
 from mmserve.errors import InvalidArgument
 from mmserve.models.families.base import EncodedItem, PreparedItem
 from mmserve.models.families.qwen.common import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import to_raw
+from mmserve.store import StoredEmbedding
 
 
 def audio_tokens(feature_length: int) -> int:
@@ -41,10 +43,10 @@ class Qwen2_5_Omni(QwenFamily):
         "vision_end_token_id", "audio_start_token_id", "audio_end_token_id",
     )
 
-    def pad_token(self, modality: int) -> str:
+    def media_placeholder_token(self, modality: int) -> str:
         if modality == AUDIO:
             return str(self.processor.audio_token)
-        return super().pad_token(modality)
+        return super().media_placeholder_token(modality)
 
     # --- encoder half: audio ----------------------------------------------------------
     def effective_options(self, item: Any) -> dict[str, Any]:
@@ -52,12 +54,12 @@ class Qwen2_5_Omni(QwenFamily):
             return {"target_rate": int(self.processor.feature_extractor.sampling_rate)}
         return super().effective_options(item)
 
-    def prepare(self, modality: int, media: Any, options: dict[str, Any]) -> PreparedItem:
-        if modality == AUDIO:
+    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+        if modality == AUDIO and isinstance(media, DecodedAudio):
             return self._prepare_audio(media)
-        return super().prepare(modality, media, options)
+        return super().prepare_media(modality, media, options)
 
-    def _prepare_audio(self, audio: Any) -> PreparedItem:
+    def _prepare_audio(self, audio: DecodedAudio) -> PreparedItem:
         extractor = self.processor.feature_extractor
         samples = audio.samples
         window = extractor.n_samples
@@ -114,7 +116,7 @@ class Qwen2_5_Omni(QwenFamily):
         return out
 
     # --- decoder half -------------------------------------------------------------------
-    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         videos, audios = media.get(VIDEO, []), media.get(AUDIO, [])
         seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
         lengths = torch.tensor([placement_of(a).feature_length for a in audios], device=self.device) if audios else None

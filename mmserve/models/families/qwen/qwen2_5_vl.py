@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.store import StoredEmbedding
 
 
 class Qwen2_5_VL(QwenFamily):
     name = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
 
-    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         videos = media.get(VIDEO, [])
         seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
         positions, deltas = self.model.model.get_rope_index(

@@ -18,15 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmserve.decoded import DecodedVideo
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import from_raw, to_raw
+from mmserve.store import StoredEmbedding
 
 
 class Qwen3_VL(QwenFamily):
     name = "qwen3_vl"
     model_class = "Qwen3VLForConditionalGeneration"
 
-    def _video_processor_kwargs(self, video: Any) -> dict[str, Any]:
+    def _video_processor_kwargs(self, video: DecodedVideo) -> dict[str, Any]:
         return {"do_sample_frames": False}
 
     def _item_tensors(self, output: Any, index: int) -> list[Any]:
@@ -49,7 +51,7 @@ class Qwen3_VL(QwenFamily):
             times += [times[-1]] * (step - len(times) % step)
         return [(times[i] + times[i + step - 1]) / 2 for i in range(0, len(times), step)]
 
-    def placeholder_text(self, stored: Any) -> str:
+    def placeholder_text(self, stored: StoredEmbedding) -> str:
         if stored.descriptor.modality != VIDEO:
             return super().placeholder_text(stored)
         placement = placement_of(stored)
@@ -58,13 +60,13 @@ class Qwen3_VL(QwenFamily):
         start, end = self.processor.vision_start_token, self.processor.vision_end_token
         return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in self.block_times(placement)[: int(t)])
 
-    def rope_index(self, ids: torch.Tensor, media: dict[int, list[Any]]) -> tuple[torch.Tensor, int]:
+    def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         positions, deltas = self.model.model.get_rope_index(
             ids, self._types(ids), image_grid_thw=self._grid(media.get(IMAGE, [])), video_grid_thw=self._grid(media.get(VIDEO, []))
         )
         return positions, int(deltas.view(-1)[0])
 
-    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[Any]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
+    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
         visual = [m for m in (IMAGE, VIDEO) if media.get(m)]
         if not visual:
             return {}

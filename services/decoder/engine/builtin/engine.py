@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -127,7 +126,7 @@ class TransformersEngine(Engine):
         if self.prefix:
             await asyncio.wrap_future(self.scheduler.call(self.prefix.clear))
 
-    async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> BuiltinPrompt:
+    async def prepare(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> BuiltinPrompt:
         # The request's tenant (bound by the service interceptor) salts its prefix-cache keys: no sharing across tenants.
         future = self.scheduler.call(self._render, prompt, media, tenant_var.get() or "")
         return await asyncio.wrap_future(future)

@@ -173,7 +173,7 @@ class VllmEngine(Engine):
         async for _ in self.generate(EngineRequest(f"warmup-{uuid.uuid4().hex}", prompt, config, 2)):
             pass
 
-    async def prepare(self, prompt: ChatPrompt, media: list[Any]) -> VllmPrompt:
+    async def prepare(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> VllmPrompt:
         return await asyncio.to_thread(self._render, prompt, media)
 
     def _render(self, prompt: ChatPrompt, media: list[StoredEmbedding]) -> VllmPrompt:
