@@ -1,0 +1,190 @@
+"""Gemma 3 (image + text): `Gemma3ForConditionalGeneration`, a SigLIP tower + projector in front of the Gemma 3 LM.
+
+Encoder half: the checkpoint's own image processor (a fixed square resize, no
+pan-and-scan), then `get_image_features`: the vision tower and the
+multimodal projector, whose output is `mm_tokens_per_image` tokens already in
+the LLM's hidden space. Nothing but the source size is placed: every image
+fills the same number of tokens at consecutive 1-D positions.
+
+Decoder half: the chat template renders one `<start_of_image>` per image,
+which is expanded exactly as Gemma3Processor does (its `full_image_sequence`:
+"\\n\\n" boi, the soft token per embedding token, eoi "\\n\\n"). Token
+embeddings are the model's scaled ones (x sqrt(hidden)); image embeddings
+are spliced in unscaled, as the reference does. Each image's tokens attend to
+each other in both directions during prefill (`PrefillInputs.attention_groups`,
+transformers' own block ids); sliding-window layers are the attention
+function's business (each layer says its window).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from google.protobuf.message import Message
+from PIL import Image
+
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.errors import FailedPrecondition, InvalidArgument
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.tensors import from_raw, to_raw
+from mmserve.store import StoredEmbedding
+
+IMAGE = media_pb2.MODALITY_IMAGE
+#: Attention-mask inputs the engine's attention function replaces: transformers need not build them.
+ENGINE_MASKS = {"full_attention": None, "sliding_attention": None}
+
+
+class Gemma3(Family):
+    """See the module docstring."""
+
+    name = "gemma3"
+    model_class: ClassVar[str] = "Gemma3ForConditionalGeneration"
+
+    def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, **kwargs: Any) -> None:
+        super().__init__(model, processor, config, **kwargs)
+        self.modalities = frozenset({IMAGE})
+
+    @classmethod
+    def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
+        import transformers
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+        processor = AutoProcessor.from_pretrained(path)
+        if part == "prompt":  # processor and config only: another engine runs the LLM
+            config = AutoConfig.from_pretrained(path)
+            if isinstance(dtype, str):  # "auto": the checkpoint's
+                named = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None) or "float32"
+                dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
+            try:
+                generation = GenerationConfig.from_pretrained(path)
+            except OSError:
+                generation = None
+            return cls(None, processor, config, dtype=dtype, generation_config=generation)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device).eval()
+        if part == "encoder":  # the encoder never runs the LLM: free its weights
+            model.model.language_model = None
+            model.lm_head = None
+        elif part == "decoder":  # the decoder never runs the tower
+            model.model.vision_tower = None
+            model.model.multi_modal_projector = None
+        return cls(model, processor, model.config)
+
+    # --- encoder half ------------------------------------------------------------------
+    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
+        """None: the processor resizes every image to one square, so no pixel bound changes the result."""
+        return {}
+
+    def prepare(self, modality: int, media: Image.Image, options: dict[str, Any]) -> PreparedItem:
+        if modality != IMAGE:
+            raise InvalidArgument("unsupported modality", field="modality")
+        # Pan-and-scan (extra crops with their own text) is off, as in the checkpoints' processor defaults.
+        batch = self.processor.image_processor(images=[media], do_pan_and_scan=False, return_tensors="pt")
+        placement = embedding_pb2.ImagePlacement(source_size=[media.width, media.height])
+        return PreparedItem(IMAGE, {"pixel_values": batch["pixel_values"]}, placement)
+
+    @torch.inference_mode()
+    def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        if modality != IMAGE:
+            raise InvalidArgument("unsupported modality", field="modality")
+        pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
+        features = self.model.model.get_image_features(pixels).pooler_output  # [batch, tokens, hidden]
+        return [
+            EncodedItem([to_raw("embeddings", features[i])], int(features.shape[1]), item.placement)
+            for i, item in enumerate(batch)
+        ]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.config.mm_tokens_per_image)
+
+    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+        return ("embeddings",) if modality == IMAGE else ()
+
+    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Message:
+        """Images: exactly `mm_tokens_per_image` tokens (the projector's output), nothing else to place."""
+        if modality != IMAGE:
+            return super().client_placement(modality, embeds, tokens)
+        if tokens != self.tokens_per_image:
+            raise InvalidArgument(
+                f"a {self.name} image embedding has {self.tokens_per_image} tokens, these have {tokens}", field="source.embeds"
+            )
+        return embedding_pb2.ImagePlacement()
+
+    def warmup(self) -> None:
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        self.encode(IMAGE, [self.prepare(IMAGE, image, {})])
+
+    # --- decoder half --------------------------------------------------------------------
+    def chat_part(self, modality: int) -> dict[str, Any]:
+        return {"type": "image"}
+
+    @property
+    def _image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    def reserved_strings(self) -> tuple[str, ...]:
+        tokenizer = self.tokenizer
+        return (tokenizer.boi_token, tokenizer.image_token, tokenizer.eoi_token)
+
+    def _expand(self, text: str, media: list[StoredEmbedding]) -> str:
+        """Each item's `<start_of_image>` becomes the processor's full image sequence (one source: the processor)."""
+        boi, out, pos = self.processor.boi_token, [], 0
+        for stored in media:
+            if int(stored.descriptor.token_count) != int(self.processor.image_seq_length):
+                raise InvalidArgument(
+                    f"a stored image has {stored.descriptor.token_count} tokens; this model takes {self.processor.image_seq_length}",
+                    field="messages",
+                )
+            found = text.find(boi, pos)
+            if found < 0:
+                raise InvalidArgument("the chat template dropped a media placeholder", field="messages")
+            out += [text[pos:found], self.processor.full_image_sequence]
+            pos = found + len(boi)
+        out.append(text[pos:])
+        return "".join(out)
+
+    def prompt_token_ids(self, prompt: ChatPrompt, media: list[Any], *, expand: bool = True) -> list[int]:
+        """The template renders `<bos>` itself, so a chat prompt is tokenized without special tokens; a raw prompt gets them."""
+        text = self.render(prompt)
+        if expand:
+            text = self._expand(text, media)
+        return list(self.tokenizer([text], add_special_tokens=prompt.text is not None)["input_ids"][0])
+
+    def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        ids = torch.tensor([self.prompt_token_ids(prompt, media)], device=self.device)
+        mask = ids == self._image_token_id
+        embeds = self.embed_tokens(ids)
+        if media:
+            feats = torch.cat([from_raw(m.tensor("embeddings"), self.device) for m in media]).to(embeds.dtype)
+            if int(mask.sum()) != feats.shape[0]:
+                raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), feats)
+        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+        groups = get_block_sequence_ids_for_mask(mask.long(), device=ids.device)[0] if media else None
+        return PrefillInputs(ids, embeds, positions, 0, attention_groups=groups)
+
+    def decode_positions(self, positions: list[int]) -> torch.Tensor:
+        return torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
+
+    def placeholder_token_ids(self) -> frozenset[int]:
+        return frozenset({self._image_token_id})
+
+    @torch.inference_mode()
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
+        out = self.model.model.language_model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True,
+            attention_mask=dict(ENGINE_MASKS), **extra,
+        )
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The scaled token embeddings; an image token outside the vocabulary embeds as id 0, as the reference does."""
+        table = self.input_embeddings if self.model is None else self.model.get_input_embeddings()
+        if table is None:
+            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
+        if self._image_token_id >= int(self.text_config.vocab_size):
+            ids = ids.masked_fill(ids == self._image_token_id, 0)
+        return table(ids)
