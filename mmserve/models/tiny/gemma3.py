@@ -11,13 +11,16 @@ longer than it and the window is exercised. One departure: the lm_head is not
 tied to the token embeddings. With random weights the residual stream is
 mostly the input token's (sqrt(hidden)-scaled) embedding, so a tied head
 predicts the input token again and greedy output repeats one token: a test
-could not fail on it.
+could not fail on it. And the projector's weight, which transformers
+initializes to zeros (images would embed as zeros and change nothing), is
+drawn like the other weights.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -45,6 +48,8 @@ ROPE = {
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
 }
+#: The projector weight's own random stream (the time-series adapter uses offset 1).
+PROJECTION_SEED_OFFSET = 2
 #: Per tier: (image side in pixels, image tokens, sliding window). The real models: 896 px, 256 tokens, 1024.
 SHAPES = {"tiny": (112, 16, 32), "mid": (224, 64, 256)}
 
@@ -125,4 +130,8 @@ def build(spec: CheckpointSpec, out_dir: Path) -> None:
     processor = build_processor(spec)
     config = build_config(spec, vocab_size=len(processor.tokenizer))
     model = random_model(Gemma3ForConditionalGeneration, config, seed=spec.seed)
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    generator = torch.Generator().manual_seed(spec.seed + PROJECTION_SEED_OFFSET)
+    with torch.no_grad():
+        projection.copy_(torch.randn(projection.shape, generator=generator) * spec.initializer_range)
     common.save_checkpoint(spec, out_dir, model, processor, common.generation_config(EOS, BOS))
