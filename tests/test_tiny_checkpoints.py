@@ -22,11 +22,11 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
+    AutoConfig,
+    AutoProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
-    AutoConfig,
-    AutoProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,

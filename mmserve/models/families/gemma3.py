@@ -18,7 +18,7 @@ function's business (each layer says its window).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from google.protobuf.message import Message
@@ -30,6 +30,9 @@ from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, Prefil
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
+if TYPE_CHECKING:
+    from transformers import Gemma3ForConditionalGeneration
+
 IMAGE = media_pb2.MODALITY_IMAGE
 #: Attention-mask inputs the engine's attention function replaces: transformers need not build them.
 ENGINE_MASKS = {"full_attention": None, "sliding_attention": None}
@@ -40,6 +43,7 @@ class Gemma3(Family):
 
     name = "gemma3"
     model_class: ClassVar[str] = "Gemma3ForConditionalGeneration"
+    model: Gemma3ForConditionalGeneration | None
 
     def __init__(self, model: torch.nn.Module | None, processor: Any, config: Any, **kwargs: Any) -> None:
         super().__init__(model, processor, config, **kwargs)
@@ -70,6 +74,13 @@ class Gemma3(Family):
             model.model.multi_modal_projector = None
         return cls(model, processor, model.config)
 
+    @property
+    def _loaded(self) -> Gemma3ForConditionalGeneration:
+        """The model, for the parts that run it (the prompt part has none)."""
+        if self.model is None:
+            raise FailedPrecondition(f"{self.name}: this part of the model does not run it", field="model")
+        return self.model
+
     # --- encoder half ------------------------------------------------------------------
     def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
         """None: the processor resizes every image to one square, so no pixel bound changes the result."""
@@ -88,7 +99,7 @@ class Gemma3(Family):
         if modality != IMAGE:
             raise InvalidArgument("unsupported modality", field="modality")
         pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
-        features = self.model.model.get_image_features(pixels).pooler_output  # [batch, tokens, hidden]
+        features = self._loaded.model.get_image_features(pixels).pooler_output  # [batch, tokens, hidden]
         return [
             EncodedItem([to_raw("embeddings", features[i])], int(features.shape[1]), item.placement)
             for i, item in enumerate(batch)
@@ -174,11 +185,12 @@ class Gemma3(Family):
 
     @torch.inference_mode()
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        out = self.model.model.language_model(
+        model = self._loaded
+        out = model.model.language_model(
             inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True,
             attention_mask=dict(ENGINE_MASKS), **extra,
         )
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+        return model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The scaled token embeddings; an image token outside the vocabulary embeds as id 0, as the reference does."""

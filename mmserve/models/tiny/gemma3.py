@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from mmserve.models.tiny import common
-from mmserve.models.tiny.registry import CheckpointSpec
 from mmserve.models.tiny.random_weights import random_model
+from mmserve.models.tiny.registry import CheckpointSpec
 from mmserve.models.tiny.tokenizer import MAX_LENGTH, PAD_TOKEN, special_token_id
 
 FAMILY = "gemma3"

@@ -123,7 +123,7 @@ def prefill_mask(q_len: int, kv_len: int, device: torch.device, *, window: int |
         assert groups is not None
         q_group = groups[kv_len - q_len : kv_len].to(device)[:, None]
         mask |= (q_group == groups[:kv_len].to(device)[None, :]) & (q_group >= 0)
-    if windowed:
+    if window is not None and windowed:
         mask &= kv_pos > q_pos - window
     return mask[None, None]
 
