@@ -165,6 +165,14 @@ class Gemma3(Family):
     def prefill_inputs(self, prompt: ChatPrompt, media: list[Any]) -> PrefillInputs:
         from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
+        ids, embeds, _, masks = self.prompt_embeds(prompt, media)
+        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+        groups = get_block_sequence_ids_for_mask(masks[IMAGE].long(), device=ids.device)[0] if media else None
+        return PrefillInputs(ids, embeds, positions, 0, attention_groups=groups)
+
+    def prompt_embeds(
+        self, prompt: ChatPrompt, media: list[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
         ids = torch.tensor([self.prompt_token_ids(prompt, media)], device=self.device)
         mask = ids == self._image_token_id
         embeds = self.embed_tokens(ids)
@@ -173,9 +181,7 @@ class Gemma3(Family):
             if int(mask.sum()) != feats.shape[0]:
                 raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), feats)
-        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-        groups = get_block_sequence_ids_for_mask(mask.long(), device=ids.device)[0] if media else None
-        return PrefillInputs(ids, embeds, positions, 0, attention_groups=groups)
+        return ids, embeds, ({IMAGE: list(media)} if media else {}), {IMAGE: mask}
 
     def decode_positions(self, positions: list[int]) -> torch.Tensor:
         return torch.tensor(positions, dtype=torch.long, device=self.device).view(-1, 1)
