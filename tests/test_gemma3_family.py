@@ -26,7 +26,10 @@ IMAGE = media_pb2.MODALITY_IMAGE
 PNGS = [png_bytes(96, 64, seed=1), png_bytes(128, 84, seed=2)]
 CONVERSATION = [
     {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}, {"type": "text", "text": "Compare."}],
+    },
 ]
 
 

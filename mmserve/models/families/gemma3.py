@@ -100,10 +100,7 @@ class Gemma3(Family):
             raise InvalidArgument("unsupported modality", field="modality")
         pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
         features = self._loaded.model.get_image_features(pixels).pooler_output  # [batch, tokens, hidden]
-        return [
-            EncodedItem([to_raw("embeddings", features[i])], int(features.shape[1]), item.placement)
-            for i, item in enumerate(batch)
-        ]
+        return [EncodedItem([to_raw("embeddings", features[i])], int(features.shape[1]), item.placement) for i, item in enumerate(batch)]
 
     @property
     def tokens_per_image(self) -> int:
@@ -193,8 +190,12 @@ class Gemma3(Family):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
         model = self._loaded
         out = model.model.language_model(
-            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True,
-            attention_mask=dict(ENGINE_MASKS), **extra,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            attention_mask=dict(ENGINE_MASKS),
+            **extra,
         )
         return model.lm_head(out.last_hidden_state[:, -1]).float()
 
