@@ -75,6 +75,7 @@ class Reference:
             "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
             "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
             "qwen2_5_omni": transformers.Qwen2_5OmniThinkerForConditionalGeneration,
+            "gemma3": transformers.Gemma3ForConditionalGeneration,
         }[config.model_type]
         self.model = cls.from_pretrained(path).eval()
         self.processor = AutoProcessor.from_pretrained(path)

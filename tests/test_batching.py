@@ -32,17 +32,13 @@ from tests.test_equivalence_modalities import (
     FAMILIES,
     IMAGE,
     MAX_TOKENS,
+    MODALITIES,
     SERIES,
     VIDEO,
     FamilyReference,
     references,  # noqa: F401 - fixture
 )
 
-MODALITIES = {
-    "qwen2_5_vl": ("image", "video", "time_series"),
-    "qwen3_vl": ("image", "video", "time_series"),
-    "qwen2_5_omni": ("image", "video", "audio", "time_series"),
-}
 QUESTION = {"image": "What is this?", "video": "What happens?", "audio": "What is said?", "time_series": "Describe the trend."}
 STORED_IMAGE = png_bytes(112, 72, seed=21)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmserve.models.families import Family, families, family_for
+from mmserve.models.families.gemma3.gemma3 import Gemma3
 from mmserve.models.families.qwen.qwen2_5_omni import Qwen2_5_Omni
 from mmserve.models.families.qwen.qwen2_5_vl import Qwen2_5_VL
 from mmserve.models.families.qwen.qwen3_vl import Qwen3_VL
@@ -20,6 +21,7 @@ def test_the_built_in_families_are_registered_by_model_type() -> None:
     assert found["qwen3_vl"] is Qwen3_VL
     assert found["qwen2_5_omni"] is Qwen2_5_Omni
     assert found["qwen2_5_omni_thinker"] is Qwen2_5_Omni  # a thinker-only checkpoint
+    assert found["gemma3"] is Gemma3
     assert family_for("llama") is None
 
 

@@ -6,7 +6,9 @@
   text before it.
 - A decoder that prefills in chunks of 16 tokens, with 16-token cache blocks
   (so that hits end inside an image, and Qwen3-VL's deepstack features are
-  sliced per chunk), still gives the monolithic model's greedy output.
+  sliced per chunk), still gives the monolithic model's greedy output; and so
+  does Gemma 3, whose image tokens attend to each other both ways, with a hit
+  that ends inside an image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from mmserve.localredis import LocalRedis
 from tests.conftest import Stack, StartService, start_stack
 from tests.support import data_url, png_bytes, scrape
-from tests.test_equivalence_modalities import MAX_TOKENS, FamilyReference, references  # noqa: F401 - fixture
+from tests.test_equivalence_modalities import FAMILIES, MAX_TOKENS, FamilyReference, references  # noqa: F401 - fixture
 
 SYSTEM = "You are a careful assistant who looks at pictures and answers in one sentence. " * 3
 
@@ -54,29 +56,62 @@ def test_the_same_image_asked_again_skips_its_prefill(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def chunked_qwen3(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
-    stack = start_stack(
-        start_service, module_redis.url, MMSERVE_MODEL="tiny:qwen3_vl-tiny",
-        MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
-    )
-    yield stack
-    stack.stop()
+def chunked(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+    """Per family (started on first use): a decoder prefilling in chunks of 16 tokens with 16-token cache blocks."""
+    started: dict[str, Stack] = {}
+
+    class Lazy(dict):
+        def __missing__(self, family: str) -> Stack:
+            self[family] = started[family] = start_stack(
+                start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}",
+                MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
+            )
+            return started[family]
+
+    yield Lazy()
+    for stack in started.values():
+        stack.stop()
 
 
-def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(
-    chunked_qwen3: Stack, references: dict[str, FamilyReference]  # noqa: F811 - fixture
-) -> None:
-    image = png_bytes(128, 96, seed=303)
-    conversation = [
+def conversation(question: str) -> list[dict]:
+    return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
     ]
-    want = references["qwen3_vl"].generate_media(conversation, images=[image])
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(
+    chunked: dict[str, Stack], references: dict[str, FamilyReference], family: str  # noqa: F811 - fixture
+) -> None:
+    stack = chunked[family]
+    image = png_bytes(128, 96, seed=303)
+    want = references[family].generate_media(conversation("What is this?"), images=[image])
     assert len(set(want)) > 5
-    got, prompt_tokens, cached = ask(chunked_qwen3, image, "What is this?")
+    got, prompt_tokens, cached = ask(stack, image, "What is this?")
     assert prompt_tokens > 3 * 16 and cached < prompt_tokens // 2
     assert got == want
-    got_again, _, cached_again = ask(chunked_qwen3, image, "What is this?")
+    got_again, _, cached_again = ask(stack, image, "What is this?")
     assert cached_again > cached and got_again == want
-    metrics = scrape(chunked_qwen3.decoder.metrics_url)
+    metrics = scrape(stack.decoder.metrics_url)
     assert metrics['mmserve_engine_step_seconds_count{phase="prefill"}'] > 3  # the prompt went in several chunks
+
+
+def test_a_hit_that_ends_inside_a_bidirectional_image_equals_the_monolithic_model(
+    chunked: dict[str, Stack], references: dict[str, FamilyReference]  # noqa: F811 - fixture
+) -> None:
+    """Gemma 3: the same image with another question reuses blocks ending inside the image, whose tokens attend to
+    each other both ways; the rest of the image is prefilled in one forward with the cached part, as the reference."""
+    image = png_bytes(128, 96, seed=304)
+    ref = references["gemma3"]
+    first, _, _ = ask(chunked["gemma3"], image, "What is this?")
+    assert first == ref.generate_media(conversation("What is this?"), images=[image])
+    question = "Which colour is it?"
+    want = ref.generate_media(conversation(question), images=[image])
+    assert len(set(want)) > 5
+    got, _, cached = ask(chunked["gemma3"], image, question)
+    text = ref.processor.apply_chat_template(conversation(question), add_generation_prompt=True, tokenize=False)
+    ids = ref.processor(text=[text], images=ref.media_kwargs(images=[image])["images"], return_tensors="pt")["input_ids"][0]
+    image_at = (ids == ref.model.config.image_token_id).nonzero().view(-1).tolist()
+    assert image_at[0] < cached < image_at[-1] + 1, "the hit should end inside the image"
+    assert got == want

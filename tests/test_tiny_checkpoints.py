@@ -24,6 +24,9 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -49,7 +52,9 @@ from mmserve.models.tiny.registry import FAMILY_MODULES
 TINY = "qwen2_5_vl-tiny"
 QWEN3_VL = "qwen3_vl-tiny"
 OMNI = "qwen2_5_omni-tiny"
-TINIES = (TINY, QWEN3_VL, OMNI)
+GEMMA3 = "gemma3-tiny"
+QWEN_TINIES = (TINY, QWEN3_VL, OMNI)
+TINIES = (*QWEN_TINIES, GEMMA3)
 # Every file whose bytes a loader reads; the marker is checked separately.
 CHECKPOINT_FILES = {
     "model.safetensors",
@@ -80,8 +85,14 @@ EXPECTED_IDS = {
     "<|time_series|>": 14,
     "<|ts_start|>": 15,
     "<|ts_end|>": 16,
-    # Reserved slots are named by id: these names sat on these ids before the time-series tokens came.
-    "<|reserved_special_token_3|>": 17,
+    "<bos>": 17,
+    "<start_of_turn>": 18,
+    "<end_of_turn>": 19,
+    "<start_of_image>": 20,
+    "<image_soft_token>": 21,
+    "<end_of_image>": 22,
+    # Reserved slots are named by id: these names sat on these ids before the time-series and Gemma 3 tokens came.
+    "<|reserved_special_token_9|>": 23,
     "<|reserved_special_token_17|>": 31,
 }
 # name -> (model class, processor class, config class, modalities its monolithic generate takes)
@@ -94,7 +105,10 @@ FAMILIES: dict[str, tuple[type, type, type, tuple[str, ...]]] = {
         Qwen2_5OmniConfig,
         ("text", "image", "video", "audio"),
     ),
+    GEMMA3: (Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3Config, ("text", "image")),
 }
+#: generation_config.eos_token_id: the end of a turn, then the end of a document.
+EOS_IDS = {GEMMA3: [19, 0]}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -147,7 +161,7 @@ def model(tiny_dir: Path) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def test_registry_lists_every_family_in_two_sizes() -> None:
-    families = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni")
+    families = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni", "gemma3")
     assert {f"{family}-{size}" for family in families for size in ("tiny", "mid")} == set(CHECKPOINTS)
     assert {spec.family for spec in CHECKPOINTS.values()} == set(FAMILY_MODULES) == set(families)
     assert all(spec.initializer_range == 0.3 for spec in CHECKPOINTS.values())
@@ -463,7 +477,7 @@ def test_loads_with_auto_processor_and_its_model_class(family: Loaded) -> None:
     assert all(p.dtype == torch.float32 for p in family.model.parameters())
     assert 0.8e6 < family.model.num_parameters() < 2e6
     assert 0.25 < family.model.lm_head.weight.std().item() < 0.35  # initializer_range reached the weights
-    assert list(family.model.generation_config.eos_token_id) == [2, 0]
+    assert list(family.model.generation_config.eos_token_id) == EOS_IDS.get(family.name, [2, 0])
     assert family.model.generation_config.pad_token_id == 0
 
 
@@ -504,7 +518,11 @@ def test_monolithic_generate_is_not_degenerate(loaded: dict[str, Loaded], cache_
         assert _greedy(family.model, _inputs(family, modality, seed=2)) != tokens
 
 
-def test_placeholders_match_the_grids(family: Loaded) -> None:
+@pytest.mark.parametrize("name", QWEN_TINIES)  # Gemma 3 has no grids: a fixed count per image (its specifics below)
+def test_placeholders_match_the_grids(loaded: dict[str, Loaded], cache_root: Path, name: str) -> None:
+    if name not in loaded:
+        loaded[name] = Loaded(name, cache_root)
+    family = loaded[name]
     tokenizer = family.processor.tokenizer
     for modality, pad, grid_key in (("image", IMAGE_TOKEN, "image_grid_thw"), ("video", VIDEO_TOKEN, "video_grid_thw")):
         inputs = _inputs(family, modality)
@@ -681,3 +699,44 @@ def test_omni_processor(omni: Loaded) -> None:
     with torch.inference_mode():
         audio = omni.model.get_audio_features(inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
     assert tuple(audio.last_hidden_state.shape) == (37, 128)
+
+
+# --- Gemma 3 specifics ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma3(loaded: dict[str, Loaded], cache_root: Path) -> Loaded:
+    if GEMMA3 not in loaded:
+        loaded[GEMMA3] = Loaded(GEMMA3, cache_root)
+    return loaded[GEMMA3]
+
+
+def test_gemma3_config(gemma3: Loaded) -> None:
+    config = gemma3.model.config
+    text = config.text_config
+    assert text.layer_types == ["sliding_attention", "full_attention"]
+    assert text.sliding_window == 32  # shorter than the test prompts: the window is exercised
+    assert text.query_pre_attn_scalar == text.head_dim == 32
+    assert (config.boi_token_id, config.image_token_id, config.eoi_token_id) == (20, 21, 22)
+    assert config.mm_tokens_per_image == 16 and config.vision_config.image_size == 112
+    assert not config.vision_config.vision_use_head
+    assert gemma3.model.model.multi_modal_projector.mm_input_projection_weight.std() > 0.25  # not transformers' zeros
+    embed = gemma3.model.model.language_model.embed_tokens
+    assert float(embed.embed_scale) == pytest.approx(text.hidden_size**0.5)
+
+
+def test_gemma3_processor_expands_each_image_as_the_real_one(gemma3: Loaded) -> None:
+    processor, tokenizer = gemma3.processor, gemma3.processor.tokenizer
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<bos>", "<end_of_turn>")
+    assert (tokenizer.boi_token, tokenizer.image_token, tokenizer.eoi_token) == ("<start_of_image>", "<image_soft_token>", "<end_of_image>")
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>Describe it.<end_of_turn>\n<start_of_turn>model\n"
+    inputs = processor(text=[text], images=[_image(96, 64, seed=1)], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(21) == 16 and ids.count(20) == ids.count(22) == 1
+    assert inputs["token_type_ids"][0].tolist() == [int(t == 21) for t in ids]
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 112, 112)

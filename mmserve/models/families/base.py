@@ -72,6 +72,9 @@ class PrefillInputs:
     position_ids: torch.Tensor  # family-specific layout, e.g. [3, 1, L] for M-RoPE
     rope_delta: int  # decode position = tokens so far + rope_delta
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. deepstack features for the prefill only
+    #: [L]: per prompt token, the block of tokens it attends to in both directions during prefill (Gemma 3's images,
+    #: transformers' `block_sequence_ids`); -1 or None: causal only. Engines must not split a block across forwards.
+    attention_groups: torch.Tensor | None = None
 
 
 @dataclass

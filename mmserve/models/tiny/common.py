@@ -127,25 +127,30 @@ def vl_token_ids() -> dict[str, Any]:
     }
 
 
-def text_processing(family: str, named_tokens: Mapping[str, str] | None = None) -> dict[str, Any]:
+def text_processing(
+    family: str, named_tokens: Mapping[str, str] | None = None, *, eos_token: str = EOS_TOKEN, bos_token: str | None = None
+) -> dict[str, Any]:
     """A processor's `tokenizer` and `chat_template` kwargs: the shared tokenizer with the family's template."""
     chat_template = load_chat_template(family)
-    return {"tokenizer": build_tokenizer(chat_template, named_tokens=named_tokens), "chat_template": chat_template}
+    tokenizer = build_tokenizer(chat_template, named_tokens=named_tokens, eos_token=eos_token, bos_token=bos_token)
+    return {"tokenizer": tokenizer, "chat_template": chat_template}
 
 
-def generation_config() -> GenerationConfig:
-    """Greedy by default (no sampling settings), stopping at the end of a turn or of a document."""
+def generation_config(eos_token: str = EOS_TOKEN, bos_token: str = PAD_TOKEN) -> GenerationConfig:
+    """Greedy by default (no sampling settings), stopping at the end of a turn (`eos_token`) or of a document."""
     pad_id = special_token_id(PAD_TOKEN)
     return GenerationConfig(
-        bos_token_id=pad_id,
-        eos_token_id=[special_token_id(EOS_TOKEN), pad_id],
+        bos_token_id=special_token_id(bos_token),
+        eos_token_id=[special_token_id(eos_token), pad_id],
         pad_token_id=pad_id,
     )
 
 
-def save_checkpoint(spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin) -> None:
-    """Finish a build: the shared generation config, an fp32 check, model, processor and time-series adapter."""
-    model.generation_config = generation_config()
+def save_checkpoint(
+    spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig | None = None
+) -> None:
+    """Finish a build: the generation config (the shared one by default), an fp32 check, model, processor and time-series adapter."""
+    model.generation_config = generation or generation_config()
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise RuntimeError(f"{spec.name}: expected fp32 weights")
     model.save_pretrained(out_dir)

@@ -67,6 +67,7 @@ FAMILY_MODULES: Mapping[str, str] = MappingProxyType(
         "qwen2_5_vl": "mmserve.models.families.qwen.tiny_qwen2_5_vl",
         "qwen3_vl": "mmserve.models.families.qwen.tiny_qwen3_vl",
         "qwen2_5_omni": "mmserve.models.families.qwen.tiny_qwen2_5_omni",
+        "gemma3": "mmserve.models.families.gemma3.tiny_gemma3",
     }
 )
 
@@ -131,6 +132,9 @@ _SPECS = (
         audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536),
         what=OMNI_THINKER,
     ),
+    # SigLIP towers (the size of Gemma 3's is fixed by the image side, not the LLM).
+    TINY.spec("gemma3", "~1 M", vision=TINY_ENCODER, what="Gemma 3 (image + text), "),
+    MID.spec("gemma3", "~110 M", vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376), what="Gemma 3 (image + text), "),
 )
 
 CHECKPOINTS: Mapping[str, CheckpointSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})

@@ -36,6 +36,12 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|time_series|>",  # 14: mmserve time-series adapter (any family)
     "<|ts_start|>",  # 15
     "<|ts_end|>",  # 16
+    "<bos>",  # 17: Gemma 3 (its chat template starts with the bos token)
+    "<start_of_turn>",  # 18
+    "<end_of_turn>",  # 19: eos of Gemma 3 chat turns
+    "<start_of_image>",  # 20: boi, the image placeholder of the chat template
+    "<image_soft_token>",  # 21: one per image embedding token
+    "<end_of_image>",  # 22: eoi
 )
 SPECIAL_BLOCK_SIZE = 32  # ids below this are special; unused ones are <|reserved_special_token_N|>
 # Reserved tokens are named by id (id i is <|reserved_special_token_{i - FIRST_RESERVED_ID}|>), so
@@ -94,25 +100,32 @@ def train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def build_tokenizer(chat_template: str, named_tokens: Mapping[str, str] | None = None) -> Qwen2Tokenizer:
-    """The family's tokenizer: shared vocabulary, its chat template, eos `<|im_end|>`, pad `<|endoftext|>`.
+def build_tokenizer(
+    chat_template: str,
+    named_tokens: Mapping[str, str] | None = None,
+    *,
+    eos_token: str = EOS_TOKEN,
+    bos_token: str | None = None,
+) -> Qwen2Tokenizer:
+    """The family's tokenizer: shared vocabulary, its chat template, eos (`<|im_end|>` unless the family ends turns
+    otherwise), pad `<|endoftext|>`, and a bos token for templates that render one.
 
     `named_tokens` (e.g. `{"audio_token": "<|AUDIO|>"}`) become tokenizer
-    attributes, which some processors (Qwen2.5-Omni) read.
+    attributes, which some processors (Qwen2.5-Omni, Gemma 3) read.
     """
     vocab, merges = train_bpe()
     block = special_block()
     for token_id, token in enumerate(block):
         if vocab.get(token) != token_id:
             raise RuntimeError(f"special token {token} did not land on id {token_id}")
-    extra: list[str] | dict[str, str] = [t for t in block if t not in (PAD_TOKEN, EOS_TOKEN)]
+    extra: list[str] | dict[str, str] = [t for t in block if t not in (PAD_TOKEN, eos_token, bos_token)]
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         # transformers annotates these narrower than it takes: (left, right) pairs and no unknown token.
         merges=merges,  # type: ignore[arg-type]
         unk_token=None,  # type: ignore[arg-type]
-        bos_token=None,
-        eos_token=EOS_TOKEN,
+        bos_token=bos_token,
+        eos_token=eos_token,
         pad_token=PAD_TOKEN,
         extra_special_tokens=extra,
         model_max_length=MAX_LENGTH,

@@ -7,6 +7,12 @@ than the KV budget. The linear layers of a step run batched over all rows
 that row's own keys, through transformers' own SDPA function with exactly the
 shapes a request alone would use (no padding, no mask for a decode token, the
 causal flag for a fresh prefill), so batching changes nothing in attention.
+The masks a model would build are replaced here: a layer's sliding window
+(its `sliding_window`) limits the keys a query sees to the last `window`
+(a decode token attends to exactly those keys, as transformers' sliding
+cache keeps them), and a prefill's bidirectional blocks
+(`PrefillInputs.attention_groups`, handed in as `GROUPS_KWARG` through the
+model's keyword arguments) let a block's tokens see each other.
 
 The model's attention layers reach this code through two transformers hooks:
 the cache object passed as `past_key_values` (its `update` writes the new keys
@@ -24,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "mmserve_rows"
+#: The keyword argument carrying a prefill row's attention groups ([kv_len], by absolute position) to `rows_attention`.
+GROUPS_KWARG = "mmserve_attention_groups"
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,27 @@ class BatchKV:
         return False
 
 
-def _offset_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, q, kv] bool: query i (at kv position kv_len - q_len + i) sees keys up to itself."""
+def prefill_mask(q_len: int, kv_len: int, device: torch.device, *, window: int | None = None, groups: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[1, 1, q, kv] bool for a prompt chunk whose query i sits at kv position kv_len - q_len + i; None: plain causal.
+
+    As transformers' masks for the same model: (causal OR same group) AND inside the window, where the
+    window keeps keys less than `window` positions back (transformers' `sliding_window_overlay`) and a group is
+    a run of equal ids >= 0 (`blockwise_overlay`).
+    """
+    grouped = groups is not None and bool((groups[kv_len - q_len : kv_len] >= 0).any())
+    windowed = window is not None and kv_len > window
+    if kv_len == q_len and not grouped and not windowed:
+        return None  # a fresh prompt: SDPA's causal flag
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+    kv_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = kv_pos <= q_pos
+    if grouped:
+        assert groups is not None
+        q_group = groups[kv_len - q_len : kv_len].to(device)[:, None]
+        mask |= (q_group == groups[:kv_len].to(device)[None, :]) & (q_group >= 0)
+    if window is not None and windowed:
+        mask &= kv_pos > q_pos - window
+    return mask[None, None]
 
 
 def rows_attention(
@@ -111,16 +136,20 @@ def rows_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of each row's queries over that row's keys (see the module docstring)."""
     q_len = query.shape[2]
+    groups: torch.Tensor | None = kwargs.get(GROUPS_KWARG)
     outputs = []
     for b in range(query.shape[0]):
         k, v = key[b], value[b]
         mask = None
-        if q_len > 1 and k.shape[2] > q_len:  # a chunk after cached tokens: causal, offset
-            mask = _offset_causal_mask(q_len, k.shape[2], query.device)
+        if q_len > 1:
+            mask = prefill_mask(q_len, k.shape[2], query.device, window=sliding_window, groups=groups)
+        elif sliding_window is not None and k.shape[2] > sliding_window:  # a decode token: the window's keys only
+            k, v = k[:, :, -sliding_window:], v[:, :, -sliding_window:]
         out, _ = sdpa_attention_forward(module, query[b : b + 1], k, v, mask, dropout=0.0, scaling=scaling)
         outputs.append(out)
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), None

@@ -7,6 +7,15 @@ pad id), as SGLang does. So "the same image, asked again" matches as far as the
 image and the text around it are the same, and two different images behind the
 same pad ids never match. Blocks are copies (a request writes its own buffer),
 counted in the engine's KV budget, evicted least recently used.
+
+A hit may end inside a media item whose tokens attend to each other both ways
+(`PrefillInputs.attention_groups`, Gemma 3's images): the cached KV of the
+item's first tokens then depends on its later tokens too, which the block keys
+do not cover. It is still exact: those later tokens are the same item (the
+keys name it by content and options, so the same count and embeddings
+follow), the item was prefilled in one forward when it was cached (the
+scheduler never splits a block), and the resumed forward takes the rest of the
+item whole and lets it see the cached part (`kv.prefill_mask`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from mmserve.metrics import (
 )
 from mmserve.models.families import Family, PrefillInputs
 from services.decoder.engine.base import EngineRequest, Logprob, StepOutput
-from services.decoder.engine.builtin.kv import BatchKV, KVShape, SequenceKV
+from services.decoder.engine.builtin.kv import GROUPS_KWARG, BatchKV, KVShape, SequenceKV
 from services.decoder.engine.builtin.prefix import PrefixCache
 from services.decoder.engine.builtin.sampling import Sampler
 from services.decoder.engine.outputs import RequestOutput
@@ -45,6 +45,19 @@ WIDE_FORWARD_TOKENS = 64
 log = logging.getLogger("mmserve.decoder.engine")
 
 Emit = Callable[[list[StepOutput] | BaseException], None]
+
+
+def chunk_end(groups: torch.Tensor | None, start: int, end: int) -> int:
+    """`end` moved off the inside of a bidirectional block: back to the block's start, or past its end when the
+    chunk starts inside it (a block's tokens see each other, so one forward must hold all of those not yet cached)."""
+    if groups is None or end >= groups.shape[0] or end <= start:
+        return end
+    group = int(groups[end])
+    if group < 0 or int(groups[end - 1]) != group:
+        return end
+    inside = (groups == group).nonzero().view(-1)
+    first, last = int(inside[0]), int(inside[-1]) + 1
+    return first if first > start else last
 
 
 @dataclass
@@ -257,7 +270,7 @@ class Scheduler:
         budget = self.chunk
         for job in list(self._prefilling):
             start, total = job.prefilled, job.prompt.num_tokens
-            end = min(total, start + self.chunk)
+            end = chunk_end(job.prompt.inputs.attention_groups, start, min(total, start + self.chunk))
             if end - start > budget and budget < self.chunk:
                 return
             began = time.perf_counter()
@@ -290,6 +303,8 @@ class Scheduler:
         row = job.rows[0]
         assert row is not None
         extra = self.family.slice_extra(inputs.extra, inputs.input_ids, start, end)
+        if inputs.attention_groups is not None:  # by absolute position, as the row's keys are
+            extra = {**extra, GROUPS_KWARG: inputs.attention_groups[:end]}
         kv = BatchKV([row])
         logits = self.family.forward(inputs.inputs_embeds[:, start:end], inputs.position_ids[..., start:end], kv, extra)
         kv.commit(end - start)
