@@ -66,6 +66,7 @@ FAMILY_MODULES: Mapping[str, str] = MappingProxyType(
         "qwen2_5_vl": "mmserve.models.tiny.qwen2_5_vl",
         "qwen3_vl": "mmserve.models.tiny.qwen3_vl",
         "qwen2_5_omni": "mmserve.models.tiny.qwen2_5_omni",
+        "voxtral": "mmserve.models.tiny.voxtral",
     }
 )
 
@@ -88,7 +89,9 @@ class Tier:
     time_series: TowerSize | None  # None: the adapter's default size (`time_series.DEFAULT_SIZE`)
     purpose: str
 
-    def spec(self, family: str, params: str, *, vision: TowerSize, audio: TowerSize | None = None, what: str = "") -> CheckpointSpec:
+    def spec(
+        self, family: str, params: str, *, vision: TowerSize | None = None, audio: TowerSize | None = None, what: str = ""
+    ) -> CheckpointSpec:
         """This tier's checkpoint of `family`, with the family's encoder sizes; `params` e.g. "~120 M"."""
         return CheckpointSpec(
             name=f"{family}-{self.suffix}",
@@ -115,6 +118,7 @@ MID = Tier(
 )
 TINY_ENCODER = TowerSize(hidden=64, layers=2, heads=4, intermediate=128)
 OMNI_THINKER = "Qwen2.5-Omni thinker, "
+VOXTRAL = "Voxtral (audio + text, Tekken tokenizer), "
 
 _SPECS = (
     TINY.spec("qwen2_5_vl", "~1 M", vision=TINY_ENCODER),
@@ -130,6 +134,9 @@ _SPECS = (
         audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536),
         what=OMNI_THINKER,
     ),
+    # Voxtral's projector stacks 4 encoder frames: the audio tower's intermediate size is 4 x its width.
+    TINY.spec("voxtral", "~1.5 M", audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=256), what=VOXTRAL),
+    MID.spec("voxtral", "~110 M", audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536), what=VOXTRAL),
 )
 
 CHECKPOINTS: Mapping[str, CheckpointSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
