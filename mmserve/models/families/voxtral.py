@@ -18,7 +18,9 @@ clip per audio part; each clip becomes `[BEGIN_AUDIO]` + a run of `[AUDIO]`,
 and each run is then set to the stored item's token count (mistral_common
 counts tokens from the clip's length only, so this is the ids the processor
 makes from the real clip). Text never encodes to a control token in Tekken,
-so a user's text cannot forge a placeholder. Positions are plain 1-D.
+so a user's text cannot forge a placeholder. Positions are plain 1-D. What
+mistral_common refuses (before tokenizer v13: a system prompt together with
+audio) is a 400 naming `messages`, as the processor refuses it too.
 """
 
 from __future__ import annotations
@@ -192,7 +194,12 @@ class Voxtral(Family):
         """mistral_common's ids for the conversation, each audio run set to its item's token count (or one token)."""
         if prompt.text is not None:
             return list(self.tokenizer([prompt.text])["input_ids"][0])
-        ids = self.tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=True, return_dict=False)
+        from mistral_common.exceptions import MistralCommonException
+
+        try:
+            ids = self.tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=True, return_dict=False)
+        except (MistralCommonException, ValueError) as exc:  # mistral_common's request rules, e.g. no system prompt with audio
+            raise InvalidArgument(f"this model's chat format refuses the conversation: {exc}", field="messages") from exc
         out: list[int] = []
         items = iter(media)
         i = 0
