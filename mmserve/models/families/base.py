@@ -219,6 +219,10 @@ class Family(ABC):
             eos = self.tokenizer.eos_token_id
         return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """A token's bytes where the tokenizer itself knows them (None: read them from its byte-level token string)."""
+        return None
+
     @functools.cached_property
     def longest_token_chars(self) -> int:
         """Most characters one token can stand for (a vocab entry's length bounds its decoded text: byte-level or not)."""

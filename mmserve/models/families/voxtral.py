@@ -182,6 +182,14 @@ class Voxtral(Family):
     def reserved_strings(self) -> tuple[str, ...]:
         return ()  # Tekken encodes text as text: "[AUDIO]" in a message is plain characters, never the control token
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """Tekken's own bytes of a token (control tokens as their names): its token strings are lossy for partial UTF-8."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        tekken = self.tokenizer.tokenizer.instruct_tokenizer.tokenizer
+        piece: bytes = tekken.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
+        return piece
+
     @cached_property
     def audio_token_id(self) -> int:
         return int(self.config.audio_token_id)
