@@ -224,3 +224,11 @@ def test_client_embeddings_are_whole_chunks(decoder: Voxtral) -> None:
 def test_refuses_other_media(decoder: Voxtral) -> None:
     with pytest.raises(InvalidArgument, match="does not accept image input; it accepts: audio"):
         decoder.check_modality(media_pb2.MODALITY_IMAGE, "messages[0].content[0]")
+
+
+def test_token_bytes_are_tekkens_own(decoder: Voxtral) -> None:
+    """Logprob bytes: a multi-byte character split over tokens still joins to its UTF-8 bytes; control tokens are their names."""
+    text = "Café über naïve"
+    ids = decoder.tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(decoder.token_bytes(i) or b"" for i in ids) == text.encode()
+    assert decoder.token_bytes(2) == b"</s>"
