@@ -232,3 +232,12 @@ def test_token_bytes_are_tekkens_own(decoder: Voxtral) -> None:
     ids = decoder.tokenizer.encode(text, add_special_tokens=False)
     assert b"".join(decoder.token_bytes(i) or b"" for i in ids) == text.encode()
     assert decoder.token_bytes(2) == b"</s>"
+
+
+def test_a_format_it_cannot_enforce_is_a_400(decoder: Voxtral) -> None:
+    """llguidance reads only fast Hugging Face tokenizers: structured output is refused by name, not a 500."""
+    from services.decoder.guidance import checked_grammar
+
+    with pytest.raises(InvalidArgument, match="cannot enforce a format") as caught:
+        checked_grammar('start: "x"', decoder.tokenizer)
+    assert caught.value.field == "sampling.guidance"

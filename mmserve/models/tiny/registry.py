@@ -135,8 +135,8 @@ _SPECS = (
         what=OMNI_THINKER,
     ),
     # Voxtral's projector stacks 4 encoder frames: the audio tower's intermediate size is 4 x its width.
-    TINY.spec("voxtral", "~1.5 M", audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=256), what=VOXTRAL),
-    MID.spec("voxtral", "~110 M", audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536), what=VOXTRAL),
+    TINY.spec("voxtral", "~1.3 M", audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=256), what=VOXTRAL),
+    MID.spec("voxtral", "~100 M", audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536), what=VOXTRAL),
 )
 
 CHECKPOINTS: Mapping[str, CheckpointSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
