@@ -12,6 +12,7 @@ from mmserve.models.families import Family, families, family_for
 from mmserve.models.families.qwen2_5_omni import Qwen2_5_Omni
 from mmserve.models.families.qwen2_5_vl import Qwen2_5_VL
 from mmserve.models.families.qwen3_vl import Qwen3_VL
+from mmserve.models.families.voxtral import Voxtral
 
 
 def test_the_built_in_families_are_registered_by_model_type() -> None:
@@ -20,6 +21,7 @@ def test_the_built_in_families_are_registered_by_model_type() -> None:
     assert found["qwen3_vl"] is Qwen3_VL
     assert found["qwen2_5_omni"] is Qwen2_5_Omni
     assert found["qwen2_5_omni_thinker"] is Qwen2_5_Omni  # a thinker-only checkpoint
+    assert found["voxtral"] is Voxtral
     assert family_for("llama") is None
 
 
