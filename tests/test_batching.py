@@ -32,8 +32,8 @@ from tests.test_equivalence_modalities import (
     FAMILIES,
     IMAGE,
     MAX_TOKENS,
+    MODALITIES,
     SERIES,
-    TAKES,
     VIDEO,
     FamilyReference,
     references,  # noqa: F401 - fixture
@@ -47,7 +47,7 @@ STORED_AUDIO = wav_bytes(seconds=1.5, seed=21)
 
 def stored_modality(family: str) -> str:
     """What the by-uuid case refers to: an image, or audio for a family without images."""
-    return "image" if "image" in TAKES[family] else "audio"
+    return "image" if "image" in MODALITIES[family] else "audio"
 
 
 def stored_item(family: str) -> media_pb2.MediaInput:
@@ -113,7 +113,7 @@ def cases(family: str) -> list[Case]:
             ),
         ),
     ]
-    for modality in TAKES[family]:
+    for modality in MODALITIES[family]:
         out.append(Case(
             f"{modality}-greedy",
             pb.GenerateRequest(messages=user(pb.ContentPart(media=media(modality)), pb.ContentPart(text=QUESTION[modality])), sampling=greedy),

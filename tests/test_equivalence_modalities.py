@@ -2,7 +2,7 @@
 
 For Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker and Voxtral, greedy output
 of the split path (gateway -> decoder -> encoder -> Redis -> decoder) for each
-medium the family takes (`TAKES`: image, video, audio, time series), and for a
+medium the family takes (`MODALITIES`: image, video, audio, time series), and for a
 mixed two-turn conversation, must equal the monolithic transformers model on
 the same inputs, text for text: `model.generate(**processor(...),
 do_sample=False)` for the media transformers knows (Voxtral: the processor's
@@ -40,8 +40,8 @@ from tests.support import Reference, data_url, png_bytes
 
 MAX_TOKENS = 16
 FAMILIES = {"qwen2_5_vl": "qwen2_5_vl-tiny", "qwen3_vl": "qwen3_vl-tiny", "qwen2_5_omni": "qwen2_5_omni-tiny", "voxtral": "voxtral-tiny"}
-#: The media each family takes, besides text.
-TAKES = {
+#: The media each family takes, besides text (time series: through the adapter its checkpoint carries).
+MODALITIES = {
     "qwen2_5_vl": ("image", "video", "time_series"),
     "qwen3_vl": ("image", "video", "time_series"),
     "qwen2_5_omni": ("image", "video", "audio", "time_series"),
@@ -49,9 +49,9 @@ TAKES = {
 }
 
 
-def taking(modality: str) -> list[str]:
+def families_taking(modality: str) -> list[str]:
     """The families that take `modality`."""
-    return [family for family, media in TAKES.items() if modality in media]
+    return [family for family, media in MODALITIES.items() if modality in media]
 
 SETTINGS = Settings()
 VIDEO_IO = {"video": {"fps": 2, "num_frames": 8}}
@@ -228,7 +228,7 @@ def assert_informative(text: str) -> None:
     assert len(set(text)) > 5, f"degenerate output {text!r}: the comparison could not fail"
 
 
-@pytest.mark.parametrize("family", taking("image"))
+@pytest.mark.parametrize("family", families_taking("image"))
 def test_image(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
     want = references[family].generate_media(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}], images=[IMAGE]
@@ -238,7 +238,7 @@ def test_image(stacks: dict[str, Stack], references: dict[str, FamilyReference],
     assert got == want
 
 
-@pytest.mark.parametrize("family", taking("video"))
+@pytest.mark.parametrize("family", families_taking("video"))
 def test_video(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
     want = references[family].generate_media(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}], videos=[VIDEO]
@@ -252,7 +252,7 @@ def test_video(stacks: dict[str, Stack], references: dict[str, FamilyReference],
     assert got == want
 
 
-@pytest.mark.parametrize("family", taking("audio"))
+@pytest.mark.parametrize("family", families_taking("audio"))
 def test_audio(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
     want = references[family].generate_media(
         [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is said?"}]}], audios=[AUDIO]
@@ -286,7 +286,7 @@ def test_voxtral_two_turns_with_two_clips(stacks: dict[str, Stack], references: 
     assert reply.choices[0].message.content == want
 
 
-@pytest.mark.parametrize("family", taking("time_series"))
+@pytest.mark.parametrize("family", families_taking("time_series"))
 def test_time_series(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
     want = references[family].generate_series("Describe the trend.", SERIES, 100.0)
     assert_informative(want)

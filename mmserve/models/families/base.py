@@ -232,3 +232,22 @@ class Family(ABC):
     def max_context(self) -> int:
         text = getattr(self.config, "text_config", self.config)
         return int(getattr(text, "max_position_embeddings", 32768))
+
+
+def prompt_part_config(path: str, dtype: torch.dtype | str) -> tuple[Any, torch.dtype, Any]:
+    """(config, dtype, generation config) of a checkpoint whose weights another engine loads (the "prompt" part).
+
+    `dtype` "auto" is the checkpoint's own (its text config's, else float32); the generation config is None when the
+    checkpoint has none.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(dtype, str):
+        named = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or "float32"
+        dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = None
+    return config, dtype, generation

@@ -31,7 +31,7 @@ from PIL import Image
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue
-from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.families.time_series import TimeSeriesSupport
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.models.weights import load_input_embeddings
@@ -96,16 +96,9 @@ class QwenFamily(Family):
         With a time-series adapter it also reads the token embedding table, so that a time-series prompt can be
         handed over as prompt embeddings (the adapter itself runs in the encoder).
         """
-        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+        from transformers import AutoProcessor
 
-        config = AutoConfig.from_pretrained(path)
-        if isinstance(dtype, str):  # "auto": the checkpoint's
-            named = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or "float32"
-            dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-        except OSError:
-            generation = None
+        config, dtype, generation = prompt_part_config(path, dtype)
         processor = AutoProcessor.from_pretrained(path)
         hidden = int(config.get_text_config().hidden_size)
         time_series = TimeSeriesSupport.load(path, processor.tokenizer, hidden, dtype=dtype, device="cpu")

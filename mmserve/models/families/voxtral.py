@@ -38,7 +38,7 @@ import torch
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.tensors import from_raw, to_raw
 
 AUDIO = media_pb2.MODALITY_AUDIO
@@ -66,19 +66,12 @@ class Voxtral(Family):
 
     @classmethod
     def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
-        from transformers import AutoConfig, AutoProcessor, GenerationConfig, VoxtralForConditionalGeneration
+        from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
         processor = AutoProcessor.from_pretrained(path)
         if part == "prompt":  # processor and config only: for an engine that runs the LLM itself
-            config = AutoConfig.from_pretrained(path)
-            if isinstance(dtype, str):
-                named = getattr(config.get_text_config(), "dtype", None) or "float32"
-                dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
-            try:
-                generation = GenerationConfig.from_pretrained(path)
-            except OSError:
-                generation = None
-            return cls(None, processor, config, dtype=dtype, generation_config=generation)
+            config, resolved, generation = prompt_part_config(path, dtype)
+            return cls(None, processor, config, dtype=resolved, generation_config=generation)
         model_class: Any = VoxtralForConditionalGeneration  # its from_pretrained is typed for a model, not a path
         model = model_class.from_pretrained(path, dtype=dtype).to(device).eval()
         if part == "encoder":  # the encoder never runs the LLM: free its weights

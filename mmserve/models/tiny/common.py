@@ -154,7 +154,9 @@ def save_pretrained(
     processor.save_pretrained(out_dir)
 
 
-def save_checkpoint(spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin) -> None:
-    """Finish a build of the shared vocabulary: its generation config, model, processor and time-series adapter."""
-    save_pretrained(spec, out_dir, model, processor, generation_config())
+def save_checkpoint(
+    spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig | None = None
+) -> None:
+    """Finish a build of the shared vocabulary: the generation config (the shared one by default), model, processor, time-series adapter."""
+    save_pretrained(spec, out_dir, model, processor, generation or generation_config())
     attach_time_series_adapter(spec, out_dir, llm_hidden_size=spec.text.hidden)
