@@ -28,7 +28,7 @@ class Settings(BaseSettings):
         "tiny",
         description=(
             "Hub id, local folder, `tiny` (the built-in random-weight demo: Qwen2.5-Omni thinker + time-series adapter) "
-            "or `tiny:<name>` (qwen2_5_vl-tiny, qwen3_vl-tiny, qwen2_5_omni-tiny, gemma3-tiny, and -mid sizes)."
+            "or `tiny:<name>` (qwen2_5_vl-tiny, qwen3_vl-tiny, qwen2_5_omni-tiny, gemma3-tiny, voxtral-tiny, and -mid sizes)."
         ),
     )
     model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")

@@ -76,6 +76,7 @@ class Reference:
             "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
             "qwen2_5_omni": transformers.Qwen2_5OmniThinkerForConditionalGeneration,
             "gemma3": transformers.Gemma3ForConditionalGeneration,
+            "voxtral": transformers.VoxtralForConditionalGeneration,
         }[config.model_type]
         self.model = cls.from_pretrained(path).eval()
         self.processor = AutoProcessor.from_pretrained(path)
@@ -84,9 +85,12 @@ class Reference:
         """Greedy `model.generate(**processor(...), do_sample=False)`: (new token ids without EOS, decoded text)."""
         import torch
 
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        pil = [Image.open(io.BytesIO(p)).convert("RGB") for p in images]
-        inputs = self.processor(text=[text], images=pil or None, return_tensors="pt")
+        if self.family == "voxtral":  # mistral_common encodes the chat itself: its text form does not re-tokenize
+            inputs = self.processor.apply_chat_template(conversation)
+        else:
+            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            pil = [Image.open(io.BytesIO(p)).convert("RGB") for p in images]
+            inputs = self.processor(text=[text], images=pil or None, return_tensors="pt")
         with torch.inference_mode():
             out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         ids = out[0, inputs["input_ids"].shape[1] :].tolist()

@@ -37,10 +37,27 @@ from tests.test_equivalence_modalities import (
     VIDEO,
     FamilyReference,
     references,  # noqa: F401 - fixture
+    wav_bytes,
 )
 
 QUESTION = {"image": "What is this?", "video": "What happens?", "audio": "What is said?", "time_series": "Describe the trend."}
 STORED_IMAGE = png_bytes(112, 72, seed=21)
+STORED_AUDIO = wav_bytes(seconds=1.5, seed=21)
+
+
+def stored_modality(family: str) -> str:
+    """What the by-uuid case refers to: an image, or audio for a family without images."""
+    return "image" if "image" in MODALITIES[family] else "audio"
+
+
+def stored_item(family: str) -> media_pb2.MediaInput:
+    """The item stored under the family's uuid before the cases run."""
+    uuid = f"batch-stored-{family}"
+    if stored_modality(family) == "image":
+        return image_item(STORED_IMAGE, uuid=uuid)
+    return media_pb2.MediaInput(
+        modality=media_pb2.MODALITY_AUDIO, source=media_pb2.MediaSource(data=STORED_AUDIO), audio=media_pb2.AudioOptions(format="wav"), uuid=uuid
+    )
 
 
 def media(modality: str) -> media_pb2.MediaInput:
@@ -89,9 +106,9 @@ def cases(family: str) -> list[Case]:
             ),
         ),
         Case(
-            "image-by-uuid-seeded",
+            f"{stored_modality(family)}-by-uuid-seeded",
             pb.GenerateRequest(
-                messages=user(pb.ContentPart(media=media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid=f"batch-stored-{family}")), pb.ContentPart(text="And now?")),
+                messages=user(pb.ContentPart(media=media_pb2.MediaInput(modality=stored_item(family).modality, uuid=f"batch-stored-{family}")), pb.ContentPart(text="And now?")),
                 sampling=pb.SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True),
             ),
         ),
@@ -153,7 +170,7 @@ def family_stacks(start_service: StartService, module_redis: LocalRedis) -> Iter
             family, variant = key
             stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}", **VARIANTS[variant])
             with encoder_stub(stack.encoder.target) as stub:
-                stub.Encode(enc_pb.EncodeRequest(items=[image_item(STORED_IMAGE, uuid=f"batch-stored-{family}")]))
+                stub.Encode(enc_pb.EncodeRequest(items=[stored_item(family)]))
             started[key] = stack
             self[key] = stack
             return stack
@@ -202,7 +219,8 @@ def test_each_request_in_a_batch_gets_the_tokens_it_gets_alone(
         if case.reference is not None:
             want = reference_text(ref, *case.reference)
             assert len(set(want)) > 3, f"degenerate reference for {case.name}"
-            eos = {t for t in [tokenizer.eos_token_id, *(ref.model.generation_config.eos_token_id or [])] if isinstance(t, int)}
+            configured = ref.model.generation_config.eos_token_id
+            eos = {t for t in [tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])] if isinstance(t, int)}
             ids = [t for t in case.alone[0] if t not in eos]
             assert tokenizer.decode(ids, skip_special_tokens=True) == want, f"{family}/{case.name} differs from the monolithic reference"
 

@@ -1,11 +1,11 @@
 """The correctness bar for every family and modality, through the OpenAI SDK.
 
-For Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker and Gemma 3, greedy output of the
+For Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, Gemma 3 and Voxtral, greedy output of the
 split path (gateway -> decoder -> encoder -> Redis -> decoder) for video,
 audio and time-series prompts, and for a mixed two-turn conversation, must
 equal the monolithic transformers model on the same inputs, text for text:
 `model.generate(**processor(...), do_sample=False)` for the media transformers
-knows, and for time series (no transformers reference exists) the adapter's
+knows (Voxtral: the processor's `apply_chat_template`, which encodes chat and audio together), and for time series (no transformers reference exists) the adapter's
 own in-process forward spliced into `model.generate(inputs_embeds=...)`.
 
 "The same inputs": the reference is given the frames, waveform and series that
@@ -37,18 +37,20 @@ from tests.conftest import CACHE_DIR, Stack, StartService, start_stack
 from tests.support import Reference, data_url, png_bytes
 
 MAX_TOKENS = 16
-FAMILIES = {"qwen2_5_vl": "qwen2_5_vl-tiny", "qwen3_vl": "qwen3_vl-tiny", "qwen2_5_omni": "qwen2_5_omni-tiny", "gemma3": "gemma3-tiny"}
+FAMILIES = {"qwen2_5_vl": "qwen2_5_vl-tiny", "qwen3_vl": "qwen3_vl-tiny", "qwen2_5_omni": "qwen2_5_omni-tiny", "gemma3": "gemma3-tiny", "voxtral": "voxtral-tiny"}
 #: The media each family takes (time series: through the adapter its checkpoint carries).
 MODALITIES = {
     "qwen2_5_vl": ("image", "video", "time_series"),
     "qwen3_vl": ("image", "video", "time_series"),
     "qwen2_5_omni": ("image", "video", "audio", "time_series"),
     "gemma3": ("image", "time_series"),
+    "voxtral": ("audio",),
 }
 
 
 def families_taking(modality: str) -> list[str]:
-    return [family for family, taken in MODALITIES.items() if modality in taken]
+    """The families that take `modality`."""
+    return [family for family, media in MODALITIES.items() if modality in media]
 
 SETTINGS = Settings()
 VIDEO_IO = {"video": {"fps": 2, "num_frames": 8}}
@@ -87,6 +89,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def float_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A 32-bit float WAV of `samples`: read back bit for bit."""
+    buf = io.BytesIO()
+    sf.write(buf, samples.astype(np.float32), rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
 VIDEO, AUDIO, SERIES, IMAGE = mp4_bytes(), wav_bytes(), npy_bytes(), png_bytes(128, 96, seed=11)
 
 
@@ -123,16 +132,30 @@ class FamilyReference(Reference):
                     for d in decoded
                 ]
         if audios:
-            rate = self.processor.feature_extractor.sampling_rate
-            kwargs["audio"] = [
-                decode_audio(a, settings=SETTINGS, budget=RequestBudget.from_settings(SETTINGS), target_rate=rate, format=None).samples
-                for a in audios
-            ]
+            kwargs["audio"] = [self.decoded_audio(a) for a in audios]
         return kwargs
 
+    def decoded_audio(self, data: bytes) -> np.ndarray:
+        rate = self.processor.feature_extractor.sampling_rate
+        return decode_audio(data, settings=SETTINGS, budget=RequestBudget.from_settings(SETTINGS), target_rate=rate, format=None).samples
+
+    def voxtral_inputs(self, conversation: list[dict], audios: list[bytes]) -> dict:
+        """Voxtral's processor takes audio inside the chat: each audio part gets its decoded clip, as a float WAV (exact)."""
+        clips = iter(audios)
+        filled = []
+        for message in conversation:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [{"type": "audio", "base64": b64(float_wav(self.decoded_audio(next(clips))))} if part["type"] == "audio" else part for part in content]
+            filled.append({**message, "content": content})
+        return self.processor.apply_chat_template(filled)
+
     def generate_media(self, conversation: list[dict], **media: list[bytes]) -> str:
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[text], return_tensors="pt", **self.media_kwargs(**media))
+        if self.family == "voxtral":
+            inputs = self.voxtral_inputs(conversation, media.get("audios", []))
+        else:
+            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            inputs = self.processor(text=[text], return_tensors="pt", **self.media_kwargs(**media))
         with torch.inference_mode():
             out = self.model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
         return self._text(out[0, inputs["input_ids"].shape[1] :].tolist())
@@ -245,18 +268,38 @@ def test_video(stacks: dict[str, Stack], references: dict[str, FamilyReference],
     assert got == want
 
 
-def test_audio(stacks: dict[str, Stack], references: dict[str, FamilyReference]) -> None:
-    want = references["qwen2_5_omni"].generate_media(
+@pytest.mark.parametrize("family", families_taking("audio"))
+def test_audio(stacks: dict[str, Stack], references: dict[str, FamilyReference], family: str) -> None:
+    want = references[family].generate_media(
         [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is said?"}]}], audios=[AUDIO]
     )
     assert_informative(want)
     via_input_audio = ask(
-        stacks["qwen2_5_omni"], [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}, {"type": "text", "text": "What is said?"}]
+        stacks[family], [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}, {"type": "text", "text": "What is said?"}]
     )
     via_url = ask(
-        stacks["qwen2_5_omni"], [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}}, {"type": "text", "text": "What is said?"}]
+        stacks[family], [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}}, {"type": "text", "text": "What is said?"}]
     )
     assert via_input_audio == via_url == want
+
+
+def test_voxtral_two_turns_with_two_clips(stacks: dict[str, Stack], references: dict[str, FamilyReference]) -> None:
+    """Two clips in different turns (one longer than a 30 s chunk: two chunks), an assistant turn between them."""
+    long_clip = wav_bytes(seconds=31.0, seed=5)
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "audio"}]},
+        {"role": "assistant", "content": "I heard a tone."},
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "And this one?"}]},
+    ]
+    want = references["voxtral"].generate_media(conversation, audios=[AUDIO, long_clip])
+    assert_informative(want)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}]},
+        {"role": "assistant", "content": "I heard a tone."},
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(long_clip), "format": "wav"}}, {"type": "text", "text": "And this one?"}]},
+    ]
+    reply = stacks["voxtral"].client().chat.completions.create(model="", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == want
 
 
 @pytest.mark.parametrize("family", families_taking("time_series"))
@@ -305,6 +348,11 @@ def test_a_modality_the_model_cannot_take_is_a_clear_400(stacks: dict[str, Stack
     error = caught.value.response.json()["error"]
     assert error["param"] == "messages[0].content[0]"
     assert "does not accept audio" in error["message"] and "image" in error["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(stacks["voxtral"], [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}])
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "messages[0].content[1]"
+    assert "does not accept image" in error["message"] and "audio" in error["message"]
 
 
 def test_gemma3_two_images_a_system_prompt_and_two_turns(stacks: dict[str, Stack], references: dict[str, FamilyReference]) -> None:

@@ -13,6 +13,7 @@ from mmserve.models.families.gemma3.gemma3 import Gemma3
 from mmserve.models.families.qwen.qwen2_5_omni import Qwen2_5_Omni
 from mmserve.models.families.qwen.qwen2_5_vl import Qwen2_5_VL
 from mmserve.models.families.qwen.qwen3_vl import Qwen3_VL
+from mmserve.models.families.voxtral.voxtral import Voxtral
 
 
 def test_the_built_in_families_are_registered_by_model_type() -> None:
@@ -22,6 +23,7 @@ def test_the_built_in_families_are_registered_by_model_type() -> None:
     assert found["qwen2_5_omni"] is Qwen2_5_Omni
     assert found["qwen2_5_omni_thinker"] is Qwen2_5_Omni  # a thinker-only checkpoint
     assert found["gemma3"] is Gemma3
+    assert found["voxtral"] is Voxtral
     assert family_for("llama") is None
 
 

@@ -161,7 +161,7 @@ def model(tiny_dir: Path) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def test_registry_lists_every_family_in_two_sizes() -> None:
-    families = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni", "gemma3")
+    families = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni", "gemma3", "voxtral")
     assert {f"{family}-{size}" for family in families for size in ("tiny", "mid")} == set(CHECKPOINTS)
     assert {spec.family for spec in CHECKPOINTS.values()} == set(FAMILY_MODULES) == set(families)
     assert all(spec.initializer_range == 0.3 for spec in CHECKPOINTS.values())

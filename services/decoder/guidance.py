@@ -55,7 +55,11 @@ def grammar_for(guidance: Guidance) -> str:
 
 def checked_grammar(grammar: str, tokenizer: Any, *, field: str = FIELD) -> str:
     """The grammar, if llguidance can enforce it with this tokenizer; else a 400 naming what it cannot do."""
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, grammar_tokenizer(tokenizer))
+    try:
+        lltokenizer = grammar_tokenizer(tokenizer)
+    except ValueError as exc:  # llguidance reads fast (Rust) Hugging Face tokenizers only, not e.g. Mistral's Tekken
+        raise InvalidArgument(f"this model's tokenizer cannot enforce a format here: {exc}", field=field) from None
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltokenizer)
     if failed:
         raise InvalidArgument(f"unsupported format: {'; '.join(messages) or 'the grammar is invalid'}", field=field)
     return grammar

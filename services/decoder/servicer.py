@@ -137,7 +137,7 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     # --- helpers --------------------------------------------------------------------------
     def _token_text(self, model: LoadedModel) -> TokenText:
         if self._tokens is None:
-            self._tokens = TokenText(model.family.tokenizer)
+            self._tokens = TokenText(model.family.tokenizer, model.family.token_bytes)
         return self._tokens
 
     @staticmethod

@@ -294,6 +294,10 @@ class Family(ABC):
             eos = self.tokenizer.eos_token_id
         return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """A token's bytes where the tokenizer itself knows them (None: read them from its byte-level token string)."""
+        return None
+
     @functools.cached_property
     def longest_token_chars(self) -> int:
         """Most characters one token can stand for (a vocab entry's length bounds its decoded text: byte-level or not)."""
@@ -303,3 +307,22 @@ class Family(ABC):
     def max_context(self) -> int:
         text = getattr(self.config, "text_config", self.config)
         return int(getattr(text, "max_position_embeddings", 32768))
+
+
+def prompt_part_config(path: str, dtype: torch.dtype | str) -> tuple[Any, torch.dtype, Any]:
+    """(config, dtype, generation config) of a checkpoint whose weights another engine loads (the "prompt" part).
+
+    `dtype` "auto" is the checkpoint's own (its text config's, else float32); the generation config is None when the
+    checkpoint has none.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(dtype, str):
+        named = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or "float32"
+        dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = None
+    return config, dtype, generation

@@ -78,7 +78,9 @@ def generator_digest() -> str:
         digest.update(f"module {module} {len(content)}\n".encode())
         digest.update(content)
     for family, module in sorted(FAMILY_MODULES.items()):  # each family's builder and template, in its own folder
-        for name, content in ((module, _module_source(module)), (f"{family}.jinja", template_file(family).read_bytes())):
+        template = template_file(family)
+        sources = [(module, _module_source(module))] + ([(template.name, template.read_bytes())] if template.is_file() else [])
+        for name, content in sources:
             digest.update(f"family {family} {name} {len(content)}\n".encode())
             digest.update(content)
     for library in PINNED_LIBRARIES:

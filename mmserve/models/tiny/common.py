@@ -146,13 +146,20 @@ def generation_config(eos_token: str = EOS_TOKEN, bos_token: str = PAD_TOKEN) ->
     )
 
 
-def save_checkpoint(
-    spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig | None = None
+def save_pretrained(
+    spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig
 ) -> None:
-    """Finish a build: the generation config (the shared one by default), an fp32 check, model, processor and time-series adapter."""
-    model.generation_config = generation or generation_config()
+    """Save model (with `generation`) and processor, after checking that the weights are fp32."""
+    model.generation_config = generation
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise RuntimeError(f"{spec.name}: expected fp32 weights")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+
+
+def save_checkpoint(
+    spec: CheckpointSpec, out_dir: Path, model: PreTrainedModel, processor: ProcessorMixin, generation: GenerationConfig | None = None
+) -> None:
+    """Finish a build of the shared vocabulary: the generation config (the shared one by default), model, processor, time-series adapter."""
+    save_pretrained(spec, out_dir, model, processor, generation or generation_config())
     attach_time_series_adapter(spec, out_dir, llm_hidden_size=spec.text.hidden)

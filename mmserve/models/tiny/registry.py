@@ -68,6 +68,7 @@ FAMILY_MODULES: Mapping[str, str] = MappingProxyType(
         "qwen3_vl": "mmserve.models.families.qwen.tiny_qwen3_vl",
         "qwen2_5_omni": "mmserve.models.families.qwen.tiny_qwen2_5_omni",
         "gemma3": "mmserve.models.families.gemma3.tiny_gemma3",
+        "voxtral": "mmserve.models.families.voxtral.tiny_voxtral",
     }
 )
 
@@ -90,7 +91,9 @@ class Tier:
     time_series: TowerSize | None  # None: the adapter's default size (`time_series.DEFAULT_SIZE`)
     purpose: str
 
-    def spec(self, family: str, params: str, *, vision: TowerSize, audio: TowerSize | None = None, what: str = "") -> CheckpointSpec:
+    def spec(
+        self, family: str, params: str, *, vision: TowerSize | None = None, audio: TowerSize | None = None, what: str = ""
+    ) -> CheckpointSpec:
         """This tier's checkpoint of `family`, with the family's encoder sizes; `params` e.g. "~120 M"."""
         return CheckpointSpec(
             name=f"{family}-{self.suffix}",
@@ -117,6 +120,7 @@ MID = Tier(
 )
 TINY_ENCODER = TowerSize(hidden=64, layers=2, heads=4, intermediate=128)
 OMNI_THINKER = "Qwen2.5-Omni thinker, "
+VOXTRAL = "Voxtral (audio + text, Tekken tokenizer), "
 
 _SPECS = (
     TINY.spec("qwen2_5_vl", "~1 M", vision=TINY_ENCODER),
@@ -135,6 +139,9 @@ _SPECS = (
     # SigLIP towers (the size of Gemma 3's is fixed by the image side, not the LLM).
     TINY.spec("gemma3", "~1 M", vision=TINY_ENCODER, what="Gemma 3 (image + text), "),
     MID.spec("gemma3", "~110 M", vision=TowerSize(hidden=512, layers=8, heads=8, intermediate=1376), what="Gemma 3 (image + text), "),
+    # Voxtral's projector stacks 4 encoder frames: the audio tower's intermediate size is 4 x its width.
+    TINY.spec("voxtral", "~1.3 M", audio=TowerSize(hidden=64, layers=2, heads=4, intermediate=256), what=VOXTRAL),
+    MID.spec("voxtral", "~100 M", audio=TowerSize(hidden=384, layers=4, heads=6, intermediate=1536), what=VOXTRAL),
 )
 
 CHECKPOINTS: Mapping[str, CheckpointSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})

@@ -472,7 +472,7 @@ def _to_rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     width, height = size
     if (frame.width, frame.height) != size:
         frame = frame.reformat(width=width, height=height)
-    pixels = frame.to_ndarray(format="rgb24")
+    pixels: np.ndarray = frame.to_ndarray(format="rgb24")
     quarter_turns = _quarter_turns(frame)
     if quarter_turns:
         pixels = np.rot90(pixels, quarter_turns)

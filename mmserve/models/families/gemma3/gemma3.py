@@ -27,7 +27,7 @@ from PIL import Image
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.decoded import DecodedMedia
 from mmserve.errors import FailedPrecondition, InvalidArgument
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
@@ -50,19 +50,12 @@ class Gemma3(Family):
     @classmethod
     def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:
         import transformers
-        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+        from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(path)
         if part == "prompt":  # processor and config only: another engine runs the LLM
-            config = AutoConfig.from_pretrained(path)
-            if isinstance(dtype, str):  # "auto": the checkpoint's
-                named = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None) or "float32"
-                dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
-            try:
-                generation = GenerationConfig.from_pretrained(path)
-            except OSError:
-                generation = None
-            return cls(None, processor, config, dtype=dtype, generation_config=generation)
+            config, resolved, generation = prompt_part_config(path, dtype)
+            return cls(None, processor, config, dtype=resolved, generation_config=generation)
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype).to(device).eval()
         if part == "encoder":  # the encoder never runs the LLM: free its weights
             model.model.language_model = None

@@ -31,7 +31,7 @@ from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.decoded import DecodedMedia, DecodedVideo
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue
-from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
@@ -90,16 +90,9 @@ class QwenFamily(Family):
 
         (`Family.attach_time_series` then reads the token embedding table if the checkpoint has the adapter.)
         """
-        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+        from transformers import AutoProcessor
 
-        config = AutoConfig.from_pretrained(path)
-        if isinstance(dtype, str):  # "auto": the checkpoint's
-            named = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or "float32"
-            dtype = named if isinstance(named, torch.dtype) else getattr(torch, str(named).removeprefix("torch."))
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-        except OSError:
-            generation = None
+        config, dtype, generation = prompt_part_config(path, dtype)
         processor = AutoProcessor.from_pretrained(path)
         return cls(None, processor, config, dtype=dtype, generation_config=generation)
 
