@@ -24,6 +24,7 @@ from transformers import AutoProcessor, VoxtralConfig, VoxtralForConditionalGene
 from transformers.tokenization_mistral_common import MistralCommonBackend
 
 from mmserve.api.common.v1 import media_pb2
+from mmserve.decoded import DecodedAudio
 from mmserve.errors import InvalidArgument
 from mmserve.models.families import ChatPrompt, family_for
 from mmserve.models.families.voxtral.voxtral import Voxtral
@@ -48,9 +49,9 @@ def as_part(samples: np.ndarray) -> dict[str, str]:
     return {"type": "audio", "base64": base64.b64encode(buf.getvalue()).decode()}
 
 
-@dataclass
-class Decoded:
-    samples: np.ndarray
+def Decoded(samples: np.ndarray) -> DecodedAudio:
+    """`samples` as the encoder's audio decoder hands them over (mono, at the model's rate)."""
+    return DecodedAudio(samples=samples, sample_rate=RATE, source_rate=RATE, channels=1, duration_s=len(samples) / RATE, format="array")
 
 
 @dataclass
