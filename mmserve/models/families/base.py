@@ -122,7 +122,9 @@ class Family(ABC):
         from mmserve.models.weights import load_input_embeddings
 
         device = "cpu" if self.model is None else str(self.device)
-        support = TimeSeriesSupport.load(Path(path), self.tokenizer, int(self.text_config.hidden_size), dtype=self.dtype, device=device)
+        # The LLM's width: get_text_config() also finds it in a whole-model config (the prompt part's, e.g. Omni's top level).
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.text_config
+        support = TimeSeriesSupport.load(Path(path), self.tokenizer, int(text.hidden_size), dtype=self.dtype, device=device)
         if support is None:
             return
         self.time_series = support
