@@ -3,8 +3,13 @@
 Every test talks to real components. Redis is a private `redis-server` on a
 free port (never the machine's shared one), flushed before each test that
 asks for `redis_url`; tests that stop Redis on purpose get their own
-instance. Services run as child processes started with exactly the command
-`mmserve up` and compose use (`mmserve.launcher.SERVICE_COMMANDS`).
+instance. Services run in the test process (`inprocess`, `grpc_services`: the real
+servicers through the services' own start-up path, tests/inprocess.py) unless
+the test is about the process itself; then as child processes started with
+exactly the command `mmserve up` and compose use
+(`mmserve.launcher.SERVICE_COMMANDS`). Tests that start processes, clusters or
+vLLM, or take more than a few seconds, are marked `slow`: `pytest -m "not slow"`
+is the quick loop.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from mmserve.launcher import DEFAULT_VLLM_VENV, ServiceProcess
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
+from tests.inprocess import InProcessService, InProcessServices
 
 TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
@@ -80,6 +86,31 @@ def tiny_checkpoint() -> Path:
     from mmserve.models.tiny import ensure_checkpoint
 
     return ensure_checkpoint(TINY, CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def inprocess(tiny_checkpoint: Path) -> Iterator[InProcessServices]:
+    """Starts encoders and decoders of the tiny checkpoint inside the test process (`.start(role, redis_url=..., **settings)`)."""
+    services = InProcessServices({"model": f"tiny:{TINY}", "cache_dir": CACHE_DIR, "shutdown_grace_s": 2.0}, metrics_port=free_port())
+    yield services
+    services.close()
+
+
+@dataclass
+class GrpcServices:
+    """An in-process encoder and a decoder wired to it, on one Redis."""
+
+    encoder: InProcessService
+    decoder: InProcessService
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def grpc_services(inprocess: InProcessServices, redis_server: LocalRedis) -> GrpcServices:
+    """The session's in-process encoder (loopback fetches allowed, for the media server) and decoder on the session Redis."""
+    encoder = inprocess.start("encoder", redis_url=redis_server.url, fetch_allow_loopback=True)
+    decoder = inprocess.start("decoder", redis_url=redis_server.url, encoder_target=encoder.target)
+    return GrpcServices(encoder, decoder, redis_server.url)
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""The gRPC services run inside the test process: the real servicers, engine and pipeline, no child process.
+
+Each service goes through the same start-up path as `mmserve encoder` / `mmserve decoder`
+(`services.<role>.main.start`: the project's server builder, interceptors, health and
+reflection) on a grpc.aio server bound to 127.0.0.1:0, on an event loop in a background
+thread, so that the tests keep calling it with ordinary blocking stubs. What needs a
+separate process (start-up from the command line, SIGTERM, kill and restart, compose
+commands) stays in the process-level tests (conftest.py's `start_service`).
+
+One process has one Prometheus registry: every in-process service is scraped at the
+same /metrics (counters are labelled by service; the decoder engine's unlabelled gauges
+follow the engine started last, see `InProcessService.own_gauges`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mmserve.config import Settings
+from mmserve.metrics import serve_metrics
+from mmserve.rpc.health import wait_serving
+from mmserve.rpc.server import StartedService
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An asyncio event loop running forever in a daemon thread; `run` waits for a coroutine's result from any other thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="inprocess-services", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, object]) -> Future[object]:
+        """Start a coroutine on the loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class InProcessService:
+    """One started service: where to reach it, its settings, and what stops it."""
+
+    role: str
+    settings: Settings
+    started: StartedService
+    metrics_port: int
+    _watcher: Future[object] | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.started.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """/metrics of the test process (shared by all its in-process services)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def own_gauges(self) -> None:
+        """Point the process's engine gauges (running, waiting, KV cache) at this decoder's engine, as its start did."""
+        _, engine, _ = self.started.servicer.parts  # type: ignore[attr-defined]
+        engine.export_metrics()
+
+
+class InProcessServices:
+    """Starts encoders and decoders in this process (each with its own settings) and stops them all at the end."""
+
+    def __init__(self, base: dict[str, Any], metrics_port: int) -> None:
+        self.base = base
+        self.metrics_port = metrics_port
+        self.loop = BackgroundLoop()
+        self.started: list[InProcessService] = []
+        serve_metrics(metrics_port, "127.0.0.1")
+
+    def start(self, role: str, *, redis_url: str, **overrides: Any) -> InProcessService:
+        """Start `role` ("encoder" or "decoder") with these Settings fields on a free port; return once it is SERVING."""
+        if role == "encoder":
+            from services.encoder.main import start
+        elif role == "decoder":
+            from services.decoder.main import start
+        else:
+            raise ValueError(f"no in-process {role!r} (the gateway runs as a process)")
+        settings = Settings(**{**self.base, "redis_url": redis_url, f"{role}_port": 0, "metrics_port": None, **overrides})
+        started = self.loop.run(start(settings))
+        service = InProcessService(role, settings, started, self.metrics_port)
+        if started.probe is not None:
+            service._watcher = self.loop.spawn(started.server.watch(started.probe, settings.store_health_interval_s))
+        else:
+            self.loop.run(started.server.set_serving(True))
+        self.started.append(service)
+        wait_serving(service.target, timeout=30)
+        return service
+
+    def stop(self, service: InProcessService) -> None:
+        """Stop one service now (idempotent): its health watch, its server (grace from its settings), its cleanup."""
+        if service not in self.started:
+            return
+        self.started.remove(service)
+        if service._watcher is not None:
+            service._watcher.cancel()
+        self.loop.run(service.started.close(service.settings.shutdown_grace_s))
+
+    def close(self) -> None:
+        for service in reversed(list(self.started)):
+            with contextlib.suppress(Exception):
+                self.stop(service)
+        self.loop.close()
