@@ -127,8 +127,15 @@ class _StoreBytes:
         yield GaugeMetricFamily("mmserve_store_bytes", "Bytes of memory used by the embedding store (Redis used_memory).", value=used)
 
 
+_store_size: _StoreBytes | None = None
+
+
 def register_store_size(redis_url: str) -> None:
-    """Expose the store's size from this process (the encoder does)."""
+    """Expose the store's size from this process (the encoder does; a later call, as from a second in-process encoder, replaces the first)."""
+    global _store_size
     from prometheus_client import REGISTRY
 
-    REGISTRY.register(_StoreBytes(redis_url))
+    if _store_size is not None:
+        REGISTRY.unregister(_store_size)
+    _store_size = _StoreBytes(redis_url)
+    REGISTRY.register(_store_size)
