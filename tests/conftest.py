@@ -33,6 +33,18 @@ TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
 
 
+#: Fixtures that start service processes (and so every stack), a Redis Cluster, or the vLLM environment:
+#: a test that uses one, directly or through another fixture, is marked `slow`.
+PROCESS_FIXTURES = frozenset({"start_service", "redis_cluster", "vllm_env"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test whose fixtures start processes (tests slow for other reasons carry the marker themselves)."""
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[LocalRedis]:
     with LocalRedis() as server:
