@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ from mmserve.launcher import DEFAULT_VLLM_VENV, ServiceProcess
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
-from tests.inprocess import InProcessService, InProcessServices
+from tests.inprocess import InProcessGateway, InProcessService, InProcessServices
 
 TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
@@ -249,11 +250,11 @@ def media_server() -> Iterator[MediaServer]:
 
 @dataclass
 class Stack:
-    """Encoder, decoder and gateway processes against one Redis."""
+    """Encoder, decoder and gateway (processes, or in-process: `start_inprocess_stack`) against one Redis."""
 
-    encoder: RunningService
-    decoder: RunningService
-    gateway: RunningService
+    encoder: RunningService | InProcessService
+    decoder: RunningService | InProcessService
+    gateway: RunningService | InProcessGateway
     redis_url: str
 
     def client(self, **kwargs: object):
@@ -272,6 +273,14 @@ def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stac
     encoder = start_service("encoder", redis_url=redis_url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", **env)
     decoder = start_service("decoder", redis_url=redis_url, MMSERVE_ENCODER_TARGET=encoder.target, **env)
     gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target, MMSERVE_ENCODER_TARGET=encoder.target, **env)
+    return Stack(encoder, decoder, gateway, redis_url)
+
+
+def start_inprocess_stack(inprocess: InProcessServices, redis_url: str, **settings: Any) -> Stack:
+    """The three services wired together as `start_stack` does, in the test process (these Settings fields for all three)."""
+    encoder = inprocess.start("encoder", redis_url=redis_url, fetch_allow_loopback=True, **settings)
+    decoder = inprocess.start("decoder", redis_url=redis_url, encoder_target=encoder.target, **settings)
+    gateway = inprocess.start_gateway(decoder_target=decoder.target, encoder_target=encoder.target, **settings)
     return Stack(encoder, decoder, gateway, redis_url)
 
 

@@ -1,9 +1,10 @@
-"""The gRPC services run inside the test process: the real servicers, engine and pipeline, no child process.
+"""The services run inside the test process: the real servicers, engine, pipeline and gateway app, no child process.
 
-Each service goes through the same start-up path as `mmserve encoder` / `mmserve decoder`
+Each gRPC service goes through the same start-up path as `mmserve encoder` / `mmserve decoder`
 (`services.<role>.main.start`: the project's server builder, interceptors, health and
-reflection) on a grpc.aio server bound to 127.0.0.1:0, on an event loop in a background
-thread, so that the tests keep calling it with ordinary blocking stubs. What needs a
+reflection) on a grpc.aio server bound to 127.0.0.1:0; the gateway is its app under uvicorn
+with the gateway's own server configuration. All run on one event loop in a background
+thread, so that the tests keep calling them with ordinary blocking clients. What needs a
 separate process (start-up from the command line, SIGTERM, kill and restart, compose
 commands) stays in the process-level tests (conftest.py's `start_service`).
 
@@ -22,10 +23,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import uvicorn
+
 from mmserve.config import Settings
+from mmserve.localredis import free_port
 from mmserve.metrics import serve_metrics
 from mmserve.rpc.health import wait_serving
 from mmserve.rpc.server import StartedService
+from mmserve.stack import wait_http_ok
 
 T = TypeVar("T")
 
@@ -60,6 +65,7 @@ class InProcessService:
     started: StartedService
     metrics_port: int
     _watcher: Future[object] | None = field(default=None, repr=False)
+    _owner: InProcessServices | None = field(default=None, repr=False)
 
     @property
     def port(self) -> int:
@@ -74,10 +80,47 @@ class InProcessService:
         """/metrics of the test process (shared by all its in-process services)."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def stop(self) -> None:
+        """Stop this service now (idempotent)."""
+        if self._owner is not None:
+            self._owner.stop(self)
+
     def own_gauges(self) -> None:
         """Point the process's engine gauges (running, waiting, KV cache) at this decoder's engine, as its start did."""
         _, engine, _ = self.started.servicer.parts  # type: ignore[attr-defined]
         engine.export_metrics()
+
+
+@dataclass
+class InProcessGateway:
+    """The gateway app under uvicorn, as `mmserve gateway` serves it (gateway/main.py), on this process's loop thread."""
+
+    settings: Settings
+    server: uvicorn.Server
+    task: Future[object]
+    _owner: InProcessServices | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.settings.gateway_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The gateway's OpenAI base URL."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def metrics_url(self) -> str:
+        """The gateway's /metrics (the test process's registry: the in-process services' series too)."""
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def stop(self) -> None:
+        if self._owner is not None:
+            self._owner.stop(self)
 
 
 class InProcessServices:
@@ -87,7 +130,7 @@ class InProcessServices:
         self.base = base
         self.metrics_port = metrics_port
         self.loop = BackgroundLoop()
-        self.started: list[InProcessService] = []
+        self.started: list[InProcessService | InProcessGateway] = []
         serve_metrics(metrics_port, "127.0.0.1")
 
     def start(self, role: str, *, redis_url: str, **overrides: Any) -> InProcessService:
@@ -97,10 +140,10 @@ class InProcessServices:
         elif role == "decoder":
             from services.decoder.main import start
         else:
-            raise ValueError(f"no in-process {role!r} (the gateway runs as a process)")
+            raise ValueError(f"no in-process {role!r} (the gateway has `start_gateway`)")
         settings = Settings(**{**self.base, "redis_url": redis_url, f"{role}_port": 0, "metrics_port": None, **overrides})
         started = self.loop.run(start(settings))
-        service = InProcessService(role, settings, started, self.metrics_port)
+        service = InProcessService(role, settings, started, self.metrics_port, _owner=self)
         if started.probe is not None:
             service._watcher = self.loop.spawn(started.server.watch(started.probe, settings.store_health_interval_s))
         else:
@@ -109,11 +152,27 @@ class InProcessServices:
         wait_serving(service.target, timeout=30)
         return service
 
-    def stop(self, service: InProcessService) -> None:
+    def start_gateway(self, **overrides: Any) -> InProcessGateway:
+        """Start the gateway app (these Settings fields, e.g. `decoder_target`) on a free port; return once /health answers."""
+        from gateway.app import create_app
+        from gateway.server import server_config
+
+        settings = Settings(**{**self.base, "gateway_port": free_port(), **overrides})
+        server = uvicorn.Server(server_config(create_app(settings), settings))
+        gateway = InProcessGateway(settings, server, self.loop.spawn(server.serve()), _owner=self)
+        self.started.append(gateway)
+        wait_http_ok(f"http://127.0.0.1:{gateway.port}/health", timeout=30, alive=lambda: not gateway.task.done())
+        return gateway
+
+    def stop(self, service: InProcessService | InProcessGateway) -> None:
         """Stop one service now (idempotent): its health watch, its server (grace from its settings), its cleanup."""
         if service not in self.started:
             return
         self.started.remove(service)
+        if isinstance(service, InProcessGateway):
+            service.server.should_exit = True
+            service.task.result(30)
+            return
         if service._watcher is not None:
             service._watcher.cancel()
         self.loop.run(service.started.close(service.settings.shutdown_grace_s))
