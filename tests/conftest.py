@@ -290,6 +290,20 @@ def stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
     return start_stack(start_service, redis_server.url)
 
 
+@pytest.fixture(scope="session")
+def inprocess_stack(inprocess: InProcessServices, grpc_services: GrpcServices) -> Stack:
+    """The session's in-process encoder and decoder (`grpc_services`) behind an in-process gateway, on the session Redis."""
+    gateway = inprocess.start_gateway(decoder_target=grpc_services.decoder.target, encoder_target=grpc_services.encoder.target)
+    return Stack(grpc_services.encoder, grpc_services.decoder, gateway, grpc_services.redis_url)
+
+
+@pytest.fixture(scope="session")
+def inprocess_omni_stack(inprocess: InProcessServices) -> Iterator[Stack]:
+    """`omni_stack` in the test process: the Omni thinker + time-series adapter (all four modalities) on its own Redis."""
+    with LocalRedis() as server:
+        yield start_inprocess_stack(inprocess, server.url, model="tiny:qwen2_5_omni-tiny")
+
+
 @pytest.fixture(scope="module")
 def module_redis() -> Iterator[LocalRedis]:
     """A redis-server for one test module's own stack."""

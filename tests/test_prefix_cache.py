@@ -16,11 +16,18 @@ from collections.abc import Iterator
 import pytest
 
 from mmserve.localredis import LocalRedis
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import data_url, png_bytes, scrape
 from tests.test_equivalence_modalities import MAX_TOKENS, FamilyReference, references  # noqa: F401 - fixture
 
 SYSTEM = "You are a careful assistant who looks at pictures and answers in one sentence. " * 3
+
+
+@pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
 
 
 def ask(stack: Stack, png: bytes, question: str) -> tuple[str, int, int]:
@@ -54,10 +61,9 @@ def test_the_same_image_asked_again_skips_its_prefill(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def chunked_qwen3(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
-    stack = start_stack(
-        start_service, module_redis.url, MMSERVE_MODEL="tiny:qwen3_vl-tiny",
-        MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
+def chunked_qwen3(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[Stack]:
+    stack = start_inprocess_stack(
+        inprocess, module_redis.url, model="tiny:qwen3_vl-tiny", prefill_chunk_tokens=16, prefix_cache_block_tokens=16,
     )
     yield stack
     stack.stop()
