@@ -285,9 +285,15 @@ def start_inprocess_stack(inprocess: InProcessServices, redis_url: str, **settin
 
 
 @pytest.fixture(scope="session")
-def stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
-    """The shared stack on the session Redis."""
+def process_stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
+    """The shared stack of processes on the session Redis."""
     return start_stack(start_service, redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def stack(process_stack: Stack) -> Stack:
+    """The shared stack of processes (a module whose tests need none overrides `stack` with `inprocess_stack`)."""
+    return process_stack
 
 
 @pytest.fixture(scope="session")
