@@ -39,6 +39,8 @@ from tests.test_equivalence_modalities import (
     references,  # noqa: F401 - fixture
 )
 
+pytestmark = pytest.mark.slow  # every family twice, each request alone then batched: ~20 s in all
+
 MODALITIES = {
     "qwen2_5_vl": ("image", "video", "time_series"),
     "qwen3_vl": ("image", "video", "time_series"),

@@ -48,7 +48,7 @@ def encoder(inprocess: InProcessServices, redis_server: LocalRedis) -> Iterator[
 
 @pytest.fixture(scope="module")
 def encoder_process(start_service: StartService, redis_server: LocalRedis) -> RunningService:
-    """The same encoder as a `mmserve encoder` process (for what is measured on the process: its peak memory)."""
+    """The same encoder as a `mmserve encoder` process (for what needs the process: its peak memory, its own torch threads)."""
     return start_service(
         "encoder", redis_url=redis_server.url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", MMSERVE_MAX_ITEM_BYTES=str(4 * MiB)
     )
@@ -116,7 +116,9 @@ def as_array(raw: RawTensor) -> np.ndarray:
 # --- correctness --------------------------------------------------------------------
 
 
-def test_stored_embedding_equals_reference_bit_for_bit(encoder: InProcessService, redis_url: str, reference) -> None:
+def test_stored_embedding_equals_reference_bit_for_bit(encoder_process: RunningService, redis_url: str, reference) -> None:
+    """On a process: bit for bit needs the encoder's own torch thread count, which in-process decoders change for the whole process."""
+    encoder = encoder_process
     png = png_bytes(seed=1)
     with encoder_stub(encoder.target) as stub:
         result = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0]
