@@ -1,11 +1,13 @@
-"""Shared fixtures: real redis-server, real service processes, the tiny checkpoint.
+"""Shared fixtures: real redis-server, real services (in-process or child processes), the tiny checkpoint.
 
 Every test talks to real components. Redis is a private `redis-server` on a
 free port (never the machine's shared one), flushed before each test that
 asks for `redis_url`; tests that stop Redis on purpose get their own
-instance. Services run in the test process (`inprocess`, `grpc_services`: the real
-servicers through the services' own start-up path, tests/inprocess.py) unless
-the test is about the process itself; then as child processes started with
+instance. Services run in the test process (`inprocess`, `grpc_services`,
+`inprocess_stack`, `inprocess_omni_stack`, `start_inprocess_stack`: the real
+servicers and gateway app through the services' own start-up path,
+tests/inprocess.py) unless the test is about the process itself (`stack`,
+`process_stack`, `omni_stack`, `start_stack`); then as child processes started with
 exactly the command `mmserve up` and compose use
 (`mmserve.launcher.SERVICE_COMMANDS`). Tests that start processes, clusters or
 vLLM, or take more than a few seconds, are marked `slow`: `pytest -m "not slow"`

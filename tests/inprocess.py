@@ -10,7 +10,9 @@ commands) stays in the process-level tests (conftest.py's `start_service`).
 
 One process has one Prometheus registry: every in-process service is scraped at the
 same /metrics (counters are labelled by service; the decoder engine's unlabelled gauges
-follow the engine started last, see `InProcessService.own_gauges`).
+follow the engine started last, see `InProcessService.own_gauges`). One process also has
+one torch intra-op thread setting, which the decoder engine changes: a bit-for-bit
+comparison with a reference computed in the test thread needs a service process.
 """
 
 from __future__ import annotations
