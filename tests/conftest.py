@@ -1,10 +1,17 @@
-"""Shared fixtures: real redis-server, real service processes, the tiny checkpoint.
+"""Shared fixtures: real redis-server, real services (in-process or child processes), the tiny checkpoint.
 
 Every test talks to real components. Redis is a private `redis-server` on a
 free port (never the machine's shared one), flushed before each test that
 asks for `redis_url`; tests that stop Redis on purpose get their own
-instance. Services run as child processes started with exactly the command
-`mmserve up` and compose use (`mmserve.launcher.SERVICE_COMMANDS`).
+instance. Services run in the test process (`inprocess`, `grpc_services`,
+`inprocess_stack`, `inprocess_omni_stack`, `start_inprocess_stack`: the real
+servicers and gateway app through the services' own start-up path,
+tests/inprocess.py) unless the test is about the process itself (`stack`,
+`process_stack`, `omni_stack`, `start_stack`); then as child processes started with
+exactly the command `mmserve up` and compose use
+(`mmserve.launcher.SERVICE_COMMANDS`). Tests that start processes, clusters or
+vLLM, or take more than a few seconds, are marked `slow`: `pytest -m "not slow"`
+is the quick loop.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +30,22 @@ from mmserve.launcher import DEFAULT_VLLM_VENV, ServiceProcess
 from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
+from tests.inprocess import InProcessGateway, InProcessService, InProcessServices
 
 TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
+
+
+#: Fixtures that start service processes (and so every stack), a Redis Cluster, or the vLLM environment:
+#: a test that uses one, directly or through another fixture, is marked `slow`.
+PROCESS_FIXTURES = frozenset({"start_service", "redis_cluster", "vllm_env"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test whose fixtures start processes (tests slow for other reasons carry the marker themselves)."""
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +101,31 @@ def tiny_checkpoint() -> Path:
     from mmserve.models.tiny import ensure_checkpoint
 
     return ensure_checkpoint(TINY, CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def inprocess(tiny_checkpoint: Path) -> Iterator[InProcessServices]:
+    """Starts encoders and decoders of the tiny checkpoint inside the test process (`.start(role, redis_url=..., **settings)`)."""
+    services = InProcessServices({"model": f"tiny:{TINY}", "cache_dir": CACHE_DIR, "shutdown_grace_s": 2.0}, metrics_port=free_port())
+    yield services
+    services.close()
+
+
+@dataclass
+class GrpcServices:
+    """An in-process encoder and a decoder wired to it, on one Redis."""
+
+    encoder: InProcessService
+    decoder: InProcessService
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def grpc_services(inprocess: InProcessServices, redis_server: LocalRedis) -> GrpcServices:
+    """The session's in-process encoder (loopback fetches allowed, for the media server) and decoder on the session Redis."""
+    encoder = inprocess.start("encoder", redis_url=redis_server.url, fetch_allow_loopback=True)
+    decoder = inprocess.start("decoder", redis_url=redis_server.url, encoder_target=encoder.target)
+    return GrpcServices(encoder, decoder, redis_server.url)
 
 
 @dataclass
@@ -206,11 +252,11 @@ def media_server() -> Iterator[MediaServer]:
 
 @dataclass
 class Stack:
-    """Encoder, decoder and gateway processes against one Redis."""
+    """Encoder, decoder and gateway (processes, or in-process: `start_inprocess_stack`) against one Redis."""
 
-    encoder: RunningService
-    decoder: RunningService
-    gateway: RunningService
+    encoder: RunningService | InProcessService
+    decoder: RunningService | InProcessService
+    gateway: RunningService | InProcessGateway
     redis_url: str
 
     def client(self, **kwargs: object):
@@ -232,10 +278,38 @@ def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stac
     return Stack(encoder, decoder, gateway, redis_url)
 
 
+def start_inprocess_stack(inprocess: InProcessServices, redis_url: str, **settings: Any) -> Stack:
+    """The three services wired together as `start_stack` does, in the test process (these Settings fields for all three)."""
+    encoder = inprocess.start("encoder", redis_url=redis_url, fetch_allow_loopback=True, **settings)
+    decoder = inprocess.start("decoder", redis_url=redis_url, encoder_target=encoder.target, **settings)
+    gateway = inprocess.start_gateway(decoder_target=decoder.target, encoder_target=encoder.target, **settings)
+    return Stack(encoder, decoder, gateway, redis_url)
+
+
 @pytest.fixture(scope="session")
-def stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
-    """The shared stack on the session Redis."""
+def process_stack(start_service: StartService, redis_server: LocalRedis) -> Stack:
+    """The shared stack of processes on the session Redis."""
     return start_stack(start_service, redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def stack(process_stack: Stack) -> Stack:
+    """The shared stack of processes (a module whose tests need none overrides `stack` with `inprocess_stack`)."""
+    return process_stack
+
+
+@pytest.fixture(scope="session")
+def inprocess_stack(inprocess: InProcessServices, grpc_services: GrpcServices) -> Stack:
+    """The session's in-process encoder and decoder (`grpc_services`) behind an in-process gateway, on the session Redis."""
+    gateway = inprocess.start_gateway(decoder_target=grpc_services.decoder.target, encoder_target=grpc_services.encoder.target)
+    return Stack(grpc_services.encoder, grpc_services.decoder, gateway, grpc_services.redis_url)
+
+
+@pytest.fixture(scope="session")
+def inprocess_omni_stack(inprocess: InProcessServices) -> Iterator[Stack]:
+    """`omni_stack` in the test process: the Omni thinker + time-series adapter (all four modalities) on its own Redis."""
+    with LocalRedis() as server:
+        yield start_inprocess_stack(inprocess, server.url, model="tiny:qwen2_5_omni-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import grpc
 import redis
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +16,20 @@ from mmserve.api.common.v1 import media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2_grpc
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.samples import data_url, png_bytes  # noqa: F401 - re-exported for the tests
+
+#: torch's intra-op thread count in a fresh process, read at import (during collection: before any in-process decoder runs).
+FRESH_THREADS = torch.get_num_threads()
+
+
+@contextmanager
+def fresh_process_threads() -> Iterator[None]:
+    """Run the block with a fresh process's torch thread count (an in-process decoder engine changes it for the whole process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(FRESH_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def image_item(data: bytes | None = None, *, url: str | None = None, uuid: str = "", **options: object) -> media_pb2.MediaInput:

@@ -24,7 +24,9 @@ import pytest
 
 from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from tests.conftest import RunningService, Stack, StartService, start_stack
+from mmserve.localredis import LocalRedis
+from tests.conftest import RunningService, Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import scrape
 
 LONG = 4000
@@ -120,9 +122,10 @@ def test_a_deadline_takes_the_request_out_of_the_batch(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_kv_stack(start_service: StartService, module_redis: object) -> Iterator[Stack]:
-    """A decoder whose KV budget holds 300 tokens."""
-    stack = start_stack(start_service, module_redis.url, MMSERVE_KV_CACHE_TOKENS="300")  # type: ignore[attr-defined]
+def small_kv_stack(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[Stack]:
+    """A decoder whose KV budget holds 300 tokens (in-process; the engine gauges show it)."""
+    stack = start_inprocess_stack(inprocess, module_redis.url, kv_cache_tokens=300)
+    stack.decoder.own_gauges()  # type: ignore[union-attr]
     yield stack
     stack.stop()
 

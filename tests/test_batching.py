@@ -25,7 +25,8 @@ from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import encoder_stub, image_item, png_bytes, scrape
 from tests.test_equivalence_modalities import (
     AUDIO,
@@ -40,6 +41,7 @@ from tests.test_equivalence_modalities import (
     wav_bytes,
 )
 
+pytestmark = pytest.mark.slow  # every family twice, each request alone then batched: ~20 s in all
 QUESTION = {"image": "What is this?", "video": "What happens?", "audio": "What is said?", "time_series": "Describe the trend."}
 STORED_IMAGE = png_bytes(112, 72, seed=21)
 STORED_AUDIO = wav_bytes(seconds=1.5, seed=21)
@@ -158,17 +160,23 @@ def reference_text(ref: FamilyReference, kind: str, question: str) -> str:
 
 
 #: Decoder variants: the defaults (the tiny models' small layers stay on MKL), and every linear layer through oneDNN.
-VARIANTS = {"default": {}, "onednn": {"MMSERVE_ONEDNN_MIN_WEIGHTS": "0"}}
+VARIANTS: dict[str, dict[str, int]] = {"default": {}, "onednn": {"onednn_min_weights": 0}}
 
 
 @pytest.fixture(scope="module")
-def family_stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[tuple[str, str], Stack]]:
+def family_stacks(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[dict[tuple[str, str], Stack]]:
+    """One in-process stack per family and decoder variant, started on first use (the engine gauges show the one asked for)."""
     started: dict[tuple[str, str], Stack] = {}
 
     class Lazy(dict):
+        def __getitem__(self, key: tuple[str, str]) -> Stack:
+            stack: Stack = super().__getitem__(key)
+            stack.decoder.own_gauges()  # type: ignore[union-attr]
+            return stack
+
         def __missing__(self, key: tuple[str, str]) -> Stack:
             family, variant = key
-            stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}", **VARIANTS[variant])
+            stack = start_inprocess_stack(inprocess, module_redis.url, model=f"tiny:{FAMILIES[family]}", **VARIANTS[variant])
             with encoder_stub(stack.encoder.target) as stub:
                 stub.Encode(enc_pb.EncodeRequest(items=[stored_item(family)]))
             started[key] = stack

@@ -29,7 +29,8 @@ from mmserve.api.encoder.v1 import encoder_service_pb2 as enc
 from mmserve.localredis import LocalRedis
 from mmserve.models.tensors import from_raw
 from mmserve.store import RawTensor
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import data_url, encoder_stub, png_bytes, redis_keys, rpc_error
 from tests.test_equivalence_modalities import wav_bytes
 
@@ -42,15 +43,15 @@ FLOAT_NAMES = {tensor_pb2.DATA_TYPE_FLOAT32: "float32", tensor_pb2.DATA_TYPE_FLO
 
 
 @pytest.fixture(scope="module")
-def stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
-    """One stack per family, started on first use; the previous one is stopped (two cores, finite memory)."""
+def stacks(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+    """One in-process stack per family, started on first use; the previous one is stopped (finite memory)."""
     started: dict[str, Stack] = {}
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
             for other in list(self):
                 self.pop(other).stop()
-            self[family] = started[family] = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+            self[family] = started[family] = start_inprocess_stack(inprocess, module_redis.url, model=f"tiny:{FAMILIES[family]}")
             return started[family]
 
     yield Lazy()

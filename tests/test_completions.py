@@ -25,6 +25,12 @@ PROMPTS = ["Once upon a time", "def fibonacci(n):", "1, 2, 3,"]
 
 
 @pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
+
+
+@pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
     return stack.client()
 

@@ -1,9 +1,9 @@
-"""The decoder service over gRPC: a real `mmserve decoder` process against a real encoder and Redis.
+"""The decoder service over gRPC: the real decoder servicer and engine (in-process, tests/inprocess.py) against a real encoder and Redis.
 
 Operations (health, reflection, ListModels), every validation error with the
 status and the request field it names, embeddings from another model refused,
 admission control (RESOURCE_EXHAUSTED), cancellation and deadlines that free
-the running slot, and a clean exit on SIGTERM.
+the running slot; and, as a `mmserve decoder` process, a clean exit on SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
 from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.store import EmbeddingStore
-from tests.conftest import RunningService, Stack, StartService
+from tests.conftest import GrpcServices, StartService
+from tests.inprocess import InProcessService, InProcessServices
 from tests.support import encoder_stub, image_item, png_bytes, rpc_error, scrape
 
 SERVICE = "mmserve.decoder.v1.DecoderService"
@@ -58,8 +59,8 @@ def long_request() -> pb.GenerateRequest:
 
 
 @pytest.fixture(scope="module")
-def channel(stack: Stack) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(stack.decoder.target) as ch:
+def channel(grpc_services: GrpcServices) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(grpc_services.decoder.target) as ch:
         yield ch
 
 
@@ -68,29 +69,36 @@ def decoder(channel: grpc.Channel) -> pb_grpc.DecoderServiceStub:
     return pb_grpc.DecoderServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def small_context(start_service: StartService, stack: Stack) -> RunningService:
-    """A decoder whose context holds 64 tokens, on the session stack's encoder and Redis."""
-    return start_service("decoder", redis_url=stack.redis_url, MMSERVE_ENCODER_TARGET=stack.encoder.target, MMSERVE_MAX_MODEL_LEN="64")
+def own_decoder(inprocess: InProcessServices, grpc_services: GrpcServices, **settings: object) -> Iterator[InProcessService]:
+    """An in-process decoder with these settings on the session's encoder and Redis, stopped at the end."""
+    service = inprocess.start("decoder", redis_url=grpc_services.redis_url, encoder_target=grpc_services.encoder.target, **settings)
+    yield service
+    inprocess.stop(service)
 
 
 @pytest.fixture(scope="module")
-def single_slot(start_service: StartService, stack: Stack) -> RunningService:
-    """A decoder that generates one request at a time and queues none."""
-    return start_service(
-        "decoder",
-        redis_url=stack.redis_url,
-        MMSERVE_ENCODER_TARGET=stack.encoder.target,
-        MMSERVE_MAX_RUNNING_REQUESTS="1",
-        MMSERVE_MAX_WAITING_REQUESTS="0",
-    )
+def small_context(inprocess: InProcessServices, grpc_services: GrpcServices) -> Iterator[InProcessService]:
+    """A decoder whose context holds 64 tokens, on the session's encoder and Redis."""
+    yield from own_decoder(inprocess, grpc_services, max_model_len=64)
 
 
-def running(service: RunningService) -> float:
+@pytest.fixture(scope="module")
+def single_slot_decoder(inprocess: InProcessServices, grpc_services: GrpcServices) -> Iterator[InProcessService]:
+    yield from own_decoder(inprocess, grpc_services, max_running_requests=1, max_waiting_requests=0)
+
+
+@pytest.fixture
+def single_slot(single_slot_decoder: InProcessService) -> InProcessService:
+    """A decoder that generates one request at a time and queues none (the process's engine gauges show its engine)."""
+    single_slot_decoder.own_gauges()
+    return single_slot_decoder
+
+
+def running(service: InProcessService) -> float:
     return scrape(service.metrics_url)[RUNNING]
 
 
-def wait_running(service: RunningService, value: float, timeout: float = 5.0) -> float:
+def wait_running(service: InProcessService, value: float, timeout: float = 5.0) -> float:
     """Poll the decoder's running gauge until it equals `value`; return how long that took."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -120,7 +128,7 @@ def test_health_serving_and_reflection(channel: grpc.Channel) -> None:
     assert methods == {"Generate", "ListModels"}
 
 
-def test_list_models_card(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> None:
+def test_list_models_card(decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices) -> None:
     models = decoder.ListModels(pb.ListModelsRequest()).models
     assert len(models) == 1
     card = models[0]
@@ -130,7 +138,7 @@ def test_list_models_card(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> 
     assert IMAGE in card.modalities and media_pb2.MODALITY_UNSPECIFIED not in card.modalities
     assert card.max_model_len == 32768
     assert card.random_weights is True
-    with encoder_stub(stack.encoder.target) as enc:
+    with encoder_stub(grpc_services.encoder.target) as enc:
         info = enc.GetModelInfo(enc_pb.GetModelInfoRequest())
     assert card.model_fingerprint == info.model_fingerprint != ""
 
@@ -162,13 +170,13 @@ INVALID = {
 
 
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_argument_names_the_field(decoder: pb_grpc.DecoderServiceStub, stack: Stack, case: str) -> None:
+def test_invalid_argument_names_the_field(decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices, case: str) -> None:
     req, field = INVALID[case]
-    before = scrape(stack.encoder.metrics_url).get('mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}', 0.0)
+    before = scrape(grpc_services.encoder.metrics_url).get('mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}', 0.0)
     code, err = rpc_error(lambda: list(decoder.Generate(req)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, err
     assert err.field == field and err.message
-    after = scrape(stack.encoder.metrics_url).get('mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}', 0.0)
+    after = scrape(grpc_services.encoder.metrics_url).get('mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}', 0.0)
     assert after == before, "a request refused for its form still reached the encoder"
 
 
@@ -185,7 +193,7 @@ def test_valid_neighbours_of_the_invalid_cases_pass(decoder: pb_grpc.DecoderServ
         assert last.finish_reason != pb.FINISH_REASON_UNSPECIFIED and last.usage.total_tokens > 0
 
 
-def test_prompt_longer_than_the_context(small_context: RunningService) -> None:
+def test_prompt_longer_than_the_context(small_context: InProcessService) -> None:
     with grpc.insecure_channel(small_context.target) as ch:
         stub = pb_grpc.DecoderServiceStub(ch)
         assert stub.ListModels(pb.ListModelsRequest()).models[0].max_model_len == 64
@@ -208,12 +216,12 @@ def test_prompt_longer_than_the_context(small_context: RunningService) -> None:
 # --- stored embeddings ----------------------------------------------------------------
 
 
-def test_embedding_from_another_model_is_failed_precondition(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> None:
-    with encoder_stub(stack.encoder.target) as enc:
+def test_embedding_from_another_model_is_failed_precondition(decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices) -> None:
+    with encoder_stub(grpc_services.encoder.target) as enc:
         ours = enc.Encode(enc_pb.EncodeRequest(items=[image_item(png_bytes(seed=901), uuid="dec-ours")])).results[0].embedding
 
     async def plant() -> None:
-        async with EmbeddingStore(stack.redis_url, ttl_s=600) as store:
+        async with EmbeddingStore(grpc_services.redis_url, ttl_s=600) as store:
             stored = await store.get("dec-ours", tenant="default")
             assert stored is not None
             foreign = type(stored.descriptor)()
@@ -236,9 +244,9 @@ def test_embedding_from_another_model_is_failed_precondition(decoder: pb_grpc.De
     assert last.usage.cached_media == 1 and last.usage.prompt_tokens > ours.token_count
 
 
-def test_a_reference_of_another_modality_is_the_same_400_in_both_services(decoder: pb_grpc.DecoderServiceStub, stack: Stack) -> None:
+def test_a_reference_of_another_modality_is_the_same_400_in_both_services(decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices) -> None:
     """An image embedding named by a video part: INVALID_ARGUMENT / MODALITY_MISMATCH from the encoder and the decoder alike."""
-    with encoder_stub(stack.encoder.target) as enc:
+    with encoder_stub(grpc_services.encoder.target) as enc:
         enc.Encode(enc_pb.EncodeRequest(items=[image_item(png_bytes(seed=902), uuid="dec-an-image")]))
         as_video = media_pb2.MediaInput(modality=media_pb2.MODALITY_VIDEO, uuid="dec-an-image")
         enc_code, enc_err = rpc_error(lambda: enc.Encode(enc_pb.EncodeRequest(items=[as_video])))
@@ -267,7 +275,7 @@ def test_unknown_references_are_not_found_listing_all(decoder: pb_grpc.DecoderSe
 # --- admission, cancellation, deadlines ---------------------------------------------------
 
 
-def test_second_concurrent_request_is_resource_exhausted(single_slot: RunningService) -> None:
+def test_second_concurrent_request_is_resource_exhausted(single_slot: InProcessService) -> None:
     with grpc.insecure_channel(single_slot.target) as ch:
         stub = pb_grpc.DecoderServiceStub(ch)
         first = stub.Generate(long_request())
@@ -283,7 +291,7 @@ def test_second_concurrent_request_is_resource_exhausted(single_slot: RunningSer
         assert generate_text(stub, request(max_tokens=3, ignore_eos=True)) != ""
 
 
-def test_cancelled_call_frees_its_slot(single_slot: RunningService) -> None:
+def test_cancelled_call_frees_its_slot(single_slot: InProcessService) -> None:
     with grpc.insecure_channel(single_slot.target) as ch:
         stub = pb_grpc.DecoderServiceStub(ch)
         wait_running(single_slot, 0)
@@ -300,7 +308,7 @@ def test_cancelled_call_frees_its_slot(single_slot: RunningService) -> None:
         assert last.usage.completion_tokens == 5
 
 
-def test_cancelled_call_that_is_not_being_read_frees_its_slot(single_slot: RunningService) -> None:
+def test_cancelled_call_that_is_not_being_read_frees_its_slot(single_slot: InProcessService) -> None:
     """The client stops reading (server blocked on flow control), then cancels: the slot is freed all the same."""
     with grpc.insecure_channel(single_slot.target) as ch:
         stub = pb_grpc.DecoderServiceStub(ch)
@@ -313,7 +321,7 @@ def test_cancelled_call_that_is_not_being_read_frees_its_slot(single_slot: Runni
         assert generate_text(stub, request(max_tokens=3, ignore_eos=True)) != ""
 
 
-def test_deadline_shorter_than_the_generation(single_slot: RunningService) -> None:
+def test_deadline_shorter_than_the_generation(single_slot: InProcessService) -> None:
     with grpc.insecure_channel(single_slot.target) as ch:
         stub = pb_grpc.DecoderServiceStub(ch)
         wait_running(single_slot, 0)
@@ -330,15 +338,18 @@ def test_deadline_shorter_than_the_generation(single_slot: RunningService) -> No
 
 
 @pytest.fixture(scope="module")
-def one_waiting(start_service: StartService, stack: Stack) -> RunningService:
-    """A decoder with one running slot and room for one request to wait."""
-    return start_service(
-        "decoder", redis_url=stack.redis_url, MMSERVE_ENCODER_TARGET=stack.encoder.target,
-        MMSERVE_MAX_RUNNING_REQUESTS="1", MMSERVE_MAX_WAITING_REQUESTS="1",
-    )  # fmt: skip
+def one_waiting_decoder(inprocess: InProcessServices, grpc_services: GrpcServices) -> Iterator[InProcessService]:
+    yield from own_decoder(inprocess, grpc_services, max_running_requests=1, max_waiting_requests=1)
 
 
-def test_a_request_waits_for_a_free_slot_and_only_then_is_refused(one_waiting: RunningService) -> None:
+@pytest.fixture
+def one_waiting(one_waiting_decoder: InProcessService) -> InProcessService:
+    """A decoder with one running slot and room for one request to wait (the process's engine gauges show its engine)."""
+    one_waiting_decoder.own_gauges()
+    return one_waiting_decoder
+
+
+def test_a_request_waits_for_a_free_slot_and_only_then_is_refused(one_waiting: InProcessService) -> None:
     """With one running and one waiting slot, a second request waits (not refused) and runs when the first ends; a third is refused."""
     metrics = one_waiting.metrics_url
     with grpc.insecure_channel(one_waiting.target) as ch:
@@ -368,8 +379,10 @@ def test_a_request_waits_for_a_free_slot_and_only_then_is_refused(one_waiting: R
 # --- shutdown ---------------------------------------------------------------------------
 
 
-def test_sigterm_exits_cleanly(start_service: StartService, stack: Stack) -> None:
-    dec = start_service("decoder", redis_url=stack.redis_url, MMSERVE_ENCODER_TARGET=stack.encoder.target)
+@pytest.mark.slow
+def test_sigterm_exits_cleanly(start_service: StartService, grpc_services: GrpcServices) -> None:
+    """A `mmserve decoder` process (on the in-process encoder) serves, then exits 0 within the grace on SIGTERM."""
+    dec = start_service("decoder", redis_url=grpc_services.redis_url, MMSERVE_ENCODER_TARGET=grpc_services.encoder.target)
     with grpc.insecure_channel(dec.target) as ch:
         assert generate_text(pb_grpc.DecoderServiceStub(ch), request(max_tokens=2, ignore_eos=True)) != ""
     proc = dec.process.proc

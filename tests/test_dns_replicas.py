@@ -31,6 +31,8 @@ from mmserve.localredis import LocalRedis, free_port
 from tests.conftest import CACHE_DIR, TINY
 from tests.test_replicas import Outcome, Replica, one_chat, running
 
+pytestmark = pytest.mark.slow  # service processes found through DNS names
+
 AGE_S = 3.0  # MMSERVE_GRPC_MAX_CONNECTION_AGE_S of every service here (30 s by default)
 # A new answer is used after the next connection ages out (gRPC jitters the age by +-10%), one resolution
 # (at most one a second) and a connection with its health check; the rest is slack for 2 shared cores.

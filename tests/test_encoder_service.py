@@ -1,8 +1,10 @@
-"""The encoder service end to end: a real `mmserve encoder` process, a real redis-server, real HTTP.
+"""The encoder service end to end: the real encoder servicer and pipeline (in-process, tests/inprocess.py), a real redis-server, real HTTP.
 
 The embedding read back from Redis must equal the monolithic transformers
 reference computed here in-process on the same image, and every bad input must
-fail with the right status, name its field, and leave Redis untouched.
+fail with the right status, name its field, and leave Redis untouched. What is
+about the process (a Redis outage then SIGTERM, the peak memory of a decode) runs
+on `mmserve encoder` processes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,23 @@ from mmserve.localredis import LocalRedis
 from mmserve.rpc.metadata import TENANT_KEY
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, content_id
 from tests.conftest import MediaServer, RunningService, StartService
-from tests.support import encoder_stub, image_item, png_bytes, redis_keys, rpc_error, scrape
+from tests.inprocess import InProcessService, InProcessServices
+from tests.support import encoder_stub, fresh_process_threads, image_item, png_bytes, redis_keys, rpc_error, scrape
 
 MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def encoder(start_service: StartService, redis_server: LocalRedis) -> RunningService:
+def encoder(inprocess: InProcessServices, redis_server: LocalRedis) -> Iterator[InProcessService]:
     """The encoder as tests run it: loopback fetches allowed (for the local media server), 4 MiB item cap."""
+    service = inprocess.start("encoder", redis_url=redis_server.url, fetch_allow_loopback=True, max_item_bytes=4 * MiB)
+    yield service
+    inprocess.stop(service)
+
+
+@pytest.fixture(scope="module")
+def encoder_process(start_service: StartService, redis_server: LocalRedis) -> RunningService:
+    """The same encoder as a `mmserve encoder` process (for what needs the process: its peak memory, its own torch threads)."""
     return start_service(
         "encoder", redis_url=redis_server.url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", MMSERVE_MAX_ITEM_BYTES=str(4 * MiB)
     )
@@ -51,9 +63,11 @@ def file_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def strict_encoder(start_service: StartService, redis_server: LocalRedis, file_root: Path) -> RunningService:
+def strict_encoder(inprocess: InProcessServices, redis_server: LocalRedis, file_root: Path) -> Iterator[InProcessService]:
     """The encoder with the default fetch guard (no loopback), a file root, and a 1 MiB item cap."""
-    return start_service("encoder", redis_url=redis_server.url, MMSERVE_FILE_ROOT=str(file_root), MMSERVE_MAX_ITEM_BYTES=str(MiB))
+    service = inprocess.start("encoder", redis_url=redis_server.url, file_root=file_root, max_item_bytes=MiB)
+    yield service
+    inprocess.stop(service)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +80,11 @@ def reference(tiny_checkpoint: Path) -> tuple[Any, Any]:
 
 
 def reference_embedding(reference: tuple[Any, Any], png: bytes) -> np.ndarray:
-    """The monolithic path: processor -> get_image_features, as transformers does inside generate()."""
+    """The monolithic path: processor -> get_image_features, as transformers does inside generate() (with a fresh process's threads)."""
     model, processor = reference
     image = Image.open(io.BytesIO(png)).convert("RGB")
     inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
-    with torch.inference_mode():
+    with torch.inference_mode(), fresh_process_threads():
         out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     return out[0].numpy()
 
@@ -102,7 +116,9 @@ def as_array(raw: RawTensor) -> np.ndarray:
 # --- correctness --------------------------------------------------------------------
 
 
-def test_stored_embedding_equals_reference_bit_for_bit(encoder: RunningService, redis_url: str, reference) -> None:
+def test_stored_embedding_equals_reference_bit_for_bit(encoder_process: RunningService, redis_url: str, reference) -> None:
+    """On a process: bit for bit needs the encoder's own torch thread count, which in-process decoders change for the whole process."""
+    encoder = encoder_process
     png = png_bytes(seed=1)
     with encoder_stub(encoder.target) as stub:
         result = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0]
@@ -120,7 +136,7 @@ def test_stored_embedding_equals_reference_bit_for_bit(encoder: RunningService, 
     assert np.array_equal(got, want), f"max abs diff {np.abs(got - want).max()}"
 
 
-def test_batched_embeddings_match_reference_within_tolerance(encoder: RunningService, redis_url: str, reference) -> None:
+def test_batched_embeddings_match_reference_within_tolerance(encoder: InProcessService, redis_url: str, reference) -> None:
     pngs = [png_bytes(64 + 28 * i, 56 + 14 * i, seed=10 + i) for i in range(4)]
     with encoder_stub(encoder.target) as stub:
         one_call = stub.Encode(pb.EncodeRequest(items=[image_item(p) for p in pngs[:2]])).results
@@ -131,7 +147,7 @@ def test_batched_embeddings_match_reference_within_tolerance(encoder: RunningSer
         np.testing.assert_allclose(got, reference_embedding(reference, png), rtol=1e-4, atol=1e-5)
 
 
-def test_same_image_twice_same_id_and_no_model_run(encoder: RunningService, redis_url: str) -> None:
+def test_same_image_twice_same_id_and_no_model_run(encoder: InProcessService, redis_url: str) -> None:
     png = png_bytes(seed=2)
     with encoder_stub(encoder.target) as stub:
         first = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0]
@@ -147,7 +163,7 @@ def test_same_image_twice_same_id_and_no_model_run(encoder: RunningService, redi
     assert after[runs] == before[runs]  # the tower did not run
 
 
-def test_identity_includes_processing_options(encoder: RunningService, redis_url: str) -> None:
+def test_identity_includes_processing_options(encoder: InProcessService, redis_url: str) -> None:
     png = png_bytes(200, 200, seed=3)
     with encoder_stub(encoder.target) as stub:
         default = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0].embedding
@@ -157,7 +173,7 @@ def test_identity_includes_processing_options(encoder: RunningService, redis_url
     assert '"max_pixels":3136' in small.options_json
 
 
-def test_upload_stream_gives_the_same_embedding_as_inline_bytes(encoder: RunningService, redis_url: str) -> None:
+def test_upload_stream_gives_the_same_embedding_as_inline_bytes(encoder: InProcessService, redis_url: str) -> None:
     png = png_bytes(300, 200, seed=4)
     header = pb.UploadHeader(item=media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE), total_bytes=len(png))
     chunks = [pb.EncodeUploadRequest(header=header)] + [
@@ -173,7 +189,7 @@ def test_upload_stream_gives_the_same_embedding_as_inline_bytes(encoder: Running
 # --- uuids, TTL, delete ------------------------------------------------------------------
 
 
-def test_uuid_is_namespaced_per_tenant_and_never_rebound(encoder: RunningService, redis_url: str) -> None:
+def test_uuid_is_namespaced_per_tenant_and_never_rebound(encoder: InProcessService, redis_url: str) -> None:
     a, b = png_bytes(seed=20), png_bytes(seed=21)
     with encoder_stub(encoder.target) as stub:
         in_a = stub.Encode(pb.EncodeRequest(items=[image_item(a, uuid="cat")]), metadata=[(TENANT_KEY, "alice")]).results[0]
@@ -195,7 +211,7 @@ def test_uuid_is_namespaced_per_tenant_and_never_rebound(encoder: RunningService
     assert by_ref.cached and by_ref.embedding.content_sha256 == in_b.embedding.content_sha256
 
 
-def test_uuid_held_by_another_model_is_never_served(encoder: RunningService, redis_url: str) -> None:
+def test_uuid_held_by_another_model_is_never_served(encoder: InProcessService, redis_url: str) -> None:
     """Another model's encoder wrote "shared" into the same Redis: ours refuses to rebind or use it."""
     png = png_bytes(seed=22)
     other = embedding_pb2.EmbeddingDescriptor(
@@ -216,7 +232,7 @@ def test_uuid_held_by_another_model_is_never_served(encoder: RunningService, red
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "another model" in err.message
 
 
-def test_ttl_is_set_on_both_keys(encoder: RunningService, redis_url: str) -> None:
+def test_ttl_is_set_on_both_keys(encoder: InProcessService, redis_url: str) -> None:
     import redis
 
     with encoder_stub(encoder.target) as stub:
@@ -228,7 +244,7 @@ def test_ttl_is_set_on_both_keys(encoder: RunningService, redis_url: str) -> Non
     assert len(ttls) == 2 and all(7 * 24 * 3600 - 60 < t <= 7 * 24 * 3600 for t in ttls)
 
 
-def test_delete(encoder: RunningService, redis_url: str) -> None:
+def test_delete(encoder: InProcessService, redis_url: str) -> None:
     with encoder_stub(encoder.target) as stub:
         desc = stub.Encode(pb.EncodeRequest(items=[image_item(png_bytes(seed=31))])).results[0].embedding
         assert len(redis_keys(redis_url)) == 2
@@ -239,7 +255,7 @@ def test_delete(encoder: RunningService, redis_url: str) -> None:
         assert not stub.DeleteEmbedding(pb.DeleteEmbeddingRequest(id=desc.id)).deleted
 
 
-def test_get_embedding_returns_tensors_on_request(encoder: RunningService, redis_url: str) -> None:
+def test_get_embedding_returns_tensors_on_request(encoder: InProcessService, redis_url: str) -> None:
     with encoder_stub(encoder.target) as stub:
         desc = stub.Encode(pb.EncodeRequest(items=[image_item(png_bytes(seed=32))])).results[0].embedding
         bare = stub.GetEmbedding(pb.GetEmbeddingRequest(id=desc.id))
@@ -285,7 +301,7 @@ def expect_refused(target: str, redis_url: str, item: media_pb2.MediaInput, code
     ],
 )
 def test_fetch_guard_refuses_non_global_addresses(
-    strict_encoder: RunningService, redis_url: str, media_server: MediaServer, url: str, words: str
+    strict_encoder: InProcessService, redis_url: str, media_server: MediaServer, url: str, words: str
 ) -> None:
     media_server.add("/cat.png", png_bytes(seed=5), content_type="image/png")
     hits = len(media_server.hits)
@@ -294,12 +310,12 @@ def test_fetch_guard_refuses_non_global_addresses(
     assert len(media_server.hits) == hits  # nothing was sent
 
 
-def test_redirect_to_private_address_refused(encoder: RunningService, redis_url: str, media_server: MediaServer) -> None:
+def test_redirect_to_private_address_refused(encoder: InProcessService, redis_url: str, media_server: MediaServer) -> None:
     url = media_server.redirect("/hop", "http://10.0.0.1/cat.png")
     expect_refused(encoder.target, redis_url, image_item(url=url), grpc.StatusCode.INVALID_ARGUMENT, "items[1].source.url", "private")
 
 
-def test_image_by_http_url_works(encoder: RunningService, redis_url: str, media_server: MediaServer) -> None:
+def test_image_by_http_url_works(encoder: InProcessService, redis_url: str, media_server: MediaServer) -> None:
     png = png_bytes(seed=6)
     url = media_server.add("/dog.png", png, content_type="image/png")
     with encoder_stub(encoder.target) as stub:
@@ -308,24 +324,24 @@ def test_image_by_http_url_works(encoder: RunningService, redis_url: str, media_
     assert by_bytes.cached and by_bytes.embedding.id == by_url.embedding.id
 
 
-def test_remote_404_is_a_remote_fetch_failure(encoder: RunningService, redis_url: str, media_server: MediaServer) -> None:
+def test_remote_404_is_a_remote_fetch_failure(encoder: InProcessService, redis_url: str, media_server: MediaServer) -> None:
     expect_refused(
         encoder.target, redis_url, image_item(url=media_server.url("/missing.png")),
         grpc.StatusCode.FAILED_PRECONDITION, "items[1].source.url", "404",
     )
 
 
-def test_oversize_remote_body_refused(encoder: RunningService, redis_url: str, media_server: MediaServer) -> None:
+def test_oversize_remote_body_refused(encoder: InProcessService, redis_url: str, media_server: MediaServer) -> None:
     url = media_server.add("/huge.png", b"\x89PNG" + bytes(5 * MiB), content_type="image/png")
     expect_refused(encoder.target, redis_url, image_item(url=url), grpc.StatusCode.INVALID_ARGUMENT, "items[1].source.url", "limit")
 
 
-def test_file_url_refused_without_root(encoder: RunningService, redis_url: str) -> None:
+def test_file_url_refused_without_root(encoder: InProcessService, redis_url: str) -> None:
     item = image_item(url="file:///etc/passwd")
     expect_refused(encoder.target, redis_url, item, grpc.StatusCode.INVALID_ARGUMENT, "items[1].source.url", "file://")
 
 
-def test_file_url_under_root_and_dotdot_escape(strict_encoder: RunningService, redis_url: str, file_root: Path) -> None:
+def test_file_url_under_root_and_dotdot_escape(strict_encoder: InProcessService, redis_url: str, file_root: Path) -> None:
     with encoder_stub(strict_encoder.target) as stub:
         ok = stub.Encode(pb.EncodeRequest(items=[image_item(url=f"file://{file_root}/ok.png")])).results[0]
     assert ok.embedding.token_count == 6
@@ -352,11 +368,11 @@ def test_file_url_under_root_and_dotdot_escape(strict_encoder: RunningService, r
     ids=["bad-base64", "truncated-png", "decompression-bomb", "not-an-image", "unknown-scheme", "oversize-body",
          "bad-color", "no-modality", "reserved-uuid"],
 )
-def test_bad_input_is_invalid_argument(strict_encoder: RunningService, redis_url: str, item: media_pb2.MediaInput, field: str, words: str) -> None:
+def test_bad_input_is_invalid_argument(strict_encoder: InProcessService, redis_url: str, item: media_pb2.MediaInput, field: str, words: str) -> None:
     expect_refused(strict_encoder.target, redis_url, item, grpc.StatusCode.INVALID_ARGUMENT, field, words)
 
 
-def test_too_many_images_names_the_limit(encoder: RunningService, redis_url: str) -> None:
+def test_too_many_images_names_the_limit(encoder: InProcessService, redis_url: str) -> None:
     items = [image_item(png_bytes(seed=i)) for i in range(9)]
     with encoder_stub(encoder.target) as stub:
         code, err = rpc_error(stub.Encode, pb.EncodeRequest(items=items))
@@ -364,7 +380,7 @@ def test_too_many_images_names_the_limit(encoder: RunningService, redis_url: str
     assert redis_keys(redis_url) == []
 
 
-def test_unknown_reference_lists_every_missing_id(encoder: RunningService, redis_url: str) -> None:
+def test_unknown_reference_lists_every_missing_id(encoder: InProcessService, redis_url: str) -> None:
     refs = [media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid=u) for u in ("nope-1", "nope-2")]
     fake = "mmemb-" + content_id(modality=1, content_sha256="1" * 64, model_fingerprint="x", dtype=1, options_json="{}")[6:]
     refs.append(media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, source=media_pb2.MediaSource(embedding_id=fake)))
@@ -377,7 +393,7 @@ def test_unknown_reference_lists_every_missing_id(encoder: RunningService, redis
 # --- operations ------------------------------------------------------------------------------
 
 
-def test_health_reflection_and_model_info(encoder: RunningService) -> None:
+def test_health_reflection_and_model_info(encoder: InProcessService) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     with grpc.insecure_channel(encoder.target) as channel:
@@ -394,6 +410,7 @@ def test_health_reflection_and_model_info(encoder: RunningService) -> None:
     assert info.model_fingerprint.startswith("qwen2_5_vl-")
 
 
+@pytest.mark.slow
 def test_redis_outage_is_unavailable_then_recovers(start_service: StartService, own_redis: LocalRedis) -> None:
     service = start_service("encoder", redis_url=own_redis.url)
     with encoder_stub(service.target) as stub:
@@ -417,10 +434,12 @@ def vm_hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_decompression_bomb_under_the_pixel_cap_is_refused_fast_with_bounded_memory(encoder: RunningService, redis_url: str) -> None:
-    """A real 12000x12000 PNG (~420 KB; 144 MP, under the pixel cap): refused from its header, the encoder's peak RSS unmoved."""
+@pytest.mark.slow
+def test_decompression_bomb_under_the_pixel_cap_is_refused_fast_with_bounded_memory(encoder_process: RunningService, redis_url: str) -> None:
+    """A real 12000x12000 PNG (~420 KB; 144 MP, under the pixel cap): refused from its header, the encoder process's peak RSS unmoved."""
     from tests.test_image_decode import big_png
 
+    encoder = encoder_process
     bomb = big_png(12000, 12000)
     assert encoder.process.proc is not None
     pid = encoder.process.proc.pid

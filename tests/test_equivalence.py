@@ -25,6 +25,12 @@ IMAGES = [png_bytes(96, 64, seed=101), png_bytes(128, 84, seed=102)]
 
 
 @pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
+
+
+@pytest.fixture(scope="module")
 def reference(tiny_checkpoint: Path) -> Reference:
     return Reference(tiny_checkpoint)
 

@@ -33,7 +33,8 @@ from services.encoder.media.audio import decode_audio
 from services.encoder.media.budget import RequestBudget
 from services.encoder.media.timeseries import load_time_series
 from services.encoder.media.video import DecodedVideo, decode_video
-from tests.conftest import CACHE_DIR, Stack, StartService, start_stack
+from tests.conftest import CACHE_DIR, Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import Reference, data_url, png_bytes
 
 MAX_TOKENS = 16
@@ -207,13 +208,13 @@ class FamilyReference(Reference):
 
 
 @pytest.fixture(scope="module")
-def stacks(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
-    """One stack per family (started on first use), all on one Redis: fingerprints keep them apart."""
+def stacks(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+    """One in-process stack per family (started on first use), all on one Redis: fingerprints keep them apart."""
     started: dict[str, Stack] = {}
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
-            self[family] = started[family] = start_stack(start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}")
+            self[family] = started[family] = start_inprocess_stack(inprocess, module_redis.url, model=f"tiny:{FAMILIES[family]}")
             return started[family]
 
     yield Lazy()

@@ -22,6 +22,7 @@ from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.localredis import LocalRedis
 from mmserve.stack import wait_http_ok
 from tests.conftest import MediaServer, RunningService, Stack, StartService, start_stack
+from tests.inprocess import InProcessGateway, InProcessService, InProcessServices
 from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
 
 MODEL = "mmserve-tiny-random"
@@ -77,17 +78,23 @@ def encode_count(stack: Stack) -> float:
     return scrape(stack.encoder.metrics_url).get(ENCODE_OK, 0.0)
 
 
-def running(decoder: RunningService) -> float:
+def running(decoder: RunningService | InProcessService) -> float:
     return scrape(decoder.metrics_url)[RUNNING]
 
 
-def wait_running(decoder: RunningService, value: float, timeout: float = 5.0) -> None:
+def wait_running(decoder: RunningService | InProcessService, value: float, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if running(decoder) == value:
             return
         time.sleep(0.05)
     raise AssertionError(f"{RUNNING} is {running(decoder)}, not {value}, after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process (`process_stack` for the tests that read the services' logs)."""
+    return inprocess_stack
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +338,8 @@ def test_response_shape(client: openai.OpenAI) -> None:
     assert u.completion_tokens == 5 and u.prompt_tokens > 0 and u.total_tokens == u.prompt_tokens + 5
 
 
-def test_request_id_is_echoed_and_logged_by_every_service(stack: Stack, client: openai.OpenAI) -> None:
+def test_request_id_is_echoed_and_logged_by_every_service(process_stack: Stack) -> None:
+    stack, client = process_stack, process_stack.client()
     rid = f"test-rid-{time.time_ns()}"
     messages: list[Any] = [{"role": "user", "content": [text("Look:"), image(data_url(png_bytes(seed=504)))]}]
     raw = client.chat.completions.with_raw_response.create(
@@ -363,7 +371,8 @@ def test_request_id_is_echoed_and_logged_by_every_service(stack: Stack, client: 
         assert streamed.headers["x-request-id"] == rid + "-stream"
 
 
-def test_request_id_is_generated_when_none_is_sent(stack: Stack) -> None:
+def test_request_id_is_generated_when_none_is_sent(process_stack: Stack) -> None:
+    stack = process_stack
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     ids = []
     for _ in range(2):
@@ -396,14 +405,14 @@ BODY_LIMIT = 20_000
 
 
 @pytest.fixture(scope="module")
-def secured(start_service: StartService, stack: Stack) -> RunningService:
+def secured(inprocess: InProcessServices, stack: Stack) -> Iterator[InProcessGateway]:
     """A second gateway in front of the session decoder, with an API key and a 20 kB body limit."""
-    return start_service(
-        "gateway", MMSERVE_DECODER_TARGET=stack.decoder.target, MMSERVE_API_KEY=API_KEY, MMSERVE_MAX_BODY_BYTES=str(BODY_LIMIT)
-    )
+    service = inprocess.start_gateway(decoder_target=stack.decoder.target, api_key=API_KEY, max_body_bytes=BODY_LIMIT)
+    yield service
+    service.stop()
 
 
-def test_api_key_is_required(secured: RunningService) -> None:
+def test_api_key_is_required(secured: InProcessGateway) -> None:
     url = f"{secured.base_url}/chat/completions"
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     response = httpx.post(url, json=body, timeout=30)
@@ -431,7 +440,7 @@ def _body_of(size: int) -> bytes:
     return data
 
 
-def test_body_over_the_limit_is_413(secured: RunningService) -> None:
+def test_body_over_the_limit_is_413(secured: InProcessGateway) -> None:
     url = f"{secured.base_url}/chat/completions"
     headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
     big = _body_of(BODY_LIMIT + 1)
@@ -460,14 +469,21 @@ def test_body_over_the_limit_is_413(secured: RunningService) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_slot(start_service: StartService, stack: Stack) -> Stack:
-    """A decoder with one running slot and no queue (on the session encoder), and its own gateway."""
-    decoder = start_service(
-        "decoder", redis_url=stack.redis_url, MMSERVE_ENCODER_TARGET=stack.encoder.target,
-        MMSERVE_MAX_RUNNING_REQUESTS="1", MMSERVE_MAX_WAITING_REQUESTS="0",
-    )  # fmt: skip
-    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target)
-    return Stack(stack.encoder, decoder, gateway, stack.redis_url)
+def single_slot_stack(inprocess: InProcessServices, stack: Stack) -> Iterator[Stack]:
+    decoder = inprocess.start(
+        "decoder", redis_url=stack.redis_url, encoder_target=stack.encoder.target, max_running_requests=1, max_waiting_requests=0
+    )
+    gateway = inprocess.start_gateway(decoder_target=decoder.target)
+    yield Stack(stack.encoder, decoder, gateway, stack.redis_url)
+    gateway.stop()
+    decoder.stop()
+
+
+@pytest.fixture
+def single_slot(single_slot_stack: Stack) -> Stack:
+    """A decoder with one running slot and no queue (on the session encoder), and its own gateway (in-process; the engine gauges show it)."""
+    single_slot_stack.decoder.own_gauges()  # type: ignore[union-attr]
+    return single_slot_stack
 
 
 def long_stream(client: openai.OpenAI) -> Any:
@@ -502,12 +518,14 @@ def test_second_concurrent_request_is_429(single_slot: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def short_deadline(start_service: StartService, single_slot: Stack) -> RunningService:
+def short_deadline(inprocess: InProcessServices, single_slot_stack: Stack) -> Iterator[InProcessGateway]:
     """A gateway whose requests to the decoder have a 2 s deadline."""
-    return start_service("gateway", MMSERVE_DECODER_TARGET=single_slot.decoder.target, MMSERVE_GATEWAY_REQUEST_TIMEOUT_S="2")
+    service = inprocess.start_gateway(decoder_target=single_slot_stack.decoder.target, gateway_request_timeout_s=2)
+    yield service
+    service.stop()
 
 
-def test_error_after_the_stream_started_is_an_sse_error_event(short_deadline: RunningService, single_slot: Stack) -> None:
+def test_error_after_the_stream_started_is_an_sse_error_event(short_deadline: InProcessGateway, single_slot: Stack) -> None:
     """The deadline runs out mid-stream: a `data: {"error": ...}` event, then [DONE]; the decoder slot is freed."""
     wait_running(single_slot.decoder, 0)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000,

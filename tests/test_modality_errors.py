@@ -30,7 +30,8 @@ import soundfile as sf
 from mmserve.api.common.v1 import media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import data_url, encoder_stub, png_bytes, redis_keys, rpc_error, scrape
 from tests.test_equivalence_modalities import mp4_bytes, npy_bytes, wav_bytes
 
@@ -44,9 +45,9 @@ _seeds = itertools.count(5000)
 
 
 @pytest.fixture(scope="module")
-def stack(start_service: StartService, module_redis: LocalRedis) -> Iterator[Stack]:
-    """Encoder, decoder and gateway of the Omni thinker, audio capped at 320 s."""
-    stack = start_stack(start_service, module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_AUDIO_MAX_DURATION_S=str(AUDIO_CAP_S))
+def stack(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[Stack]:
+    """Encoder, decoder and gateway of the Omni thinker (in-process), audio capped at 320 s."""
+    stack = start_inprocess_stack(inprocess, module_redis.url, model=OMNI, audio_max_duration_s=AUDIO_CAP_S)
     yield stack
     stack.stop()
 

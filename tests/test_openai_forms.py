@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -43,9 +44,9 @@ UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 
 
 @pytest.fixture(scope="module")
-def stack(omni_stack: Stack) -> Stack:
-    """The Omni thinker's stack: the one tiny model that takes images, video and audio."""
-    return omni_stack
+def stack(inprocess_omni_stack: Stack) -> Stack:
+    """The Omni thinker's stack (in-process): the one tiny model that takes images, video and audio."""
+    return inprocess_omni_stack
 
 
 @pytest.fixture(scope="module")
@@ -303,16 +304,17 @@ def test_a_bare_url_string_stays_accepted_for_image_url(client: openai.OpenAI) -
     assert err["param"] == "messages[0].content[1]"
 
 
-def test_ogg_labelled_wav_is_decoded_as_ogg(stack: Stack, client: openai.OpenAI) -> None:
-    """vLLM's example client sends Ogg Vorbis as `"format": "wav"`: decoded by what the bytes are, and logged."""
+def test_ogg_labelled_wav_is_decoded_as_ogg(stack: Stack, client: openai.OpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM's example client sends Ogg Vorbis as `"format": "wav"`: decoded by what the bytes are, and logged by the encoder."""
     ogg = ogg_bytes(seed=51)
     assert ogg[:4] == b"OggS"
     question = text("Transcribe:")
+    caplog.set_level(logging.INFO, logger="services.encoder")
     labelled_wav = chat(client, [question, input_audio(ogg, "wav")])
     honest = chat(client, [question, input_audio(ogg, "ogg")])
     assert labelled_wav.choices[0].message.content == honest.choices[0].message.content
     assert labelled_wav.usage.prompt_tokens == honest.usage.prompt_tokens
-    assert "audio labelled wav is ogg" in stack.encoder.process.log_text()
+    assert any(r.name.startswith("services.encoder.") and "audio labelled wav is ogg" in r.getMessage() for r in caplog.records)
     err = api_error(lambda: chat(client, [question, input_audio(b"no audio here " * 16, "wav")]))
     assert err["param"] == "messages[0].content[1]" and "not a recognised audio format" in err["message"], err
     err = api_error(lambda: chat(client, [question, input_audio(ogg, "aiff")]))

@@ -33,6 +33,8 @@ from tests.support import encoder_stub, image_item, png_bytes
 from tests.test_stack_up import children, launch_up, wait_up
 from tests.test_store import F32, assert_same_tensors, make_descriptor, make_tensors
 
+pytestmark = pytest.mark.slow  # redis-server restarts and `mmserve up` restarts
+
 TTL = 3600
 
 

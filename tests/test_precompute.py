@@ -92,9 +92,9 @@ def ref_part(modality: str, ref: str, *, part_type: str | None = None) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def stack(omni_stack: Stack) -> Stack:
-    """Encoder, decoder and gateway of the Omni thinker (+ time-series adapter)."""
-    return omni_stack
+def stack(inprocess_omni_stack: Stack) -> Stack:
+    """Encoder, decoder and gateway of the Omni thinker (+ time-series adapter), in the test process."""
+    return inprocess_omni_stack
 
 
 def encode_calls(stack: Stack) -> float:

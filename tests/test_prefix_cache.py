@@ -18,11 +18,18 @@ from collections.abc import Iterator
 import pytest
 
 from mmserve.localredis import LocalRedis
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import data_url, png_bytes, scrape
 from tests.test_equivalence_modalities import FAMILIES, MAX_TOKENS, FamilyReference, references  # noqa: F401 - fixture
 
 SYSTEM = "You are a careful assistant who looks at pictures and answers in one sentence. " * 3
+
+
+@pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
 
 
 def ask(stack: Stack, png: bytes, question: str) -> tuple[str, int, int]:
@@ -56,15 +63,14 @@ def test_the_same_image_asked_again_skips_its_prefill(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def chunked(start_service: StartService, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
+def chunked(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[dict[str, Stack]]:
     """Per family (started on first use): a decoder prefilling in chunks of 16 tokens with 16-token cache blocks."""
     started: dict[str, Stack] = {}
 
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
-            self[family] = started[family] = start_stack(
-                start_service, module_redis.url, MMSERVE_MODEL=f"tiny:{FAMILIES[family]}",
-                MMSERVE_PREFILL_CHUNK_TOKENS="16", MMSERVE_PREFIX_CACHE_BLOCK_TOKENS="16",
+            self[family] = started[family] = start_inprocess_stack(
+                inprocess, module_redis.url, model=f"tiny:{FAMILIES[family]}", prefill_chunk_tokens=16, prefix_cache_block_tokens=16,
             )
             return started[family]
 

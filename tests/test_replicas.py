@@ -30,6 +30,8 @@ from mmserve.stack import wait_http_ok
 from tests.conftest import CACHE_DIR, TINY
 from tests.support import data_url, png_bytes, scrape
 
+pytestmark = pytest.mark.slow  # replica processes killed, restarted and drained under load
+
 REJOIN_LIMIT_S = 5.0  # the issue asks for ~2 s on a quiet machine; 2 shared cores get some slack
 
 

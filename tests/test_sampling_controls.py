@@ -34,6 +34,12 @@ PERSON = {
 
 
 @pytest.fixture(scope="module")
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
+
+
+@pytest.fixture(scope="module")
 def client(stack: Stack) -> openai.OpenAI:
     return stack.client()
 

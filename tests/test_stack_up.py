@@ -35,6 +35,8 @@ from mmserve.rpc.health import check
 from tests.conftest import CACHE_DIR
 from tests.support import rpc_error
 
+pytestmark = pytest.mark.slow  # `mmserve up` as a process, stopped by Ctrl-C
+
 UP_LINE = "mmserve is up"
 
 

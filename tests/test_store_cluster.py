@@ -117,6 +117,7 @@ def _wait(condition: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"not {what} within {timeout}s")
 
 
+@pytest.mark.slow  # its own Redis Cluster, a master stopped and restarted
 async def test_a_lost_master_is_unavailable_never_internal_and_the_store_recovers(own_cluster: LocalRedisCluster) -> None:
     async with EmbeddingStore(own_cluster.url, ttl_s=TTL, op_timeout_s=5) as store:
         await store.probe()
@@ -165,6 +166,7 @@ def sentinel_url(own_redis: LocalRedis) -> Iterator[str]:
         proc.wait(10)
 
 
+@pytest.mark.slow  # a redis-sentinel process
 async def test_the_store_through_sentinel(sentinel_url: str, own_redis: LocalRedis) -> None:
     async with EmbeddingStore(sentinel_url, ttl_s=TTL) as store:
         await store.probe()

@@ -25,7 +25,8 @@ import pytest
 from mmserve.localredis import LocalRedis
 from mmserve.samples import data_url, png_bytes
 from mmserve.tenancy import single_key_tenant
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.support import redis_keys, scrape
 
 MODEL = "mmserve-tiny-random"
@@ -36,13 +37,13 @@ MISSES = 'mmserve_encoder_cache_misses_total{modality="image"}'
 
 
 @pytest.fixture(scope="module")
-def tenants_stack(start_service: StartService, module_redis: LocalRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def tenants_stack(inprocess: InProcessServices, module_redis: LocalRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
     keys_file.write_text(f"# tenant:key, one a line\n\ncarol:{CAROL_KEY}\n")
-    stack = start_stack(
-        start_service, module_redis.url,
-        MMSERVE_API_KEYS=",".join(f"{t}:{k}" for t, k in KEYS.items()), MMSERVE_API_KEYS_FILE=str(keys_file),
-        MMSERVE_API_KEY=LEGACY_KEY, MMSERVE_SERVICE_TOKEN=secrets.token_urlsafe(24),
+    stack = start_inprocess_stack(
+        inprocess, module_redis.url,
+        api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()), api_keys_file=keys_file,
+        api_key=LEGACY_KEY, service_token=secrets.token_urlsafe(24),
     )  # fmt: skip
     yield stack
     stack.stop()

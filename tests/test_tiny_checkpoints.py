@@ -263,6 +263,7 @@ def _blocked_on_flock(pids: set[int]) -> set[int]:
     return waiting
 
 
+@pytest.mark.slow  # two builder processes
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks to see lock waiters")
 def test_two_processes_build_once(tmp_path: Path, tiny_dir: Path) -> None:
     """Both processes queue on the lock while we hold it; on release exactly one builds."""

@@ -20,7 +20,8 @@ import pytest
 from mmserve.localredis import LocalRedis
 from mmserve.models.families.base import HERMES_TOOL_CALLS
 from services.decoder.tools import ToolCallParser
-from tests.conftest import Stack, StartService, start_stack
+from tests.conftest import Stack, start_inprocess_stack
+from tests.inprocess import InProcessServices
 from tests.test_gateway import MODEL, api_error
 
 WEATHER = {
@@ -52,9 +53,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def qwen3(start_service: StartService) -> Iterator[Stack]:
+def stack(inprocess_stack: Stack) -> Stack:
+    """The session's stack in the test process: nothing in this module needs a service process."""
+    return inprocess_stack
+
+
+@pytest.fixture(scope="module")
+def qwen3(inprocess: InProcessServices) -> Iterator[Stack]:
     with LocalRedis() as server:
-        stack = start_stack(start_service, server.url, MMSERVE_MODEL="tiny:qwen3_vl-tiny")
+        stack = start_inprocess_stack(inprocess, server.url, model="tiny:qwen3_vl-tiny")
         yield stack
         stack.stop()
 

@@ -27,7 +27,8 @@ from PIL import Image
 from mmserve.api.common.v1 import media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.localredis import LocalRedis
-from tests.conftest import RunningService, Stack, StartService
+from tests.conftest import Stack
+from tests.inprocess import InProcessService, InProcessServices
 from tests.support import encoder_stub, png_bytes, redis_keys, rpc_error, scrape
 
 OMNI = "tiny:qwen2_5_omni-tiny"
@@ -42,15 +43,17 @@ ENCODED_VIDEOS = 'mmserve_encoder_items_encoded_total{modality="video"}'
 
 
 @pytest.fixture(scope="module")
-def stack(omni_stack: Stack) -> Stack:
-    """Encoder, decoder and gateway of the Omni thinker, default upload limit (1 GiB)."""
-    return omni_stack
+def stack(inprocess_omni_stack: Stack) -> Stack:
+    """Encoder, decoder and gateway of the Omni thinker (in-process), default upload limit (1 GiB)."""
+    return inprocess_omni_stack
 
 
 @pytest.fixture(scope="module")
-def small_encoder(start_service: StartService, module_redis: LocalRedis) -> RunningService:
-    """A second encoder that takes uploads of at most 8 MiB."""
-    return start_service("encoder", redis_url=module_redis.url, MMSERVE_MODEL=OMNI, MMSERVE_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT))
+def small_encoder(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[InProcessService]:
+    """A second encoder (in-process) that takes uploads of at most 8 MiB."""
+    service = inprocess.start("encoder", redis_url=module_redis.url, model=OMNI, max_upload_bytes=UPLOAD_LIMIT)
+    yield service
+    service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +235,7 @@ def test_upload_that_is_not_a_video(stack: Stack) -> None:
 # --- MMSERVE_MAX_UPLOAD_BYTES -----------------------------------------------------------------------
 
 
-def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: RunningService, module_redis: LocalRedis, big_video: bytes) -> None:
+def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: InProcessService, module_redis: LocalRedis, big_video: bytes) -> None:
     """Size unknown in the header: refused once 8 MiB have arrived, long before the client has produced the ~100 chunks."""
     total = -(-len(big_video) // MiB)
     counted = upload_refused(
@@ -244,7 +247,7 @@ def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: Running
 
 
 def test_upload_announced_over_the_limit_is_refused_at_the_header(
-    small_encoder: RunningService, module_redis: LocalRedis, big_video: bytes
+    small_encoder: InProcessService, module_redis: LocalRedis, big_video: bytes
 ) -> None:
     """header.total_bytes over the limit: refused from the header, before the chunks are needed."""
     total = -(-len(big_video) // MiB)
@@ -256,7 +259,7 @@ def test_upload_announced_over_the_limit_is_refused_at_the_header(
     assert counted.yielded - 1 < total // 3, f"{counted.yielded} of {total + 1} messages were produced before the refusal"
 
 
-def test_upload_at_the_limit_passes(small_encoder: RunningService, module_redis: LocalRedis) -> None:
+def test_upload_at_the_limit_passes(small_encoder: InProcessService, module_redis: LocalRedis) -> None:
     """An upload under the limit on the same encoder is accepted: the refusals above are about size."""
     data = small_video(9)
     assert len(data) < UPLOAD_LIMIT

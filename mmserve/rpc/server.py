@@ -142,11 +142,39 @@ class GrpcServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await self.stop(settings.shutdown_grace_s)
-            for step in cleanup:
-                result = step()
-                if inspect.isawaitable(result):
-                    await result
+            await run_cleanup(cleanup)
             tracing.shutdown()
+
+
+@dataclass
+class StartedService:
+    """A service whose server is up and whose model is loaded and warm: what `serve` runs until SIGTERM.
+
+    `start` of each service returns one, so that `mmserve <role>` and the tests (which run the
+    servicers in-process, tests/inprocess.py) go through the same start-up path.
+    """
+
+    server: GrpcServer
+    cleanup: Sequence[Callable[[], object]]
+    probe: Callable[[], Awaitable[None]] | None = None
+    servicer: object = None  # the service's servicer (its model and engine or pipeline, once attached)
+
+    async def serve_until_signal(self, settings: Settings) -> None:
+        """SERVING (while the probe passes) until SIGTERM/SIGINT, then the graceful stop and the cleanup."""
+        await self.server.serve_until_signal(settings, self.cleanup, probe=self.probe)
+
+    async def close(self, grace: float) -> None:
+        """Stop the server (in-flight calls get `grace` seconds), then run the cleanup in order."""
+        await self.server.stop(grace)
+        await run_cleanup(self.cleanup)
+
+
+async def run_cleanup(cleanup: Sequence[Callable[[], object]]) -> None:
+    """Call each step in order, awaiting those that return an awaitable."""
+    for step in cleanup:
+        result = step()
+        if inspect.isawaitable(result):
+            await result
 
 
 async def start_server(

@@ -41,6 +41,13 @@ class StoreBytes(Collector):
         yield GaugeMetricFamily("mmserve_store_bytes", "Bytes of memory used by the embedding store (Redis used_memory).", value=used)
 
 
+_registered: StoreBytes | None = None
+
+
 def register_store_size(redis_url: str) -> None:
-    """Expose the store's size from this process (the encoder does)."""
-    REGISTRY.register(StoreBytes(redis_url))
+    """Expose the store's size from this process (the encoder does; a later call, as from a second in-process encoder, replaces the first)."""
+    global _registered
+    if _registered is not None:
+        REGISTRY.unregister(_registered)
+    _registered = StoreBytes(redis_url)
+    REGISTRY.register(_registered)

@@ -11,7 +11,7 @@ from mmserve.api.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.cli import role_arguments
 from mmserve.config import Settings
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import run_service, start_server
+from mmserve.rpc.server import StartedService, run_service, start_server
 from mmserve.store import EmbeddingStore
 from services.decoder.engine import make_engine, model_part
 from services.decoder.media import EncoderClient, MediaResolver
@@ -21,8 +21,8 @@ log = logging.getLogger("mmserve.decoder")
 SERVICE_NAME = decoder_service_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
 
-async def serve(settings: Settings) -> None:
-    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING (while the store takes writes) until SIGTERM."""
+async def start(settings: Settings) -> StartedService:
+    """Start serving at once (health NOT_SERVING), load and warm the model; the decoder is then ready to go SERVING."""
     store = EmbeddingStore.from_settings(settings)
     encoder = EncoderClient(settings)
     servicer = DecoderServicer(settings)
@@ -39,7 +39,13 @@ async def serve(settings: Settings) -> None:
     await engine.start()
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint, cache_bytes=settings.decoder_cache_bytes))
     log.info("decoder SERVING %s on port %d", model.served_name, server.port)
-    await server.serve_until_signal(settings, [engine.close, encoder.close, store.aclose], probe=store.probe)
+    return StartedService(server, [engine.close, encoder.close, store.aclose], probe=store.probe, servicer=servicer)
+
+
+async def serve(settings: Settings) -> None:
+    """`start`, then SERVING (while the store takes writes) until SIGTERM."""
+    started = await start(settings)
+    await started.serve_until_signal(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

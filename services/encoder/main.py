@@ -11,7 +11,7 @@ from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.cli import role_arguments
 from mmserve.config import Settings
 from mmserve.models.loading import load_model
-from mmserve.rpc.server import run_service, start_server
+from mmserve.rpc.server import StartedService, run_service, start_server
 from mmserve.store import EmbeddingStore
 from mmserve.store.size import register_store_size
 from services.encoder.media.fetch import GuardedFetcher
@@ -22,8 +22,8 @@ log = logging.getLogger("mmserve.encoder")
 SERVICE_NAME = encoder_service_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 
-async def serve(settings: Settings) -> None:
-    """Start serving at once (health NOT_SERVING), load and warm the model, then SERVING (while the store takes writes) until SIGTERM."""
+async def start(settings: Settings) -> StartedService:
+    """Start serving at once (health NOT_SERVING), load and warm the model; the encoder is then ready to go SERVING."""
     register_store_size(settings.redis_url)
     store = EmbeddingStore.from_settings(settings)
     fetcher = GuardedFetcher(settings)
@@ -41,7 +41,13 @@ async def serve(settings: Settings) -> None:
     pipeline = EncoderPipeline(settings, model, store, fetcher)
     servicer.attach(pipeline)
     log.info("encoder SERVING %s on port %d", model.served_name, server.port)
-    await server.serve_until_signal(settings, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe)
+    return StartedService(server, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe, servicer=servicer)
+
+
+async def serve(settings: Settings) -> None:
+    """`start`, then SERVING (while the store takes writes) until SIGTERM."""
+    started = await start(settings)
+    await started.serve_until_signal(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

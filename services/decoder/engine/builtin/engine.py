@@ -110,12 +110,16 @@ class TransformersEngine(Engine):
 
     async def start(self) -> None:
         self.scheduler.start()
+        self.export_metrics()
+        await self._warmup()
+
+    def export_metrics(self) -> None:
+        """Point the process's engine gauges (running, waiting, KV cache) at this engine (one engine per process in production)."""
         RUNNING.set_function(lambda: self.stats().running)
         WAITING.set_function(lambda: self.stats().waiting)
         KV_CACHE_TOKENS.labels("used").set_function(lambda: self.scheduler.kv_used)
         KV_CACHE_TOKENS.labels("total").set_function(lambda: self.capacity)
         KV_CACHE_USAGE.set_function(lambda: self.scheduler.kv_used / self.capacity)
-        await self._warmup()
 
     async def _warmup(self) -> None:
         """One short request through the whole loop (lazy init, allocator) before SERVING; leaves no cache behind."""
