@@ -83,8 +83,11 @@ def service_seconds(client: object, png: bytes, tokens: int) -> float:
     url = data_url(png)
     start = time.perf_counter()
     reply = client.chat.completions.create(  # type: ignore[attr-defined]
-        model="", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}],
-        temperature=0, max_completion_tokens=tokens, extra_body={"ignore_eos": True},
+        model="",
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}],
+        temperature=0,
+        max_completion_tokens=tokens,
+        extra_body={"ignore_eos": True},
     )
     elapsed = time.perf_counter() - start
     assert reply.usage.completion_tokens == tokens
@@ -94,8 +97,12 @@ def service_seconds(client: object, png: bytes, tokens: int) -> float:
 def ttft_seconds(client: object, image_part: dict) -> float:
     start = time.perf_counter()
     stream = client.chat.completions.create(  # type: ignore[attr-defined]
-        model="", messages=[{"role": "user", "content": [image_part, {"type": "text", "text": PROMPT}]}],
-        temperature=0, max_completion_tokens=8, stream=True, extra_body={"ignore_eos": True},
+        model="",
+        messages=[{"role": "user", "content": [image_part, {"type": "text", "text": PROMPT}]}],
+        temperature=0,
+        max_completion_tokens=8,
+        stream=True,
+        extra_body={"ignore_eos": True},
     )
     first = None
     for chunk in stream:
@@ -125,17 +132,24 @@ def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: in
         item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid="bench-image", source=media_pb2.MediaSource(data=stored))
         with grpc.insecure_channel(stack.encoder_target) as channel:
             enc_grpc.EncoderServiceStub(channel).Encode(enc_pb.EncodeRequest(items=[item]))
-        by_uuid = statistics.median(ttft_seconds(client, {"type": "image_url", "image_url": None, "uuid": "bench-image"}) for _ in range(repeats))
+        by_uuid = statistics.median(
+            ttft_seconds(client, {"type": "image_url", "image_url": None, "uuid": "bench-image"}) for _ in range(repeats)
+        )
         by_url = statistics.median(
-            ttft_seconds(client, {"type": "image_url", "image_url": {"url": data_url(square_png(size, seed + 2000 + i))}}) for i in range(repeats)
+            ttft_seconds(client, {"type": "image_url", "image_url": {"url": data_url(square_png(size, seed + 2000 + i))}})
+            for i in range(repeats)
         )
     finally:
         stack.close()
     return {
-        "model": model, "image_size": size, "tokens": tokens,
-        "e2e_service_s": round(e2e_service, 4), "e2e_monolithic_s": round(e2e_mono, 4),
+        "model": model,
+        "image_size": size,
+        "tokens": tokens,
+        "e2e_service_s": round(e2e_service, 4),
+        "e2e_monolithic_s": round(e2e_mono, 4),
         "overhead_ratio": round(e2e_service / e2e_mono, 3),
-        "ttft_stored_uuid_s": round(by_uuid, 4), "ttft_data_url_s": round(by_url, 4),
+        "ttft_stored_uuid_s": round(by_uuid, 4),
+        "ttft_data_url_s": round(by_url, 4),
         "ttft_ratio_uuid_vs_data_url": round(by_uuid / by_url, 3),
     }
 

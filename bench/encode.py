@@ -111,10 +111,18 @@ async def store_vs_raw(url: str, sizes_mb: list[int], repeats: int) -> dict[str,
             mb = len(data) / MB
             timings: dict[str, list[float]] = {"put": [], "get": [], "set": [], "get_raw": []}
 
-            async def store_round(i: int, size: int = size, rows: int = rows, hidden: int = hidden, data: bytes = data) -> tuple[float, float]:
+            async def store_round(
+                i: int, size: int = size, rows: int = rows, hidden: int = hidden, data: bytes = data
+            ) -> tuple[float, float]:
                 desc = embedding_pb2.EmbeddingDescriptor(
-                    id=f"bench-{size}-{i}", modality=media_pb2.MODALITY_IMAGE, model="bench", model_fingerprint="bench",
-                    token_count=rows, content_sha256=f"{i + 1:064x}", client_uuid=True, options_json="{}",
+                    id=f"bench-{size}-{i}",
+                    modality=media_pb2.MODALITY_IMAGE,
+                    model="bench",
+                    model_fingerprint="bench",
+                    token_count=rows,
+                    content_sha256=f"{i + 1:064x}",
+                    client_uuid=True,
+                    options_json="{}",
                 )
                 tensor = RawTensor("embeddings", 1, (rows, hidden), data)
                 t = time.perf_counter()
@@ -178,8 +186,11 @@ def main() -> None:
     with LocalRedis(maxmemory="2gb") as redis_server:
         port = free_port()
         env = {
-            "MMSERVE_MODEL": ns.model, "MMSERVE_CACHE_DIR": str(ns.cache_dir), "MMSERVE_REDIS_URL": redis_server.url,
-            "MMSERVE_ENCODER_PORT": str(port), "MMSERVE_LOG_LEVEL": "WARNING",
+            "MMSERVE_MODEL": ns.model,
+            "MMSERVE_CACHE_DIR": str(ns.cache_dir),
+            "MMSERVE_REDIS_URL": redis_server.url,
+            "MMSERVE_ENCODER_PORT": str(port),
+            "MMSERVE_LOG_LEVEL": "WARNING",
         }
         log = Path(tempfile.mkdtemp(prefix="mmserve-bench-")) / "encoder.log"
         encoder = ServiceProcess("encoder", env, log_path=log).start()
@@ -191,15 +202,24 @@ def main() -> None:
             encoder.stop()
         store = asyncio.run(store_vs_raw(redis_server.url, [1, 4, 16], ns.repeats))
 
-    print(json.dumps({
-        "bench": "encode", "model": ns.model, "images": ns.images, "image_size": ns.size,
-        "concurrency": ns.concurrency, "cpus": os.cpu_count(),
-        "encode": {
-            "service_images_per_s": round(service, 2), "direct_images_per_s": round(direct, 2),
-            "ratio": round(service / direct, 3),
-        },
-        "store": store,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "encode",
+                "model": ns.model,
+                "images": ns.images,
+                "image_size": ns.size,
+                "concurrency": ns.concurrency,
+                "cpus": os.cpu_count(),
+                "encode": {
+                    "service_images_per_s": round(service, 2),
+                    "direct_images_per_s": round(direct, 2),
+                    "ratio": round(service / direct, 3),
+                },
+                "store": store,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def video(seed: int, seconds: int = 4, fps: int = 8, side: int = 224) -> bytes:
 
 def audio(seed: int, seconds: float = 5.0, rate: int = 16000) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, np.random.default_rng(seed).uniform(-0.3, 0.3, int(seconds * rate)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    sf.write(
+        buf, np.random.default_rng(seed).uniform(-0.3, 0.3, int(seconds * rate)).astype(np.float32), rate, format="WAV", subtype="PCM_16"
+    )
     return buf.getvalue()
 
 
@@ -117,8 +119,11 @@ def bench_model(model: str, cache_dir: Path, items: int) -> dict[str, object]:
     with LocalRedis(maxmemory="2gb") as redis_server:
         port = free_port()
         env = {
-            "MMSERVE_MODEL": model, "MMSERVE_CACHE_DIR": str(cache_dir), "MMSERVE_REDIS_URL": redis_server.url,
-            "MMSERVE_ENCODER_PORT": str(port), "MMSERVE_LOG_LEVEL": "WARNING",
+            "MMSERVE_MODEL": model,
+            "MMSERVE_CACHE_DIR": str(cache_dir),
+            "MMSERVE_REDIS_URL": redis_server.url,
+            "MMSERVE_ENCODER_PORT": str(port),
+            "MMSERVE_LOG_LEVEL": "WARNING",
         }
         log = Path(tempfile.mkdtemp(prefix="mmserve-bench-")) / "encoder.log"
         encoder = ServiceProcess("encoder", env, log_path=log).start()

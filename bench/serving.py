@@ -73,10 +73,6 @@ SUBJECTS = ("a lighthouse", "a train journey", "a lost key", "the ocean", "a mou
 # --- workload -----------------------------------------------------------------------------------------
 
 
-
-
-
-
 def square_png(size: int, seed: int) -> bytes:
     """A random-noise RGB PNG of size x size, distinct per seed."""
     return png_bytes(size, size, seed)
@@ -122,8 +118,13 @@ async def stream_one(client: openai.AsyncOpenAI, model: str, messages: list[dict
     last: float | None = None
     try:
         stream = await client.chat.completions.create(  # type: ignore[call-overload]
-            model=model, messages=messages, temperature=0, max_completion_tokens=tokens, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model=model,
+            messages=messages,
+            temperature=0,
+            max_completion_tokens=tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         chunks = 0
         async for chunk in stream:
@@ -176,7 +177,9 @@ async def run_requests(
     return results, time.perf_counter() - start
 
 
-async def run_level(client: openai.AsyncOpenAI, model: str, workload: list[list[dict[str, Any]]], level: int, tokens: int) -> dict[str, Any]:
+async def run_level(
+    client: openai.AsyncOpenAI, model: str, workload: list[list[dict[str, Any]]], level: int, tokens: int
+) -> dict[str, Any]:
     """Run the workload with `level` requests in flight at all times; summarise it."""
     results, wall = await run_requests(client, model, workload, level, tokens)
     ok = [r for r in results if r.error is None]
@@ -185,12 +188,20 @@ async def run_level(client: openai.AsyncOpenAI, model: str, workload: list[list[
     gaps = [g for r in ok for g in r.gaps]
     completion = sum(r.completion_tokens for r in ok)
     summary: dict[str, Any] = {
-        "concurrency": level, "requests": len(results), "errors": len(errors),
+        "concurrency": level,
+        "requests": len(results),
+        "errors": len(errors),
         "incomplete": sum(r.completion_tokens != tokens for r in ok),
-        "wall_s": round(wall, 3), "completion_tokens": completion, "tok_s": round(completion / wall, 2),
-        "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
-        "itl_p50_s": pct(gaps, 50), "itl_p99_s": pct(gaps, 99),
-        "tpot_p50_s": pct([(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok if r.latency and r.ttft and r.completion_tokens > 1], 50),
+        "wall_s": round(wall, 3),
+        "completion_tokens": completion,
+        "tok_s": round(completion / wall, 2),
+        "ttft_p50_s": pct(ttfts, 50),
+        "ttft_p99_s": pct(ttfts, 99),
+        "itl_p50_s": pct(gaps, 50),
+        "itl_p99_s": pct(gaps, 99),
+        "tpot_p50_s": pct(
+            [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok if r.latency and r.ttft and r.completion_tokens > 1], 50
+        ),
         "latency_p50_s": pct([r.latency for r in ok if r.latency is not None], 50),
     }
     if errors:
@@ -257,8 +268,13 @@ async def measure_reuse(base_url: str, model: str | None, ns: argparse.Namespace
     first = [position in first_of.values() for position in range(len(order))]  # the first ask of its image
     ttfts = [r.ttft for r in results if r.ttft is not None]
     return {
-        "base_url": base_url, "model": model, "requests": len(results), "errors": sum(r.error is not None for r in results),
-        "wall_s": round(wall, 3), "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99),
+        "base_url": base_url,
+        "model": model,
+        "requests": len(results),
+        "errors": sum(r.error is not None for r in results),
+        "wall_s": round(wall, 3),
+        "ttft_p50_s": pct(ttfts, 50),
+        "ttft_p99_s": pct(ttfts, 99),
         "ttft_first_ask_p50_s": pct([r.ttft for r, f in zip(results, first, strict=True) if f and r.ttft is not None], 50),
         "ttft_repeat_p50_s": pct([r.ttft for r, f in zip(results, first, strict=True) if not f and r.ttft is not None], 50),
         "counters": {name: after[name] - before.get(name, 0.0) for name in after},
@@ -277,12 +293,16 @@ async def measure(base_url: str, model: str | None, ns: argparse.Namespace) -> d
             print(f"serving bench: {base_url} {json.dumps(levels[f'c{level}'])}", file=sys.stderr)
         same = data_url(square_png(ns.size, ns.seed + 500_000))
         await ttft(client, model, image_messages(same))  # the first time this image is seen
-        repeats = [await ttft(client, model, image_messages(same, f"Question {k}: what else is in this picture?")) for k in range(ns.repeats)]
+        repeats = [
+            await ttft(client, model, image_messages(same, f"Question {k}: what else is in this picture?")) for k in range(ns.repeats)
+        ]
         fresh = [await ttft(client, model, image_messages(data_url(square_png(ns.size, ns.seed + 600_000 + k)))) for k in range(ns.repeats)]
     finally:
         await client.close()
     return {
-        "base_url": base_url, "model": model, "levels": levels,
+        "base_url": base_url,
+        "model": model,
+        "levels": levels,
         "ttft_repeat_image_s": median([t for t in repeats if t is not None]),
         "ttft_new_image_s": median([t for t in fresh if t is not None]),
     }
@@ -316,8 +336,6 @@ def ratios(ours: dict[str, Any], peer: dict[str, Any], levels: list[int]) -> dic
 
 
 # --- processes ----------------------------------------------------------------------------------------
-
-
 
 
 def process_tree(pid: int) -> list[int]:
@@ -374,8 +392,15 @@ SETTINGS_KEYS = ("workload", "concurrency", "requests", "tokens", "size", "repea
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--models", "--model", default="tiny:qwen2_5_vl-tiny,tiny:qwen2_5_vl-mid", help="comma-separated models; a stack is started for each")
-    target.add_argument("--url", help="base URL of an already running mmserve gateway (e.g. http://127.0.0.1:8000/v1) instead of starting stacks")
+    target.add_argument(
+        "--models",
+        "--model",
+        default="tiny:qwen2_5_vl-tiny,tiny:qwen2_5_vl-mid",
+        help="comma-separated models; a stack is started for each",
+    )
+    target.add_argument(
+        "--url", help="base URL of an already running mmserve gateway (e.g. http://127.0.0.1:8000/v1) instead of starting stacks"
+    )
     target.add_argument("--peer-only", action="store_true", help="measure only the peer")
     parser.add_argument("--workload", choices=("load", "reuse"), default="load", help="see the module docstring")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers", help="the started decoders' engine")
@@ -394,7 +419,9 @@ def parse_args() -> argparse.Namespace:
     peer.add_argument("--peer-json", type=Path, help="take the peer figures from an earlier output line of this script instead")
     parser.add_argument("--peer-model", help="model name at the peer (default: the first id of its /v1/models)")
     parser.add_argument("--peer-pid", type=int, help="PID of the peer server: SIGSTOPped (with its children) while mmserve runs")
-    parser.add_argument("--stack-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the started services; repeatable")
+    parser.add_argument(
+        "--stack-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the started services; repeatable"
+    )
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     ns = parser.parse_args()
     ns.concurrency = [int(c) for c in (ns.concurrency or ("4" if ns.workload == "reuse" else "1,4,8,16")).split(",")]
@@ -413,7 +440,10 @@ def measure_side(base_url: str, model: str | None, ns: argparse.Namespace, metri
 def compare(ours: dict[str, Any], peer: dict[str, Any], ns: argparse.Namespace) -> dict[str, float | None]:
     """mmserve / peer ratios for the chosen workload."""
     if ns.workload == "reuse":
-        return {f"ratio_{key[:-2]}": ratio(ours[key], peer[key]) for key in ("ttft_p50_s", "ttft_p99_s", "ttft_first_ask_p50_s", "ttft_repeat_p50_s")}
+        return {
+            f"ratio_{key[:-2]}": ratio(ours[key], peer[key])
+            for key in ("ttft_p50_s", "ttft_p99_s", "ttft_first_ask_p50_s", "ttft_repeat_p50_s")
+        }
     return ratios(ours, peer, ns.concurrency)
 
 

@@ -84,7 +84,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            return error_response(f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json", request_id=rid(request))
+            return error_response(
+                f"the body is not valid JSON: {first.get('msg')}", status=400, code="invalid_json", request_id=rid(request)
+            )
         param = (first.get("ctx") or {}).get("param") or validation_param(first, exc.body)
         message = str(first.get("msg"))
         if first.get("type") == "extra_forbidden":
@@ -96,12 +98,17 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown routes and methods get the OpenAI error shape too."""
-        response = error_response(str(exc.detail), status=exc.status_code, code=str(exc.detail).lower().replace(" ", "_"), request_id=rid(request))
+        response = error_response(
+            str(exc.detail), status=exc.status_code, code=str(exc.detail).lower().replace(" ", "_"), request_id=rid(request)
+        )
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
         return response
 
-    health_docs: dict[int | str, dict[str, Any]] = {503: {"description": 'The decoder is not SERVING: `{"status": "unavailable"}`.'}, "default": error_responses()["default"]}
+    health_docs: dict[int | str, dict[str, Any]] = {
+        503: {"description": 'The decoder is not SERVING: `{"status": "unavailable"}`.'},
+        "default": error_responses()["default"],
+    }
 
     @app.get("/health", tags=["operations"], responses=health_docs)
     async def health(request: Request) -> JSONResponse:

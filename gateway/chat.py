@@ -107,8 +107,13 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
         raise from_rpc_error(exc, peer="decoder") from None
     data = [
         ModelObject(
-            id=m.id, created=m.created, owned_by=m.owned_by, random_weights=m.random_weights, family=m.family,
-            modalities=[BY_PROTO[x].name for x in m.modalities if x in BY_PROTO], max_model_len=m.max_model_len,
+            id=m.id,
+            created=m.created,
+            owned_by=m.owned_by,
+            random_weights=m.random_weights,
+            family=m.family,
+            modalities=[BY_PROTO[x].name for x in m.modalities if x in BY_PROTO],
+            max_model_len=m.max_model_len,
         )
         for m in reply.models
     ]
@@ -117,7 +122,9 @@ async def list_models(request: Request, gw: Gateway = Depends(gateway), caller: 
 
 def usage_json(usage: pb.Usage) -> dict[str, Any]:
     return {
-        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
 
@@ -126,7 +133,9 @@ def logprobs_content(message: pb.GenerateResponse) -> list[dict[str, Any]]:
     """The OpenAI `logprobs.content` entries of a message's tokens."""
     return [
         {
-            "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+            "token": lp.token,
+            "logprob": lp.logprob,
+            "bytes": list(lp.bytes),
             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in lp.top],
         }
         for lp in message.logprobs
@@ -166,8 +175,10 @@ async def collect(
         message = await read_rest(call, whole=bool(usage))
     choices = [
         {
-            "index": i, "message": assistant_message("".join(texts[i]), calls[i]),
-            "logprobs": {"content": tokens[i]} if logprobs else None, "finish_reason": finish.get(i, "stop"),
+            "index": i,
+            "message": assistant_message("".join(texts[i]), calls[i]),
+            "logprobs": {"content": tokens[i]} if logprobs else None,
+            "finish_reason": finish.get(i, "stop"),
         }
         for i in sorted(texts)
     ]
@@ -194,7 +205,13 @@ def sse_events(
     """OpenAI chat.completion.chunk events, keep-alives, and [DONE]; cancels the call on disconnect."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
         if include_usage:
             body["usage"] = usage
         return sse_data(body)

@@ -49,9 +49,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/completions", response_model=None, tags=["completions"], responses=RESPONSES)
-async def completions(
-    body: CompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)
-) -> Response:
+async def completions(body: CompletionRequest, request: Request, gw: Gateway = Depends(gateway), caller: str = Depends(tenant)) -> Response:
     """OpenAI legacy completions (prompt string or list, streamed or not, logprobs); echo, suffix and best_of > n are 400s."""
     requests = await _generate_requests(body, gw)
     metadata = call_metadata(request, caller)
@@ -149,7 +147,12 @@ async def collect(calls: MergedCalls, first: pb.GenerateResponse, head: dict[str
         _add_usage(usage, message)
         message = await calls.read()
     choices = [
-        {"text": "".join(texts[i]), "index": i, "logprobs": logprobs[i][1] if want_logprobs else None, "finish_reason": finish.get(i, "stop")}
+        {
+            "text": "".join(texts[i]),
+            "index": i,
+            "logprobs": logprobs[i][1] if want_logprobs else None,
+            "finish_reason": finish.get(i, "stop"),
+        }
         for i in sorted(texts)
     ]
     return {**head, "choices": choices, "usage": usage_json(usage)}

@@ -73,6 +73,9 @@ class RequestContext:
         REQUESTS.labels("gateway", path, str(status)).inc()
         REQUEST_SECONDS.labels("gateway", path).observe(seconds)
         log.info(
-            "%s %s %d", scope.get("method"), path, status,
+            "%s %s %d",
+            scope.get("method"),
+            path,
+            status,
             extra={"fields": {"service": "gateway", "route": path, "status": status, "duration_ms": round(seconds * 1000, 1)}},
         )

@@ -120,7 +120,9 @@ def error_body(message: str, *, status: int, param: str | None = None, code: str
     return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param, "code": code}}
 
 
-def error_response(message: str, *, status: int, param: str | None = None, code: str | None = None, request_id: str | None = None) -> JSONResponse:
+def error_response(
+    message: str, *, status: int, param: str | None = None, code: str | None = None, request_id: str | None = None
+) -> JSONResponse:
     headers = {}
     if 400 <= status < 500 and status not in (408, 429):
         headers["x-should-retry"] = "false"  # a retry cannot help

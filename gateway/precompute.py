@@ -27,8 +27,13 @@ router = APIRouter(tags=["precompute"])
 
 def _object(desc: embedding_pb2.EmbeddingDescriptor, cached: bool | None = None) -> EmbeddingObject:
     return EmbeddingObject(
-        id=desc.id, modality=name_of(desc.modality), tokens=desc.token_count, model=desc.model,
-        cached=cached, created_at=desc.created_at.seconds, content_sha256=desc.content_sha256,
+        id=desc.id,
+        modality=name_of(desc.modality),
+        tokens=desc.token_count,
+        model=desc.model,
+        cached=cached,
+        created_at=desc.created_at.seconds,
+        content_sha256=desc.content_sha256,
         expires_at=desc.expires_at.seconds if desc.HasField("expires_at") else None,
     )
 
@@ -58,12 +63,16 @@ async def encode(body: EncodeRequest, request: Request, gw: Gateway = Depends(ga
 
 @router.get("/v1/mm/embeddings/{embedding_id}", response_model=EmbeddingObject, responses=error_responses(401, 404, 503, 504))
 async def get_embedding(
-    request: Request, embedding_id: str = Path(..., description="A client uuid or a content id."),
-    gw: Gateway = Depends(gateway), caller: str = Depends(tenant),
+    request: Request,
+    embedding_id: str = Path(..., description="A client uuid or a content id."),
+    gw: Gateway = Depends(gateway),
+    caller: str = Depends(tenant),
 ) -> EmbeddingObject:
     """Describe a stored embedding (404 if it is not stored or has expired)."""
     try:
-        reply = await gw.encoder.GetEmbedding(enc_pb.GetEmbeddingRequest(id=embedding_id), metadata=call_metadata(request, caller), timeout=30)
+        reply = await gw.encoder.GetEmbedding(
+            enc_pb.GetEmbeddingRequest(id=embedding_id), metadata=call_metadata(request, caller), timeout=30
+        )
     except grpc.RpcError as exc:
         raise _rest_error(exc) from None
     return _object(reply.embedding)
@@ -71,12 +80,16 @@ async def get_embedding(
 
 @router.delete("/v1/mm/embeddings/{embedding_id}", response_model=DeletedEmbedding, responses=error_responses(401, 503, 504))
 async def delete_embedding(
-    request: Request, embedding_id: str = Path(..., description="A client uuid or a content id."),
-    gw: Gateway = Depends(gateway), caller: str = Depends(tenant),
+    request: Request,
+    embedding_id: str = Path(..., description="A client uuid or a content id."),
+    gw: Gateway = Depends(gateway),
+    caller: str = Depends(tenant),
 ) -> DeletedEmbedding:
     """Delete a stored embedding; `deleted` is false if there was none."""
     try:
-        reply = await gw.encoder.DeleteEmbedding(enc_pb.DeleteEmbeddingRequest(id=embedding_id), metadata=call_metadata(request, caller), timeout=30)
+        reply = await gw.encoder.DeleteEmbedding(
+            enc_pb.DeleteEmbeddingRequest(id=embedding_id), metadata=call_metadata(request, caller), timeout=30
+        )
     except grpc.RpcError as exc:
         raise _rest_error(exc) from None
     return DeletedEmbedding(id=embedding_id, deleted=reply.deleted)

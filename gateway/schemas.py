@@ -94,7 +94,9 @@ class StreamOptions(Closed):
 
 class JsonSchemaFormat(Closed):
     name: str = Field(..., description="Name of the format (as OpenAI requires; not used for decoding).")
-    description: str | None = Field(None, description="What the format is for (passed on to nothing: the schema alone constrains decoding).")
+    description: str | None = Field(
+        None, description="What the format is for (passed on to nothing: the schema alone constrains decoding)."
+    )
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the output must satisfy.")
     strict: bool | None = Field(None, description="Accepted; the schema is always enforced exactly (constrained decoding).")
 
@@ -102,7 +104,9 @@ class JsonSchemaFormat(Closed):
 class ResponseFormat(Closed):
     """Structured outputs: free text, any JSON object, or JSON following a schema (enforced by masking tokens)."""
 
-    type: Literal["text", "json_object", "json_schema"] = Field(..., description="text (free), json_object (any JSON object) or json_schema.")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        ..., description="text (free), json_object (any JSON object) or json_schema."
+    )
     json_schema: JsonSchemaFormat | None = Field(None, description="Required when type is json_schema.")
 
 
@@ -178,10 +182,10 @@ class SamplingRequest(StrictText):
 
     model: str | None = Field(None, description="Model id from /v1/models (optional: the served model).")
     temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature in [0, 2]; 0 is greedy (default 1).")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass (default 1).")
-    top_k: int | None = Field(
-        None, ge=0, le=UINT32_MAX, description="mmserve extension: keep the k most likely tokens (0 = all)."
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass (default 1)."
     )
+    top_k: int | None = Field(None, ge=0, le=UINT32_MAX, description="mmserve extension: keep the k most likely tokens (0 = all).")
     seed: int | None = Field(None, ge=0, le=UINT64_MAX, description="Same seed and inputs give the same completion.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion (excluded from it).")
     n: int | None = Field(None, ge=1, le=16, description="Number of choices (default 1).")
@@ -191,25 +195,30 @@ class SamplingRequest(StrictText):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens already in the completion.")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Penalize tokens by how often they are in the completion.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
-    repetition_penalty: float | None = Field(None, gt=0, le=2, description="mmserve/vLLM extension: divide logits of prompt and completion tokens (1 = off).")
-    min_tokens: int | None = Field(None, ge=0, le=UINT32_MAX, description="mmserve/vLLM extension: no end-of-sequence before this many tokens.")
-    min_p: float | None = Field(None, ge=0, le=1, description="mmserve/vLLM extension: drop tokens below min_p x the top token's probability.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=2, description="mmserve/vLLM extension: divide logits of prompt and completion tokens (1 = off)."
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, le=UINT32_MAX, description="mmserve/vLLM extension: no end-of-sequence before this many tokens."
+    )
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="mmserve/vLLM extension: drop tokens below min_p x the top token's probability."
+    )
 
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions body, with mmserve's extensions as extra top-level fields."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far, oldest first.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, le=UINT32_MAX, description="Completion tokens at most (wins over max_tokens)."
-    )
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="Completion tokens at most (wins over max_tokens).")
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX, description="Deprecated alias of max_completion_tokens.")
     logprobs: bool | None = Field(None, description="Return each token's log probability (of the distribution it was sampled from).")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Most likely alternatives per token (needs logprobs).")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured outputs).")
     tools: list[ToolDef] | None = Field(None, description="Functions the model may call (rendered by the model's chat template).")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description="none (no tools shown), auto (default with tools), required, or a named function; required and named are enforced by a grammar."
+        None,
+        description="none (no tools shown), auto (default with tools), required, or a named function; required and named are enforced by a grammar.",
     )
     parallel_tool_calls: bool | None = Field(None, description="Whether several calls may come in one turn (default true).")
     modalities: list[Literal["text"]] | None = Field(None, description='Output modalities: only ["text"].')
@@ -245,7 +254,9 @@ class CompletionRequest(SamplingRequest):
     )
     max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX, description="Completion tokens at most, per choice (default 16).")
     logprobs: int | None = Field(
-        None, ge=0, le=5,
+        None,
+        ge=0,
+        le=5,
         description=(
             "Return the log probability of each token (of the distribution it was sampled from) and this many most "
             "likely alternatives per position, 0-5."

@@ -88,7 +88,11 @@ def protocol_class(header_timeout_s: float) -> type[HeaderDeadline]:
 def server_config(app: Any, settings: Settings) -> uvicorn.Config:
     """uvicorn's configuration for the gateway: its address, and every connection limit from the settings."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.gateway_port, log_config=None, access_log=False,
+        app,
+        host=settings.host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
         http=protocol_class(settings.gateway_header_timeout_s),
         timeout_keep_alive=max(1, round(settings.gateway_keepalive_timeout_s)),
         h11_max_incomplete_event_size=settings.gateway_max_header_bytes,

@@ -183,8 +183,11 @@ def apply_detail(item: media_pb2.MediaInput, payload: Any, field: str) -> None:
 
 
 def media_part(
-    part: dict[str, Any], kind: str, field: str,
-    io_kwargs: dict[str, dict[str, Any]] | None = None, proc_kwargs: dict[str, dict[str, Any]] | None = None,
+    part: dict[str, Any],
+    kind: str,
+    field: str,
+    io_kwargs: dict[str, dict[str, Any]] | None = None,
+    proc_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> media_pb2.MediaInput:
     """One media content part -> MediaInput (payload or reference, uuid, per-request and per-part options)."""
     uuid = part.get("uuid")
@@ -237,7 +240,9 @@ def to_generate_request(body: ChatCompletionRequest) -> pb.GenerateRequest:
     for i, message in enumerate(body.messages):
         role = ROLES.get(message.role)
         if role is None:
-            raise InvalidArgument(f"role {message.role!r} is not supported (use system, developer, user, assistant or tool)", field=f"messages[{i}]")
+            raise InvalidArgument(
+                f"role {message.role!r} is not supported (use system, developer, user, assistant or tool)", field=f"messages[{i}]"
+            )
         out = request.messages.add(role=role, tool_call_id=message.tool_call_id or "")
         for call in message.tool_calls or ():
             out.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)

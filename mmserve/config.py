@@ -137,7 +137,10 @@ class Settings(BaseSettings):
         ),
         ge=0,
     )
-    tenant: str = Field("default", description="Tenant of every call when no API key identifies one (gateway), or no tenant metadata comes with it (services).")
+    tenant: str = Field(
+        "default",
+        description="Tenant of every call when no API key identifies one (gateway), or no tenant metadata comes with it (services).",
+    )
     redis_persist: bool = Field(
         True,
         description=(
@@ -158,15 +161,11 @@ class Settings(BaseSettings):
     fetch_timeout_audio_s: float = Field(10.0, description="Total deadline to fetch one audio item.")
     fetch_timeout_video_s: float = Field(30.0, description="Total deadline to fetch one video.")
     fetch_timeout_time_series_s: float = Field(10.0, description="Total deadline to fetch one time series.")
-    fetch_allow_loopback: bool = Field(
-        False, description="TEST ONLY: let the fetcher reach loopback addresses. Logged loudly when on."
-    )
+    fetch_allow_loopback: bool = Field(False, description="TEST ONLY: let the fetcher reach loopback addresses. Logged loudly when on.")
     file_root: Path | None = Field(None, description="If set, file:// URLs are allowed below this folder only.")
     max_item_bytes: int = Field(64 * MiB, description="Max encoded size of one media item.")
     max_request_media_bytes: int = Field(256 * MiB, description="Max encoded size of all media in one request.")
-    max_upload_bytes: int = Field(
-        1024 * MiB, description="Max size of one item sent through the streaming EncodeUpload RPC."
-    )
+    max_upload_bytes: int = Field(1024 * MiB, description="Max size of one item sent through the streaming EncodeUpload RPC.")
 
     # --- per-request item limits (docs/inputs.md section 4) ---------------
     max_images_per_request: int = Field(8, description="Images allowed in one request.")
@@ -180,16 +179,12 @@ class Settings(BaseSettings):
         512 * MiB,
         description="Most memory one image or video may decode to (its pixels and their RGB copy, before the model's resize): a JPEG over it decodes at a reduced scale, anything else is refused from its header.",
     )
-    request_pixel_budget: int = Field(
-        400_000_000, description="Decoded pixels (images + video frames) allowed in one request."
-    )
+    request_pixel_budget: int = Field(400_000_000, description="Decoded pixels (images + video frames) allowed in one request.")
     video_default_fps: float = Field(2.0, description="Frames sampled per second of video by default.")
     video_default_num_frames: int = Field(32, description="Frames sampled per video at most, by default.")
     video_max_num_frames: int = Field(768, description="Hard cap on frames sampled per video.")
     video_max_duration_s: float = Field(600.0, description="Refuse videos longer than this.")
-    video_max_frame_pixels: int = Field(
-        8_294_400, description="Refuse videos whose frames are larger than this (default 4K)."
-    )
+    video_max_frame_pixels: int = Field(8_294_400, description="Refuse videos whose frames are larger than this (default 4K).")
     audio_max_duration_s: float = Field(600.0, description="Refuse audio longer than this (decoded).")
     audio_max_decoded_bytes: int = Field(256 * MiB, description="Refuse audio whose decoded samples exceed this.")
     time_series_max_samples: int = Field(240_000, description="Refuse time series longer than this.")
@@ -215,7 +210,10 @@ class Settings(BaseSettings):
     )
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache budget in bytes, if kv_cache_tokens is unset.")
     kv_cache_memory_fraction: float = Field(
-        0.3, gt=0, le=0.95, description="Share of free memory (CPU: MemAvailable, CUDA: free device memory) for the KV cache when no budget is set."
+        0.3,
+        gt=0,
+        le=0.95,
+        description="Share of free memory (CPU: MemAvailable, CUDA: free device memory) for the KV cache when no budget is set.",
     )
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="Prompt tokens prefilled per engine iteration; longer prompts go in chunks between decode steps."
@@ -228,13 +226,17 @@ class Settings(BaseSettings):
         1 << 18, ge=0, description="Linear layers with fewer weights stay on MKL (oneDNN's per-call cost would exceed their product)."
     )
     engine_threads: int = Field(
-        0, ge=0, description="Intra-op threads of the built-in engine's model thread; 0 = auto: one for a language model under 8M weights (a thread hand-off costs more than it saves there), else torch's default (all cores).",
+        0,
+        ge=0,
+        description="Intra-op threads of the built-in engine's model thread; 0 = auto: one for a language model under 8M weights (a thread hand-off costs more than it saves there), else torch's default (all cores).",
     )
     prefix_cache: bool = Field(True, description="Reuse the KV of earlier prompts that start the same way (same text, same media).")
     prefix_cache_block_tokens: int = Field(16, ge=1, description="Tokens per prefix-cache block (the unit of reuse).")
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs one model is split across (tensor parallel).")
     vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vLLM engine: pipeline stages.")
-    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM engine: share of GPU memory vLLM may use (weights + KV cache).")
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM engine: share of GPU memory vLLM may use (weights + KV cache)."
+    )
     vllm_cpu_kv_cache_gib: float = Field(4.0, gt=0, description="vLLM engine on CPU: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).")
     vllm_enforce_eager: bool = Field(False, description="vLLM engine: no CUDA graphs / compilation (faster start, slower decode).")
 
@@ -253,17 +255,25 @@ class Settings(BaseSettings):
     gateway_request_timeout_s: float = Field(600.0, description="Deadline of one chat request, passed to the decoder.")
     sse_keepalive_s: float = Field(15.0, description="Seconds of silence in a stream before a `: keep-alive` comment.")
     gateway_header_timeout_s: float = Field(
-        10.0, gt=0, description="A connection whose request headers are not complete this many seconds after its first byte (or after the previous response) is closed (slow-loris)."
+        10.0,
+        gt=0,
+        description="A connection whose request headers are not complete this many seconds after its first byte (or after the previous response) is closed (slow-loris).",
     )
     gateway_body_timeout_s: float = Field(
         30.0, gt=0, description="A request body not complete this many seconds after its headers is answered 408 and the connection closed."
     )
-    gateway_keepalive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this many seconds (uvicorn's timeout_keep_alive).")
+    gateway_keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections are closed after this many seconds (uvicorn's timeout_keep_alive)."
+    )
     gateway_max_header_bytes: int = Field(
-        16384, ge=1024, description="Largest request line plus headers the gateway reads (uvicorn's h11_max_incomplete_event_size; 400 above)."
+        16384,
+        ge=1024,
+        description="Largest request line plus headers the gateway reads (uvicorn's h11_max_incomplete_event_size; 400 above).",
     )
     gateway_max_concurrency: int | None = Field(
-        2048, ge=1, description="Open connections plus running requests beyond which the gateway answers 503 (uvicorn's limit_concurrency); unset = no limit."
+        2048,
+        ge=1,
+        description="Open connections plus running requests beyond which the gateway answers 503 (uvicorn's limit_concurrency); unset = no limit.",
     )
     served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: the model).")
 
@@ -273,8 +283,23 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     otlp_endpoint: str | None = Field(None, description="OTLP endpoint for traces; tracing is off when unset.")
 
-    @field_validator("model_revision", "file_root", "api_key", "api_keys", "api_keys_file", "service_token", "service_token_file", "otlp_endpoint", "served_model_name", "metrics_port",
-        "kv_cache_tokens", "kv_cache_bytes", "redis_data_dir", "gateway_max_concurrency", mode="before")
+    @field_validator(
+        "model_revision",
+        "file_root",
+        "api_key",
+        "api_keys",
+        "api_keys_file",
+        "service_token",
+        "service_token_file",
+        "otlp_endpoint",
+        "served_model_name",
+        "metrics_port",
+        "kv_cache_tokens",
+        "kv_cache_bytes",
+        "redis_data_dir",
+        "gateway_max_concurrency",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`VAR=` (as compose writes `${VAR:-}`) means unset, not an empty value."""

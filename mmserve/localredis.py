@@ -175,9 +175,7 @@ class LocalRedisCluster:
         deadline = time.monotonic() + timeout
         pending = list(self.nodes)
         while pending and time.monotonic() < deadline:
-            info = subprocess.run(
-                [cli, "-p", str(pending[0].port), "cluster", "info"], capture_output=True, text=True, timeout=5
-            ).stdout
+            info = subprocess.run([cli, "-p", str(pending[0].port), "cluster", "info"], capture_output=True, text=True, timeout=5).stdout
             if "cluster_state:ok" in info:
                 pending.pop(0)
             else:

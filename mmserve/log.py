@@ -16,9 +16,7 @@ import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_request_id", default="-")
 #: Fields a handler adds to its request's one summary log line (token counts, timings, ...).
-request_fields_var: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
-    "mmserve_request_fields", default=None
-)
+request_fields_var: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("mmserve_request_fields", default=None)
 
 
 def note(**fields: object) -> None:

@@ -12,6 +12,7 @@ from mmserve.api.common.v1 import media_pb2
 #: Prefix of content-derived embedding ids ("mmemb-<64 hex>"); client uuids may not use it.
 CONTENT_ID_PREFIX = "mmemb-"
 
+
 def source_kind(item: media_pb2.MediaInput) -> str | None:
     return item.source.WhichOneof("kind") if item.HasField("source") else None
 

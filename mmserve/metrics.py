@@ -18,16 +18,12 @@ _TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64
 
 REQUESTS = Counter("mmserve_requests", "Requests served, by service, rpc/route and outcome.", ["service", "rpc", "outcome"])
 IN_FLIGHT = Gauge("mmserve_requests_in_flight", "Requests being served now, by service.", ["service"])
-REQUEST_SECONDS = Histogram(
-    "mmserve_request_duration_seconds", "Time to serve a request.", ["service", "rpc"], buckets=_LATENCY
-)
+REQUEST_SECONDS = Histogram("mmserve_request_duration_seconds", "Time to serve a request.", ["service", "rpc"], buckets=_LATENCY)
 
 # encoder
 CACHE_HITS = Counter("mmserve_encoder_cache_hits", "Media items served from the store without encoding.", ["modality"])
 CACHE_MISSES = Counter("mmserve_encoder_cache_misses", "Media items that had to be encoded.", ["modality"])
-ENCODE_SECONDS = Histogram(
-    "mmserve_encode_seconds", "Time the modality tower spends on one batch.", ["modality"], buckets=_LATENCY
-)
+ENCODE_SECONDS = Histogram("mmserve_encode_seconds", "Time the modality tower spends on one batch.", ["modality"], buckets=_LATENCY)
 ENCODED_ITEMS = Counter("mmserve_encoder_items_encoded", "Media items run through a modality tower.", ["modality"])
 LEASE_WAITS = Counter(
     "mmserve_encoder_lease_waits",
@@ -40,8 +36,7 @@ STORE_BYTES = Counter("mmserve_store_bytes_written", "Bytes of embeddings writte
 # store (any process that reads it)
 STORE_CORRUPT = Counter(
     "mmserve_store_corrupt_records",
-    "Stored embedding records that failed the integrity check and were dropped, by reason "
-    "(checksum, incomplete, old_format).",
+    "Stored embedding records that failed the integrity check and were dropped, by reason (checksum, incomplete, old_format).",
     ["reason"],
 )
 
@@ -67,9 +62,7 @@ ENGINE_STEP_SECONDS = Histogram(
 )
 KV_CACHE_TOKENS = Gauge("mmserve_kv_cache_tokens", "KV cache tokens: `used` (reserved + prefix cache) and `total` (the budget).", ["state"])
 KV_CACHE_USAGE = Gauge("mmserve_kv_cache_usage_ratio", "Share of the KV cache budget in use (0..1).")
-PREEMPTIONS = Counter(
-    "mmserve_num_preemptions", "Requests preempted to free KV cache (0 by design: admission reserves the worst case)."
-)
+PREEMPTIONS = Counter("mmserve_num_preemptions", "Requests preempted to free KV cache (0 by design: admission reserves the worst case).")
 PREFIX_CACHE_QUERIES = Counter("mmserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
 PREFIX_CACHE_HITS = Counter("mmserve_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.")
 

@@ -124,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             desc = result.embedding
             row = {
-                "id": desc.id, "modality": name_of(desc.modality), "tokens": desc.token_count,
-                "cached": result.cached, "expires_at": desc.expires_at.ToJsonString() if desc.HasField("expires_at") else None,
+                "id": desc.id,
+                "modality": name_of(desc.modality),
+                "tokens": desc.token_count,
+                "cached": result.cached,
+                "expires_at": desc.expires_at.ToJsonString() if desc.HasField("expires_at") else None,
                 "source": source,
             }
             print(json.dumps(row) if ns.json else "\t".join(str(row[k]) for k in ("id", "modality", "tokens", "cached", "source")))

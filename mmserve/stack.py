@@ -63,8 +63,10 @@ def stack_token(settings: Settings) -> str:
     """The stack's service token: MMSERVE_SERVICE_TOKEN if set, else a random one for this run (never printed)."""
     if settings.service_token is not None:
         return settings.service_token.get_secret_value()
-    log.info("made a random service token for this stack: its gRPC ports serve only its own processes "
-             "(set MMSERVE_SERVICE_TOKEN to choose one, e.g. to call them with `mmserve encode`)")
+    log.info(
+        "made a random service token for this stack: its gRPC ports serve only its own processes "
+        "(set MMSERVE_SERVICE_TOKEN to choose one, e.g. to call them with `mmserve encode`)"
+    )
     return secrets.token_urlsafe(32)
 
 
@@ -152,9 +154,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--vllm-venv", type=Path, help="environment of the vLLM decoder (default: this one if it has vLLM, else .venv-vllm)"
     )
-    parser.add_argument(
-        "--no-persist", action="store_true", help="keep the private Redis in memory only (MMSERVE_REDIS_PERSIST=false)"
-    )
+    parser.add_argument("--no-persist", action="store_true", help="keep the private Redis in memory only (MMSERVE_REDIS_PERSIST=false)")
     ns = parser.parse_args(argv)
     if ns.no_persist:
         os.environ["MMSERVE_REDIS_PERSIST"] = "false"

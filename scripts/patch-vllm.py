@@ -24,7 +24,7 @@ def fix(modality: str) -> tuple[str, str]:
     old = f'        if {modality}_input["type"] == "{key}":\n            return {modality}_input["{key}"].type(self.visual.dtype)\n'
     new = (
         f'        if {modality}_input["type"] == "{key}":  {MARK}\n'
-        f'            merge = self.visual.spatial_merge_size\n'
+        f"            merge = self.visual.spatial_merge_size\n"
         f'            sizes = {modality}_input["{grid}"].prod(-1) // merge // merge\n'
         f'            return {modality}_input["{key}"].type(self.visual.dtype).split(sizes.tolist())\n'
     )

@@ -164,7 +164,9 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
     """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING."""
     started: list[RunningService] = []
 
-    def start(role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, venv: Path | None = None, **env: str) -> RunningService:
+    def start(
+        role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, venv: Path | None = None, **env: str
+    ) -> RunningService:
         port, metrics_port = free_port(), free_port()
         full_env = {
             "MMSERVE_MODEL": f"tiny:{TINY}",

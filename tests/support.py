@@ -42,7 +42,9 @@ def image_item(data: bytes | None = None, *, url: str | None = None, uuid: str =
 
 @contextmanager
 def encoder_stub(target: str) -> Iterator[encoder_service_pb2_grpc.EncoderServiceStub]:
-    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]) as channel:
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    ) as channel:
         yield encoder_service_pb2_grpc.EncoderServiceStub(channel)
 
 

@@ -139,7 +139,11 @@ def test_kv_budget_bounds_admission(small_kv_stack: Stack) -> None:
 
     def ask(i: int) -> tuple[int, str]:
         reply = client.chat.completions.create(
-            model="", messages=[{"role": "user", "content": f"Story {i}"}], temperature=0, max_completion_tokens=150, extra_body={"ignore_eos": True}
+            model="",
+            messages=[{"role": "user", "content": f"Story {i}"}],
+            temperature=0,
+            max_completion_tokens=150,
+            extra_body={"ignore_eos": True},
         )
         return reply.usage.completion_tokens, reply.choices[0].message.content or ""
 

@@ -58,7 +58,10 @@ def stored_item(family: str) -> media_pb2.MediaInput:
     if stored_modality(family) == "image":
         return image_item(STORED_IMAGE, uuid=uuid)
     return media_pb2.MediaInput(
-        modality=media_pb2.MODALITY_AUDIO, source=media_pb2.MediaSource(data=STORED_AUDIO), audio=media_pb2.AudioOptions(format="wav"), uuid=uuid
+        modality=media_pb2.MODALITY_AUDIO,
+        source=media_pb2.MediaSource(data=STORED_AUDIO),
+        audio=media_pb2.AudioOptions(format="wav"),
+        uuid=uuid,
     )
 
 
@@ -70,9 +73,12 @@ def media(modality: str) -> media_pb2.MediaInput:
             modality=media_pb2.MODALITY_VIDEO, source=media_pb2.MediaSource(data=VIDEO), video=media_pb2.VideoOptions(fps=2, num_frames=8)
         )
     if modality == "audio":
-        return media_pb2.MediaInput(modality=media_pb2.MODALITY_AUDIO, source=media_pb2.MediaSource(data=AUDIO), audio=media_pb2.AudioOptions(format="wav"))
+        return media_pb2.MediaInput(
+            modality=media_pb2.MODALITY_AUDIO, source=media_pb2.MediaSource(data=AUDIO), audio=media_pb2.AudioOptions(format="wav")
+        )
     return media_pb2.MediaInput(
-        modality=media_pb2.MODALITY_TIME_SERIES, source=media_pb2.MediaSource(data=SERIES),
+        modality=media_pb2.MODALITY_TIME_SERIES,
+        source=media_pb2.MediaSource(data=SERIES),
         time_series=media_pb2.TimeSeriesOptions(sampling_rate=100),
     )
 
@@ -94,10 +100,16 @@ def user(*parts: pb.ContentPart) -> list[pb.ChatMessage]:
 def cases(family: str) -> list[Case]:
     greedy = pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     out = [
-        Case("text-short", pb.GenerateRequest(messages=user(pb.ContentPart(text="Hi")), sampling=pb.SamplingParams(temperature=0, max_tokens=9)), ("text", "Hi")),
+        Case(
+            "text-short",
+            pb.GenerateRequest(messages=user(pb.ContentPart(text="Hi")), sampling=pb.SamplingParams(temperature=0, max_tokens=9)),
+            ("text", "Hi"),
+        ),
         Case(
             "text-long",
-            pb.GenerateRequest(messages=user(pb.ContentPart(text="Tell me a long story about the sea, the wind and the ships. " * 6)), sampling=greedy),
+            pb.GenerateRequest(
+                messages=user(pb.ContentPart(text="Tell me a long story about the sea, the wind and the ships. " * 6)), sampling=greedy
+            ),
             ("text", "Tell me a long story about the sea, the wind and the ships. " * 6),
         ),
         Case(
@@ -110,17 +122,24 @@ def cases(family: str) -> list[Case]:
         Case(
             f"{stored_modality(family)}-by-uuid-seeded",
             pb.GenerateRequest(
-                messages=user(pb.ContentPart(media=media_pb2.MediaInput(modality=stored_item(family).modality, uuid=f"batch-stored-{family}")), pb.ContentPart(text="And now?")),
+                messages=user(
+                    pb.ContentPart(media=media_pb2.MediaInput(modality=stored_item(family).modality, uuid=f"batch-stored-{family}")),
+                    pb.ContentPart(text="And now?"),
+                ),
                 sampling=pb.SamplingParams(temperature=0.7, seed=11, max_tokens=12, ignore_eos=True),
             ),
         ),
     ]
     for modality in MODALITIES[family]:
-        out.append(Case(
-            f"{modality}-greedy",
-            pb.GenerateRequest(messages=user(pb.ContentPart(media=media(modality)), pb.ContentPart(text=QUESTION[modality])), sampling=greedy),
-            (modality, QUESTION[modality]),
-        ))
+        out.append(
+            Case(
+                f"{modality}-greedy",
+                pb.GenerateRequest(
+                    messages=user(pb.ContentPart(media=media(modality)), pb.ContentPart(text=QUESTION[modality])), sampling=greedy
+                ),
+                (modality, QUESTION[modality]),
+            )
+        )
     return out
 
 
@@ -135,7 +154,8 @@ def token_ids(target: str, request: pb.GenerateRequest) -> dict[int, list[int]]:
 def cancelled_midway(target: str, seen: threading.Event) -> int:
     """A long request abandoned after a few tokens; returns how many it got."""
     request = pb.GenerateRequest(
-        messages=user(pb.ContentPart(text="Count to a thousand.")), sampling=pb.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+        messages=user(pb.ContentPart(text="Count to a thousand.")),
+        sampling=pb.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True),
     )
     with grpc.insecure_channel(target) as channel:
         call = pb_grpc.DecoderServiceStub(channel).Generate(request, timeout=120)
@@ -199,7 +219,10 @@ def _max_running_seen(metrics_url: str, stop: threading.Event) -> list[float]:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_request_in_a_batch_gets_the_tokens_it_gets_alone(
-    family_stacks: dict[tuple[str, str], Stack], references: dict[str, FamilyReference], family: str, variant: str  # noqa: F811
+    family_stacks: dict[tuple[str, str], Stack],
+    references: dict[str, FamilyReference],  # noqa: F811 - fixture
+    family: str,
+    variant: str,
 ) -> None:
     stack = family_stacks[family, variant]
     target = stack.decoder.target
@@ -228,7 +251,11 @@ def test_each_request_in_a_batch_gets_the_tokens_it_gets_alone(
             want = reference_text(ref, *case.reference)
             assert len(set(want)) > 3, f"degenerate reference for {case.name}"
             configured = ref.model.generation_config.eos_token_id
-            eos = {t for t in [tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])] if isinstance(t, int)}
+            eos = {
+                t
+                for t in [tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])]
+                if isinstance(t, int)
+            }
             ids = [t for t in case.alone[0] if t not in eos]
             assert tokenizer.decode(ids, skip_special_tokens=True) == want, f"{family}/{case.name} differs from the monolithic reference"
 

@@ -73,7 +73,10 @@ def post(stack: Stack, path: str, body: dict[str, Any]) -> httpx.Response:
 def chat(stack: Stack, content: list[dict[str, Any]]) -> tuple[str, int]:
     """Greedy completion of MAX_TOKENS tokens (ignore_eos) through the OpenAI SDK: (text, prompt tokens)."""
     reply = stack.client().chat.completions.create(
-        model="", messages=[{"role": "user", "content": content}], temperature=0, max_completion_tokens=MAX_TOKENS,
+        model="",
+        messages=[{"role": "user", "content": content}],
+        temperature=0,
+        max_completion_tokens=MAX_TOKENS,
         extra_body={"ignore_eos": True},
     )
     assert reply.usage is not None and reply.usage.completion_tokens == MAX_TOKENS
@@ -257,7 +260,9 @@ def test_refusals_name_the_field_and_store_nothing(stacks: dict[str, Stack]) -> 
     for blob in (pickle.dumps({"image_embeds": [0.0] * 8}), torch_saved.getvalue()):
         error = refused(stack, {**part, "image_embeds": b64(blob)}, f"{at}.image_embeds")
         assert "pickle" in error["message"]
-    wrong = safetensors_b64([RawTensor("embeddings", main.dtype, (tokens, hidden // 2), bytes(main.data)[: len(main.data) // 2])], "image_embeds")
+    wrong = safetensors_b64(
+        [RawTensor("embeddings", main.dtype, (tokens, hidden // 2), bytes(main.data)[: len(main.data) // 2])], "image_embeds"
+    )
     refused(stack, {**part, "image_embeds": wrong}, f"{at}.image_embeds")
     refused(stack, {**part, "image_embeds": safetensors_b64(tensors, "not_an_embedding")}, f"{at}.image_embeds")
     refused(stack, {**part, "deepstack": [raw_json(main)]}, f"{at}.deepstack[0]")  # Omni has no deepstack layers
@@ -265,7 +270,9 @@ def test_refusals_name_the_field_and_store_nothing(stacks: dict[str, Stack]) -> 
     # The same through REST precompute, and gRPC clients get INVALID_ARGUMENT naming the proto field.
     refused(stack, _with(part, shape=[tokens, hidden + 8]), "content[0].image_embeds.shape", path="/mm/encode")
     item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE)
-    item.source.embeds.tensors.append(RawTensor("embeddings", main.dtype, (tokens, hidden // 2), bytes(main.data)[: len(main.data) // 2]).to_proto())
+    item.source.embeds.tensors.append(
+        RawTensor("embeddings", main.dtype, (tokens, hidden // 2), bytes(main.data)[: len(main.data) // 2]).to_proto()
+    )
     item.source.embeds.grid_thw.extend(grid)
     with encoder_stub(stack.encoder.target) as stub:
         code, err = rpc_error(stub.Encode, enc.EncodeRequest(items=[item]))

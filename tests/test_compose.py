@@ -65,7 +65,9 @@ def test_the_token_job_gives_every_service_one_shared_token(compose: dict) -> No
     """Service-to-service auth is on by default: a one-shot job writes the token once, the services read it."""
     services = compose["services"]
     path = services["token"]["command"][-1]
-    assert services["token"]["command"] == ["mmserve", "token", path] and f"secrets:{path.rsplit('/', 1)[0]}" in services["token"]["volumes"]
+    assert (
+        services["token"]["command"] == ["mmserve", "token", path] and f"secrets:{path.rsplit('/', 1)[0]}" in services["token"]["volumes"]
+    )
     for role in ("encoder", "decoder", "gateway"):
         assert services[role]["environment"]["MMSERVE_SERVICE_TOKEN_FILE"] == path, role
         assert f"secrets:{path.rsplit('/', 1)[0]}:ro" in services[role]["volumes"], role

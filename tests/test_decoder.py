@@ -244,7 +244,9 @@ def test_embedding_from_another_model_is_failed_precondition(decoder: pb_grpc.De
     assert last.usage.cached_media == 1 and last.usage.prompt_tokens > ours.token_count
 
 
-def test_a_reference_of_another_modality_is_the_same_400_in_both_services(decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices) -> None:
+def test_a_reference_of_another_modality_is_the_same_400_in_both_services(
+    decoder: pb_grpc.DecoderServiceStub, grpc_services: GrpcServices
+) -> None:
     """An image embedding named by a video part: INVALID_ARGUMENT / MODALITY_MISMATCH from the encoder and the decoder alike."""
     with encoder_stub(grpc_services.encoder.target) as enc:
         enc.Encode(enc_pb.EncodeRequest(items=[image_item(png_bytes(seed=902), uuid="dec-an-image")]))

@@ -217,7 +217,9 @@ def test_replicas_taken_off_the_name_stop_getting_calls_and_stop_without_a_failu
             after = [replica.calls(rpc) for replica, rpc in leaving + staying]
             if after[:2] == before[:2] and all(a > b for a, b in zip(after[2:], before[2:], strict=True)):
                 break  # the leaving ones had no call for quiet_s while the staying ones had some
-            assert time.monotonic() < deadline, f"calls before/after {quiet_s}s (leaving encoder, decoder; staying encoder, decoder): {before} {after}"
+            assert time.monotonic() < deadline, (
+                f"calls before/after {quiet_s}s (leaving encoder, decoder; staying encoder, decoder): {before} {after}"
+            )
         dropped_s = window_start - removed_at
         for replica, _rpc in leaving:
             assert replica.process is not None

@@ -49,9 +49,7 @@ def encoder(inprocess: InProcessServices, redis_server: LocalRedis) -> Iterator[
 @pytest.fixture(scope="module")
 def encoder_process(start_service: StartService, redis_server: LocalRedis) -> RunningService:
     """The same encoder as a `mmserve encoder` process (for what needs the process: its peak memory, its own torch threads)."""
-    return start_service(
-        "encoder", redis_url=redis_server.url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", MMSERVE_MAX_ITEM_BYTES=str(4 * MiB)
-    )
+    return start_service("encoder", redis_url=redis_server.url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", MMSERVE_MAX_ITEM_BYTES=str(4 * MiB))
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +174,7 @@ def test_identity_includes_processing_options(encoder: InProcessService, redis_u
 def test_upload_stream_gives_the_same_embedding_as_inline_bytes(encoder: InProcessService, redis_url: str) -> None:
     png = png_bytes(300, 200, seed=4)
     header = pb.UploadHeader(item=media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE), total_bytes=len(png))
-    chunks = [pb.EncodeUploadRequest(header=header)] + [
-        pb.EncodeUploadRequest(chunk=png[i : i + 4096]) for i in range(0, len(png), 4096)
-    ]
+    chunks = [pb.EncodeUploadRequest(header=header)] + [pb.EncodeUploadRequest(chunk=png[i : i + 4096]) for i in range(0, len(png), 4096)]
     with encoder_stub(encoder.target) as stub:
         uploaded = stub.EncodeUpload(iter(chunks)).result
         inline = stub.Encode(pb.EncodeRequest(items=[image_item(png)])).results[0]
@@ -215,8 +211,14 @@ def test_uuid_held_by_another_model_is_never_served(encoder: InProcessService, r
     """Another model's encoder wrote "shared" into the same Redis: ours refuses to rebind or use it."""
     png = png_bytes(seed=22)
     other = embedding_pb2.EmbeddingDescriptor(
-        id="shared", modality=media_pb2.MODALITY_IMAGE, model="other", model_fingerprint="other-model-0000",
-        token_count=1, content_sha256="0" * 64, client_uuid=True, options_json="{}",
+        id="shared",
+        modality=media_pb2.MODALITY_IMAGE,
+        model="other",
+        model_fingerprint="other-model-0000",
+        token_count=1,
+        content_sha256="0" * 64,
+        client_uuid=True,
+        options_json="{}",
     )
 
     async def plant() -> None:
@@ -326,8 +328,12 @@ def test_image_by_http_url_works(encoder: InProcessService, redis_url: str, medi
 
 def test_remote_404_is_a_remote_fetch_failure(encoder: InProcessService, redis_url: str, media_server: MediaServer) -> None:
     expect_refused(
-        encoder.target, redis_url, image_item(url=media_server.url("/missing.png")),
-        grpc.StatusCode.FAILED_PRECONDITION, "items[1].source.url", "404",
+        encoder.target,
+        redis_url,
+        image_item(url=media_server.url("/missing.png")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "items[1].source.url",
+        "404",
     )
 
 
@@ -365,10 +371,21 @@ def test_file_url_under_root_and_dotdot_escape(strict_encoder: InProcessService,
         (media_pb2.MediaInput(source=media_pb2.MediaSource(data=png_bytes())), "items[1].modality", "modality"),
         (image_item(png_bytes(), uuid="mmemb-reserved"), "items[1].uuid", "mmemb-"),
     ],
-    ids=["bad-base64", "truncated-png", "decompression-bomb", "not-an-image", "unknown-scheme", "oversize-body",
-         "bad-color", "no-modality", "reserved-uuid"],
+    ids=[
+        "bad-base64",
+        "truncated-png",
+        "decompression-bomb",
+        "not-an-image",
+        "unknown-scheme",
+        "oversize-body",
+        "bad-color",
+        "no-modality",
+        "reserved-uuid",
+    ],
 )
-def test_bad_input_is_invalid_argument(strict_encoder: InProcessService, redis_url: str, item: media_pb2.MediaInput, field: str, words: str) -> None:
+def test_bad_input_is_invalid_argument(
+    strict_encoder: InProcessService, redis_url: str, item: media_pb2.MediaInput, field: str, words: str
+) -> None:
     expect_refused(strict_encoder.target, redis_url, item, grpc.StatusCode.INVALID_ARGUMENT, field, words)
 
 
@@ -435,7 +452,9 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_decompression_bomb_under_the_pixel_cap_is_refused_fast_with_bounded_memory(encoder_process: RunningService, redis_url: str) -> None:
+def test_decompression_bomb_under_the_pixel_cap_is_refused_fast_with_bounded_memory(
+    encoder_process: RunningService, redis_url: str
+) -> None:
     """A real 12000x12000 PNG (~420 KB; 144 MP, under the pixel cap): refused from its header, the encoder process's peak RSS unmoved."""
     from tests.test_image_decode import big_png
 

@@ -51,8 +51,28 @@ CASES = {
         IMAGES[:1],
     ),
     "two-images": (
-        [{"role": "user", "content": [image_part(IMAGES[0]), {"type": "text", "text": "versus"}, image_part(IMAGES[1]), {"type": "text", "text": "Compare them."}]}],
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}, {"type": "text", "text": "Compare them."}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    image_part(IMAGES[0]),
+                    {"type": "text", "text": "versus"},
+                    image_part(IMAGES[1]),
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "versus"},
+                    {"type": "image"},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
         IMAGES,
     ),
     "multi-turn": (
@@ -85,8 +105,12 @@ def test_sdk_greedy_output_equals_monolithic_generate(stack: Stack, reference: R
     assert reply.usage.completion_tokens == len(want_ids) + (len(want_ids) < MAX_TOKENS)
 
     stream = client.chat.completions.create(
-        model="mmserve-tiny-random", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS,
-        stream=True, stream_options={"include_usage": True},
+        model="mmserve-tiny-random",
+        messages=messages,
+        temperature=0,
+        max_completion_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -100,7 +124,9 @@ def test_sdk_greedy_output_equals_monolithic_generate(stack: Stack, reference: R
 def _grpc_conversation(images: list[bytes]) -> pb.GenerateRequest:
     content = [pb.ContentPart(text="Compare:")]
     for png in images:
-        content.append(pb.ContentPart(media=media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, source=media_pb2.MediaSource(data=png))))
+        content.append(
+            pb.ContentPart(media=media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, source=media_pb2.MediaSource(data=png)))
+        )
     return pb.GenerateRequest(
         messages=[pb.ChatMessage(role=pb.ROLE_USER, content=content)],
         sampling=pb.SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
@@ -127,7 +153,9 @@ def test_concurrent_requests_each_get_their_own_answer(stack: Stack, reference: 
     client = stack.client()
 
     def ask(prompt: str) -> str:
-        reply = client.chat.completions.create(model="mmserve-tiny-random", messages=[{"role": "user", "content": prompt}], temperature=0, max_completion_tokens=MAX_TOKENS)
+        reply = client.chat.completions.create(
+            model="mmserve-tiny-random", messages=[{"role": "user", "content": prompt}], temperature=0, max_completion_tokens=MAX_TOKENS
+        )
         return reply.choices[0].message.content or ""
 
     with ThreadPoolExecutor(4) as pool:

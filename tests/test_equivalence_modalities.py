@@ -38,7 +38,13 @@ from tests.inprocess import InProcessServices
 from tests.support import Reference, data_url, png_bytes
 
 MAX_TOKENS = 16
-FAMILIES = {"qwen2_5_vl": "qwen2_5_vl-tiny", "qwen3_vl": "qwen3_vl-tiny", "qwen2_5_omni": "qwen2_5_omni-tiny", "gemma3": "gemma3-tiny", "voxtral": "voxtral-tiny"}
+FAMILIES = {
+    "qwen2_5_vl": "qwen2_5_vl-tiny",
+    "qwen3_vl": "qwen3_vl-tiny",
+    "qwen2_5_omni": "qwen2_5_omni-tiny",
+    "gemma3": "gemma3-tiny",
+    "voxtral": "voxtral-tiny",
+}
 #: The media each family takes (time series: through the adapter its checkpoint carries).
 MODALITIES = {
     "qwen2_5_vl": ("image", "video", "time_series"),
@@ -52,6 +58,7 @@ MODALITIES = {
 def families_taking(modality: str) -> list[str]:
     """The families that take `modality`."""
     return [family for family, media in MODALITIES.items() if modality in media]
+
 
 SETTINGS = Settings()
 VIDEO_IO = {"video": {"fps": 2, "num_frames": 8}}
@@ -80,7 +87,9 @@ def wav_bytes(seconds: float = 2.0, rate: int = 16000, seed: int = 0) -> bytes:
 
 def npy_bytes(samples: int = 600, channels: int = 2, seed: int = 0) -> bytes:
     t = np.arange(samples)[:, None] / 100.0
-    values = np.sin(2 * np.pi * t * np.array([[1.0, 3.0]])[:, :channels]) + 0.2 * np.random.default_rng(seed).standard_normal((samples, channels))
+    values = np.sin(2 * np.pi * t * np.array([[1.0, 3.0]])[:, :channels]) + 0.2 * np.random.default_rng(seed).standard_normal(
+        (samples, channels)
+    )
     buf = io.BytesIO()
     np.save(buf, values.astype(np.float32))
     return buf.getvalue()
@@ -127,7 +136,8 @@ class FamilyReference(Reference):
                 kwargs["do_sample_frames"] = False
                 kwargs["video_metadata"] = [
                     VideoMetadata(
-                        total_num_frames=round(d.duration_s * d.source_fps), fps=d.source_fps,
+                        total_num_frames=round(d.duration_s * d.source_fps),
+                        fps=d.source_fps,
                         frames_indices=[round(t * d.source_fps) for t in d.timestamps],
                     )
                     for d in decoded
@@ -147,7 +157,10 @@ class FamilyReference(Reference):
         for message in conversation:
             content = message["content"]
             if isinstance(content, list):
-                content = [{"type": "audio", "base64": b64(float_wav(self.decoded_audio(next(clips))))} if part["type"] == "audio" else part for part in content]
+                content = [
+                    {"type": "audio", "base64": b64(float_wav(self.decoded_audio(next(clips))))} if part["type"] == "audio" else part
+                    for part in content
+                ]
             filled.append({**message, "content": content})
         return self.processor.apply_chat_template(filled)
 
@@ -276,10 +289,12 @@ def test_audio(stacks: dict[str, Stack], references: dict[str, FamilyReference],
     )
     assert_informative(want)
     via_input_audio = ask(
-        stacks[family], [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}, {"type": "text", "text": "What is said?"}]
+        stacks[family],
+        [{"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}, {"type": "text", "text": "What is said?"}],
     )
     via_url = ask(
-        stacks[family], [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}}, {"type": "text", "text": "What is said?"}]
+        stacks[family],
+        [{"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}}, {"type": "text", "text": "What is said?"}],
     )
     assert via_input_audio == via_url == want
 
@@ -295,9 +310,18 @@ def test_voxtral_two_turns_with_two_clips(stacks: dict[str, Stack], references: 
     want = references["voxtral"].generate_media(conversation, audios=[AUDIO, long_clip])
     assert_informative(want)
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Listen:"}, {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}}],
+        },
         {"role": "assistant", "content": "I heard a tone."},
-        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(long_clip), "format": "wav"}}, {"type": "text", "text": "And this one?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_audio", "input_audio": {"data": b64(long_clip), "format": "wav"}},
+                {"type": "text", "text": "And this one?"},
+            ],
+        },
     ]
     reply = stacks["voxtral"].client().chat.completions.create(model="", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS)
     assert reply.choices[0].message.content == want
@@ -309,8 +333,13 @@ def test_time_series(stacks: dict[str, Stack], references: dict[str, FamilyRefer
     assert_informative(want)
     got = ask(
         stacks[family],
-        [{"type": "time_series_url", "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100}},
-         {"type": "text", "text": "Describe the trend."}],
+        [
+            {
+                "type": "time_series_url",
+                "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100},
+            },
+            {"type": "text", "text": "Describe the trend."},
+        ],
     )
     assert got == want
 
@@ -319,24 +348,49 @@ def test_mixed_two_turn_conversation(stacks: dict[str, Stack], references: dict[
     """Image, video, audio and text interleaved, two user turns with an assistant turn between."""
     image2 = png_bytes(120, 80, seed=8)
     conversation = [
-        {"role": "user", "content": [{"type": "text", "text": "First:"}, {"type": "image"}, {"type": "text", "text": "then"},
-                                     {"type": "video"}, {"type": "text", "text": "and listen"}, {"type": "audio"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "First:"},
+                {"type": "image"},
+                {"type": "text", "text": "then"},
+                {"type": "video"},
+                {"type": "text", "text": "and listen"},
+                {"type": "audio"},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "I saw and heard them."}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this the same as the first?"}]},
     ]
     want = references["qwen2_5_omni"].generate_media(conversation, images=[IMAGE, image2], videos=[VIDEO], audios=[AUDIO])
     assert_informative(want)
     messages = [
-        {"role": "user", "content": [
-            {"type": "text", "text": "First:"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}},
-            {"type": "text", "text": "then"}, {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(VIDEO)}"}},
-            {"type": "text", "text": "and listen"}, {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "First:"},
+                {"type": "image_url", "image_url": {"url": data_url(IMAGE)}},
+                {"type": "text", "text": "then"},
+                {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64(VIDEO)}"}},
+                {"type": "text", "text": "and listen"},
+                {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}},
+            ],
+        },
         {"role": "assistant", "content": "I saw and heard them."},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image2)}}, {"type": "text", "text": "Is this the same as the first?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(image2)}},
+                {"type": "text", "text": "Is this the same as the first?"},
+            ],
+        },
     ]
-    reply = stacks["qwen2_5_omni"].client().chat.completions.create(
-        model="", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS, extra_body={"media_io_kwargs": VIDEO_IO}
+    reply = (
+        stacks["qwen2_5_omni"]
+        .client()
+        .chat.completions.create(
+            model="", messages=messages, temperature=0, max_completion_tokens=MAX_TOKENS, extra_body={"media_io_kwargs": VIDEO_IO}
+        )
     )
     assert reply.choices[0].message.content == want
 
@@ -363,7 +417,10 @@ def test_gemma3_two_images_a_system_prompt_and_two_turns(stacks: dict[str, Stack
     question = "Compare the two pictures and tell me which one has more red in it, and why you think so. " * 2
     conversation = [
         {"role": "system", "content": [{"type": "text", "text": "You answer briefly."}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}, {"type": "text", "text": question}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "versus"}, {"type": "image"}, {"type": "text", "text": question}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "The first."}]},
         {"role": "user", "content": [{"type": "text", "text": "Are you sure?"}]},
     ]
@@ -372,10 +429,15 @@ def test_gemma3_two_images_a_system_prompt_and_two_turns(stacks: dict[str, Stack
     assert_informative(want)
     messages = [
         {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}, {"type": "text", "text": "versus"},
-            {"type": "image_url", "image_url": {"url": data_url(image2)}}, {"type": "text", "text": question},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(IMAGE)}},
+                {"type": "text", "text": "versus"},
+                {"type": "image_url", "image_url": {"url": data_url(image2)}},
+                {"type": "text", "text": question},
+            ],
+        },
         {"role": "assistant", "content": "The first."},
         {"role": "user", "content": "Are you sure?"},
     ]

@@ -30,13 +30,15 @@ def test_the_built_in_families_are_registered_by_model_type() -> None:
 @pytest.fixture
 def plugin_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A separately 'installed' distribution (a dist-info folder on the path) that registers its own family."""
-    (tmp_path / "acme_family.py").write_text(textwrap.dedent("""
+    (tmp_path / "acme_family.py").write_text(
+        textwrap.dedent("""
         from mmserve.models.families.qwen.qwen2_5_vl import Qwen2_5_VL
 
         class AcmeVL(Qwen2_5_VL):
             name = "acme_vl"
             model_types = ("acme_vl", "acme_vl_v2")
-    """))
+    """)
+    )
     info = tmp_path / "acme_family-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-family\nVersion: 1.0\n")

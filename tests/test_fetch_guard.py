@@ -293,9 +293,7 @@ async def fetch(f: GuardedFetcher, url: str, b: RequestBudget | None = None) -> 
 # --- refusals: nothing is sent -----------------------------------------------------------------
 
 
-async def test_loopback_refused_when_switch_off(
-    strict_fetcher: GuardedFetcher, server: LocalHTTP, sockets: SocketAudit
-) -> None:
+async def test_loopback_refused_when_switch_off(strict_fetcher: GuardedFetcher, server: LocalHTTP, sockets: SocketAudit) -> None:
     for url in (
         server.url("/ok"),
         f"http://[::1]:{server.port6}/ok",
@@ -429,9 +427,7 @@ async def test_connects_to_checked_address_with_original_host_header(
     assert {h for h in sockets.lookups if h != "localhost"} <= {"127.0.0.1"}
 
 
-async def test_no_proxy_from_environment(
-    fetcher: GuardedFetcher, server: LocalHTTP, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_no_proxy_from_environment(fetcher: GuardedFetcher, server: LocalHTTP, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://10.9.9.9:3128")
     monkeypatch.setenv("http_proxy", "http://10.9.9.9:3128")
     monkeypatch.setenv("ALL_PROXY", "http://10.9.9.9:3128")
@@ -588,17 +584,48 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         pytest.skip("openssl CLI not available")
     d = tmp_path_factory.mktemp("tls")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=mmserve test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mmserve test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
     for name in ("localhost", "other.test"):
         (d / f"{name}.ext").write_text(
             f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
             "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\n"
         )
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
     return {"ca": d / "ca.pem", "dir": d}
 
 

@@ -320,12 +320,20 @@ def test_unknown_fields_are_400_naming_them_and_advisory_ones_are_accepted(clien
     assert err["param"].startswith("modalities")
     plain = chat(client, "Hello there")
     advised = chat(
-        client, "Hello there", user="u-1", metadata={"k": "v"}, store=False, service_tier="auto",
+        client,
+        "Hello there",
+        user="u-1",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
         extra_body={"safety_identifier": "s", "prompt_cache_key": "p", "prediction": {"type": "content", "content": "x"}},
     )
     assert advised.choices[0].message.content == plain.choices[0].message.content != ""
-    echoed = [{"role": "user", "content": "Hello there"}, {**plain.choices[0].message.model_dump(), "content": "Hi"},
-              {"role": "user", "content": "Again"}]
+    echoed = [
+        {"role": "user", "content": "Hello there"},
+        {**plain.choices[0].message.model_dump(), "content": "Hi"},
+        {"role": "user", "content": "Again"},
+    ]
     again = client.chat.completions.create(model=MODEL, messages=echoed, temperature=0, max_completion_tokens=4)  # type: ignore[arg-type]
     assert again.choices[0].message.content  # an SDK reply message sent back as it came
 
@@ -585,7 +593,9 @@ def test_unknown_routes_and_methods_use_the_openai_error_shape(stack: Stack) -> 
 
 
 def test_invalid_json_is_a_400_without_a_meaningless_param(stack: Stack) -> None:
-    reply = httpx.post(f"{stack.gateway.base_url}/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}, timeout=10)
+    reply = httpx.post(
+        f"{stack.gateway.base_url}/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}, timeout=10
+    )
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["code"] == "invalid_json" and error["param"] is None and "JSON" in error["message"]
@@ -597,8 +607,12 @@ def test_invalid_json_is_a_400_without_a_meaningless_param(stack: Stack) -> None
 def test_rest_precompute_encode_get_delete(stack: Stack, client: openai.OpenAI) -> None:
     base = stack.gateway.base_url
     png = png_bytes(seed=701)
-    body = {"content": [{"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "rest-701"},
-                        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=702))}}]}
+    body = {
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "rest-701"},
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=702))}},
+        ]
+    }
     reply = httpx.post(f"{base}/mm/encode", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     data = reply.json()["data"]
@@ -627,16 +641,29 @@ def test_rest_precompute_errors_name_the_part(stack: Stack) -> None:
     base = stack.gateway.base_url
     text_part = httpx.post(f"{base}/mm/encode", json={"content": [{"type": "text", "text": "hi"}]}, timeout=30)
     assert text_part.status_code == 400 and text_part.json()["error"]["param"] == "content[0]"
-    bad_url = httpx.post(f"{base}/mm/encode", json={"content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=703))}},
-        {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}}]}, timeout=30)
+    bad_url = httpx.post(
+        f"{base}/mm/encode",
+        json={
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=703))}},
+                {"type": "image_url", "image_url": {"url": "http://10.0.0.1/x.png"}},
+            ]
+        },
+        timeout=30,
+    )
     assert bad_url.status_code == 400 and bad_url.json()["error"]["param"] == "content[1]"
     assert "private" in bad_url.json()["error"]["message"]
-    conflict = httpx.post(f"{base}/mm/encode", json={"content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=704))}, "uuid": "rest-704"}]}, timeout=30)
+    conflict = httpx.post(
+        f"{base}/mm/encode",
+        json={"content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=704))}, "uuid": "rest-704"}]},
+        timeout=30,
+    )
     assert conflict.status_code == 200
-    rebound = httpx.post(f"{base}/mm/encode", json={"content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=705))}, "uuid": "rest-704"}]}, timeout=30)
+    rebound = httpx.post(
+        f"{base}/mm/encode",
+        json={"content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=705))}, "uuid": "rest-704"}]},
+        timeout=30,
+    )
     assert rebound.status_code == 409 and rebound.json()["error"]["param"] == "content[0]"
     assert rebound.headers["x-should-retry"] == "false"
 
@@ -644,9 +671,15 @@ def test_rest_precompute_errors_name_the_part(stack: Stack) -> None:
 def test_openapi_document_describes_every_endpoint_and_extension(stack: Stack) -> None:
     doc = httpx.get(f"http://127.0.0.1:{stack.gateway.port}/openapi.json", timeout=30).json()
     paths = doc["paths"]
-    for path, method in [("/v1/chat/completions", "post"), ("/v1/models", "get"), ("/v1/mm/encode", "post"),
-                         ("/v1/mm/embeddings/{embedding_id}", "get"), ("/v1/mm/embeddings/{embedding_id}", "delete"),
-                         ("/health", "get"), ("/metrics", "get")]:
+    for path, method in [
+        ("/v1/chat/completions", "post"),
+        ("/v1/models", "get"),
+        ("/v1/mm/encode", "post"),
+        ("/v1/mm/embeddings/{embedding_id}", "get"),
+        ("/v1/mm/embeddings/{embedding_id}", "delete"),
+        ("/health", "get"),
+        ("/metrics", "get"),
+    ]:
         assert method in paths[path], (path, method)
     chat_schema = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     for extension in ("media_io_kwargs", "mm_processor_kwargs", "top_k", "ignore_eos", "max_completion_tokens", "stream_options"):

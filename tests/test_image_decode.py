@@ -27,9 +27,7 @@ def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return out.getvalue()
 
 
-def decode(
-    data: bytes, *, budget: RequestBudget | None = None, settings: Settings = SETTINGS, **kw: object
-) -> Image.Image:
+def decode(data: bytes, *, budget: RequestBudget | None = None, settings: Settings = SETTINGS, **kw: object) -> Image.Image:
     return decode_image(
         data,
         settings=settings,

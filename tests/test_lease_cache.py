@@ -31,9 +31,7 @@ def stack_own(start_service: StartService, module_redis: LocalRedis) -> Iterator
 
 
 def _model_runs(*metrics_urls: str) -> float:
-    return sum(
-        v for url in metrics_urls for k, v in scrape(url).items() if k.startswith("mmserve_encoder_items_encoded_total")
-    )
+    return sum(v for url in metrics_urls for k, v in scrape(url).items() if k.startswith("mmserve_encoder_items_encoded_total"))
 
 
 def test_same_content_on_two_encoders_runs_the_model_once(stack_own: Stack, start_service: StartService) -> None:

@@ -39,9 +39,17 @@ def lines_for(service: RunningService, request_id: str) -> list[dict]:
 
 def test_one_id_and_one_summary_line_per_service(json_stack: Stack) -> None:
     rid = "trace-me-4242"
-    body = {"model": "", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"},
-                                                      {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=4242))}}]}]}
+    body = {
+        "model": "",
+        "max_tokens": 4,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=4242))}}],
+            }
+        ],
+    }
     reply = httpx.post(f"{json_stack.gateway.base_url}/chat/completions", json=body, headers={"X-Request-Id": rid}, timeout=60)
     assert reply.status_code == 200 and reply.headers["x-request-id"] == rid
 

@@ -301,9 +301,7 @@ async def test_file_url_refuses_devices(fetcher: GuardedFetcher) -> None:
 # --- schemes and source kinds ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "url", ["ftp://example.com/a.png", "gopher://example.com/", "javascript:alert(1)", "img.png", "/etc/passwd"]
-)
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "gopher://example.com/", "javascript:alert(1)", "img.png", "/etc/passwd"])
 async def test_unknown_scheme(fetcher: GuardedFetcher, url: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         await load(url_source(url), fetcher)

@@ -18,16 +18,28 @@ def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
 
 
 def test_counts_move_as_expected_on_every_service(stack: Stack) -> None:
-    urls = {name: service.metrics_url for name, service in (("gateway", stack.gateway), ("decoder", stack.decoder), ("encoder", stack.encoder))}
+    urls = {
+        name: service.metrics_url for name, service in (("gateway", stack.gateway), ("decoder", stack.decoder), ("encoder", stack.encoder))
+    }
     before = {name: scrape(url) for name, url in urls.items()}
     client = stack.client()
     content = [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=811))}}]
-    first = client.chat.completions.create(model="", messages=[{"role": "user", "content": content}], max_completion_tokens=5,
-                                           temperature=0, extra_body={"ignore_eos": True})
-    second = client.chat.completions.create(model="", messages=[{"role": "user", "content": content}], max_completion_tokens=5,
-                                            temperature=0, extra_body={"ignore_eos": True})
-    chunks = list(client.chat.completions.create(model="", messages=[{"role": "user", "content": "Hello"}], max_completion_tokens=3,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    first = client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": content}], max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    second = client.chat.completions.create(
+        model="", messages=[{"role": "user", "content": content}], max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_completion_tokens=3,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks and first.usage.completion_tokens == second.usage.completion_tokens == 5
     after = {name: scrape(url) for name, url in urls.items()}
 

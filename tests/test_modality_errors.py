@@ -39,7 +39,10 @@ OMNI = "tiny:qwen2_5_omni-tiny"
 AUDIO_CAP_S = 320
 RATE = 16000
 IMAGE, VIDEO, AUDIO, SERIES = (
-    media_pb2.MODALITY_IMAGE, media_pb2.MODALITY_VIDEO, media_pb2.MODALITY_AUDIO, media_pb2.MODALITY_TIME_SERIES,
+    media_pb2.MODALITY_IMAGE,
+    media_pb2.MODALITY_VIDEO,
+    media_pb2.MODALITY_AUDIO,
+    media_pb2.MODALITY_TIME_SERIES,
 )
 _seeds = itertools.count(5000)
 
@@ -139,8 +142,12 @@ def item(modality: int, data: bytes, **options: Any) -> media_pb2.MediaInput:
     if options:
         name = {IMAGE: "image", VIDEO: "video", AUDIO: "audio", SERIES: "time_series"}[modality]
         getattr(out, name).CopyFrom(
-            {IMAGE: media_pb2.ImageOptions, VIDEO: media_pb2.VideoOptions, AUDIO: media_pb2.AudioOptions,
-             SERIES: media_pb2.TimeSeriesOptions}[modality](**options)
+            {
+                IMAGE: media_pb2.ImageOptions,
+                VIDEO: media_pb2.VideoOptions,
+                AUDIO: media_pb2.AudioOptions,
+                SERIES: media_pb2.TimeSeriesOptions,
+            }[modality](**options)
         )
     return out
 
@@ -158,7 +165,12 @@ def good(modality: int) -> media_pb2.MediaInput:
 
 
 def expect_refused(
-    stack: Stack, bad: media_pb2.MediaInput, field: str, words: list[str], *, setting: str | None = None,
+    stack: Stack,
+    bad: media_pb2.MediaInput,
+    field: str,
+    words: list[str],
+    *,
+    setting: str | None = None,
     code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
 ) -> None:
     """[valid item of the same modality, bad] is refused naming items[1]; Redis gains nothing; the valid item alone is new."""
@@ -182,7 +194,10 @@ def rest_refused(stack: Stack, content: list[dict[str, Any]], param: str, words:
     before = redis_keys(stack.redis_url)
     with pytest.raises(openai.BadRequestError) as info:
         stack.client().chat.completions.create(
-            model="", messages=[{"role": "user", "content": content}], temperature=0, max_completion_tokens=4,
+            model="",
+            messages=[{"role": "user", "content": content}],
+            temperature=0,
+            max_completion_tokens=4,
             extra_body=extra or None,
         )
     exc = info.value
@@ -237,7 +252,9 @@ def test_truncated_mp4_grpc(stack: Stack, truncated_mp4: bytes) -> None:
 
 def test_truncated_mp4_rest(stack: Stack, truncated_mp4: bytes) -> None:
     """Through the SDK: 400 naming the video part (the second part of the message)."""
-    error = rest_refused(stack, [image_part(), video_part(truncated_mp4), {"type": "text", "text": "?"}], "messages[0].content[1]", ["video"])
+    error = rest_refused(
+        stack, [image_part(), video_part(truncated_mp4), {"type": "text", "text": "?"}], "messages[0].content[1]", ["video"]
+    )
     assert any(w in error["message"] for w in ("corrupt", "truncated", "no frame")), error
 
 
@@ -310,17 +327,17 @@ def test_audio_over_the_configured_duration_cap(stack: Stack, declared: str) -> 
     wav = pcm_wav(330.0, seed=7)
     if declared == "unknown-length":
         wav = wav_with_data_size(wav, 0xFFFFFFFF)  # as streamed WAVs are written: the length is unknown
-    expect_refused(
-        stack, item(AUDIO, wav), "items[1].source", [f"longer than the allowed {AUDIO_CAP_S} s"], setting="audio_max_duration_s"
-    )
+    expect_refused(stack, item(AUDIO, wav), "items[1].source", [f"longer than the allowed {AUDIO_CAP_S} s"], setting="audio_max_duration_s")
 
 
 def test_input_audio_format_aiff(stack: Stack) -> None:
     """input_audio.format "aiff" is a 400 listing the accepted formats; over gRPC it names audio.format."""
     wav = pcm_wav(0.5, seed=8)
     rest_refused(
-        stack, [image_part(), {"type": "input_audio", "input_audio": {"data": b64(wav), "format": "aiff"}}],
-        "messages[0].content[1]", ["format", "wav, mp3, flac, ogg"],
+        stack,
+        [image_part(), {"type": "input_audio", "input_audio": {"data": b64(wav), "format": "aiff"}}],
+        "messages[0].content[1]",
+        ["format", "wav, mp3, flac, ogg"],
     )
     expect_refused(stack, item(AUDIO, wav, format="aiff"), "items[1].audio.format", ["wav, mp3, flac, ogg"])
 
@@ -330,8 +347,12 @@ def test_audio_bytes_that_are_no_audio_format(stack: Stack) -> None:
 
     (Bytes of another supported container than the label are decoded as what they are: tests/test_openai_forms.py.)
     """
-    expect_refused(stack, item(AUDIO, b"plain text, not audio " * 8, format="wav"), "items[1].audio.format",
-                   ["not wav", "not a recognised audio format"])
+    expect_refused(
+        stack,
+        item(AUDIO, b"plain text, not audio " * 8, format="wav"),
+        "items[1].audio.format",
+        ["not wav", "not a recognised audio format"],
+    )
 
 
 # --- time series ------------------------------------------------------------------------------------
@@ -358,8 +379,10 @@ def test_time_series_too_short_for_one_token(stack: Stack) -> None:
     short = item(SERIES, npy(np.sin(np.arange(50, dtype=np.float32))), sampling_rate=100.0)
     expect_refused(stack, short, "items[1].source", ["too short for one token", "50 samples", "needs 100"])
     rest_refused(
-        stack, [image_part(), series_part(npy(np.sin(np.arange(50, dtype=np.float32))), sampling_rate=100)],
-        "messages[0].content[1]", ["too short for one token"],
+        stack,
+        [image_part(), series_part(npy(np.sin(np.arange(50, dtype=np.float32))), sampling_rate=100)],
+        "messages[0].content[1]",
+        ["too short for one token"],
     )
 
 
@@ -407,9 +430,7 @@ def test_options_outside_the_allowlist(stack: Stack, extra: dict[str, Any], para
         ({"mm_processor_kwargs": {"video": {"max_pixels": -1}}}, {"max_pixels": -1}, "video.max_pixels", ["max_pixels"]),
     ],
 )
-def test_options_over_the_caps(
-    stack: Stack, extra: dict[str, Any], grpc_options: dict[str, Any], field: str, words: list[str]
-) -> None:
+def test_options_over_the_caps(stack: Stack, extra: dict[str, Any], grpc_options: dict[str, Any], field: str, words: list[str]) -> None:
     """Option values outside the server's limits are a 400 (REST) / INVALID_ARGUMENT (gRPC) naming the option."""
     video = mp4_bytes(frames=4, fps=4, width=32, height=32, seed=12)
     error = rest_refused(stack, [image_part(), video_part(video)], "messages[0].content[1]", words, **extra)
@@ -421,8 +442,9 @@ def test_options_over_the_caps(
 def test_num_frames_beyond_int32_is_a_400(stack: Stack) -> None:
     """A num_frames too large for the wire type is still a clean 400, not a server error."""
     video = mp4_bytes(frames=4, fps=4, width=32, height=32, seed=14)
-    rest_refused(stack, [video_part(video)], "media_io_kwargs.video.num_frames", ["num_frames"],
-                 media_io_kwargs={"video": {"num_frames": 10**12}})
+    rest_refused(
+        stack, [video_part(video)], "media_io_kwargs.video.num_frames", ["num_frames"], media_io_kwargs={"video": {"num_frames": 10**12}}
+    )
 
 
 # --- per-request item limits ------------------------------------------------------------------------

@@ -158,22 +158,39 @@ def test_the_widest_representable_values_still_work(client: openai.OpenAI) -> No
     ("path", "body", "param"),
     [
         ("/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
-        ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfffb"}]}]},
-         "messages[0].content[0].text"),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfffb"}]}]},
+            "messages[0].content[0].text",
+        ),
         ("/chat/completions", {"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}, "model"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "\ud800"]}, "stop[1]"),
-        ("/chat/completions", {"messages": [{"role": "system", "content": "be \ud83d"}, {"role": "user", "content": "hi"}]},
-         "messages[0].content"),
-        ("/chat/completions", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": None, "uuid": "id-\ud800"}]}]}, "messages[0].content[0].uuid"),
-        ("/chat/completions", {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/\ud800.png"}}]}]}, "messages[0].content[0].image_url.url"),
-        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                               "media_io_kwargs": {"image": {"rgba_background_color": "\ud800"}}},
-         "media_io_kwargs.image.rgba_background_color"),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "system", "content": "be \ud83d"}, {"role": "user", "content": "hi"}]},
+            "messages[0].content",
+        ),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": None, "uuid": "id-\ud800"}]}]},
+            "messages[0].content[0].uuid",
+        ),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/\ud800.png"}}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "media_io_kwargs": {"image": {"rgba_background_color": "\ud800"}}},
+            "media_io_kwargs.image.rgba_background_color",
+        ),
         ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "x-\ud800": 1}, "x-\\ud800"),
-        ("/mm/encode", {"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,\ud800"}}]},
-         "content[0].image_url.url"),
+        (
+            "/mm/encode",
+            {"content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,\ud800"}}]},
+            "content[0].image_url.url",
+        ),
         ("/mm/encode", {"content": [{"type": "image_url", "image_url": None, "uuid": "\udc00"}]}, "content[0].uuid"),
     ],
 )
@@ -203,8 +220,11 @@ def test_a_part_type_that_is_not_a_string_is_400_naming_it(stack: Stack, client:
         ({"type": "image_url", "image_url": ["https://example.com/a.png"]}, "messages[0].content[1]", ["url"]),
         ({"type": "image_url", "image_url": {"url": 5}}, "messages[0].content[1]", ["url"]),
         ({"type": "image_url", "image_url": None, "uuid": 12}, "messages[0].content[1]", ["uuid must be a string"]),
-        ({"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": ["low"]}},
-         "messages[0].content[1].image_url.detail", ["low, high, auto"]),
+        (
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": ["low"]}},
+            "messages[0].content[1].image_url.detail",
+            ["low, high, auto"],
+        ),
         ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": ["wav"]}}, "messages[0].content[1]", ["format"]),
         ({"type": "input_audio", "input_audio": "AAAA"}, "messages[0].content[1]", ["input_audio must be"]),
         ({"type": "input_audio", "input_audio": {"data": 5, "format": "wav"}}, "messages[0].content[1]", ["input_audio must be"]),
@@ -273,11 +293,20 @@ def test_frame_list_errors_name_the_part_before_decoding(client: openai.OpenAI) 
 def test_empty_object_with_a_uuid_is_the_stored_item(stack: Stack, client: openai.OpenAI) -> None:
     """`"image_url": {}` + uuid (vLLM's form) reuses the stored item exactly as null + uuid does: no encode."""
     png = png_bytes(80, 56, seed=31)
-    stored = httpx.post(f"{stack.gateway.base_url}/mm/encode", timeout=60, json={"content": [
-        {"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "forms-31"},
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(ogg_bytes(seed=31)).decode(), "format": "ogg"},
-         "uuid": "forms-31-audio"},
-    ]})
+    stored = httpx.post(
+        f"{stack.gateway.base_url}/mm/encode",
+        timeout=60,
+        json={
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(png)}, "uuid": "forms-31"},
+                {
+                    "type": "input_audio",
+                    "input_audio": {"data": base64.b64encode(ogg_bytes(seed=31)).decode(), "format": "ogg"},
+                    "uuid": "forms-31-audio",
+                },
+            ]
+        },
+    )
     assert stored.status_code == 200, stored.text
     question = text("Describe:")
     want = chat(client, [question, image(data_url(png))])
@@ -286,8 +315,11 @@ def test_empty_object_with_a_uuid_is_the_stored_item(stack: Stack, client: opena
         got = chat(client, [question, {"type": "image_url", "image_url": payload, "uuid": "forms-31"}])
         assert got.choices[0].message.content == want.choices[0].message.content, payload
         assert got.usage.prompt_tokens == want.usage.prompt_tokens
-    audio = [chat(client, [question, {"type": kind, kind: payload, "uuid": "forms-31-audio"}])
-             for kind in ("input_audio", "audio_url") for payload in (None, {})]
+    audio = [
+        chat(client, [question, {"type": kind, kind: payload, "uuid": "forms-31-audio"}])
+        for kind in ("input_audio", "audio_url")
+        for payload in (None, {})
+    ]
     assert len({(a.choices[0].message.content, a.usage.prompt_tokens) for a in audio}) == 1
     assert encode_count(stack) == encodes, "a stored item was encoded again"
     err = api_error(lambda: chat(client, [question, {"type": "image_url", "image_url": {}}]))
@@ -336,7 +368,10 @@ def test_detail_low_is_a_smaller_pixel_budget(client: openai.OpenAI) -> None:
     assert tokens["high"] - base >= 625  # 700 x 700 at 28 x 28 pixels per token
     assert tokens["low"] - base <= 256 + 2 < tokens["high"] - base  # at most 256 * 28 * 28 pixels (+ vision start/end)
     small = data_url(png_bytes(112, 112, seed=62))  # already under the low budget: detail changes nothing
-    assert chat(client, [question, image(small, detail="low")]).usage.prompt_tokens == chat(client, [question, image(small)]).usage.prompt_tokens
+    assert (
+        chat(client, [question, image(small, detail="low")]).usage.prompt_tokens
+        == chat(client, [question, image(small)]).usage.prompt_tokens
+    )
 
 
 def test_an_unknown_detail_is_400_naming_it(client: openai.OpenAI) -> None:

@@ -251,8 +251,13 @@ def test_cli_encodes_files_and_urls_then_chat_by_their_ids(
     answer, prompt_tokens = ask(stack, [*by_id, question])
     assert all_encode_calls(stack) == encodes and len(media_server.hits) == hits
 
-    inline = [cli_media["image"].inline_part(), cli_media["video"].inline_part(), cli_media["audio"].inline_part(),
-              remote.inline_part(), cli_media["time_series"].inline_part()]
+    inline = [
+        cli_media["image"].inline_part(),
+        cli_media["video"].inline_part(),
+        cli_media["audio"].inline_part(),
+        remote.inline_part(),
+        cli_media["time_series"].inline_part(),
+    ]
     want, want_prompt = ask(stack, [*inline, question])
     assert_informative(want)
     assert (answer, prompt_tokens) == (want, want_prompt)
@@ -272,13 +277,16 @@ def test_cli_json_output(stack: Stack, media_server: MediaServer, tmp_path: Path
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [set(r) for r in rows] == [{"id", "modality", "tokens", "cached", "expires_at", "source"}] * 2
     assert [(r["modality"], r["tokens"], r["cached"], r["source"]) for r in rows] == [
-        ("image", EXPECTED_TOKENS["image"], False, local), ("audio", EXPECTED_TOKENS["audio"], False, url),
+        ("image", EXPECTED_TOKENS["image"], False, local),
+        ("audio", EXPECTED_TOKENS["audio"], False, url),
     ]
     assert all(r["id"].startswith("mmemb-") and r["expires_at"].endswith("Z") for r in rows)
 
     encodes = all_encode_calls(stack)
-    answer, _ = ask(stack, [ref_part("image", rows[0]["id"]), ref_part("audio", rows[1]["id"], part_type="audio_url"),
-                            {"type": "text", "text": "What?"}])
+    answer, _ = ask(
+        stack,
+        [ref_part("image", rows[0]["id"]), ref_part("audio", rows[1]["id"], part_type="audio_url"), {"type": "text", "text": "What?"}],
+    )
     assert all_encode_calls(stack) == encodes
     assert answer == ask(stack, [image.inline_part(), audio.inline_part(), {"type": "text", "text": "What?"}])[0]
 
@@ -321,7 +329,8 @@ def test_cli_failing_source_is_reported_and_the_others_still_succeed(stack: Stac
     assert done.returncode == 1
     rows = parse_rows(done.stdout)
     assert [(r["source"], r["modality"], r["tokens"]) for r in rows] == [
-        (audio, "audio", EXPECTED_TOKENS["audio"]), (image, "image", EXPECTED_TOKENS["image"]),
+        (audio, "audio", EXPECTED_TOKENS["audio"]),
+        (image, "image", EXPECTED_TOKENS["image"]),
     ]
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, done.stderr

@@ -59,4 +59,3 @@ def test_insert_stays_within_room_and_evicts_least_recently_used_children_first(
     assert cache.match(new, 13) == 12 and cache.match(old, 9) == 0
     assert cache.evict(4) == 4
     assert cache.match(new, 13) == 8  # the deepest block went first: what is left is still a reachable prefix
-

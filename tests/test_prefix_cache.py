@@ -70,7 +70,11 @@ def chunked(inprocess: InProcessServices, module_redis: LocalRedis) -> Iterator[
     class Lazy(dict):
         def __missing__(self, family: str) -> Stack:
             self[family] = started[family] = start_inprocess_stack(
-                inprocess, module_redis.url, model=f"tiny:{FAMILIES[family]}", prefill_chunk_tokens=16, prefix_cache_block_tokens=16,
+                inprocess,
+                module_redis.url,
+                model=f"tiny:{FAMILIES[family]}",
+                prefill_chunk_tokens=16,
+                prefix_cache_block_tokens=16,
             )
             return started[family]
 
@@ -88,7 +92,9 @@ def conversation(question: str) -> list[dict]:
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
 def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(
-    chunked: dict[str, Stack], references: dict[str, FamilyReference], family: str  # noqa: F811 - fixture
+    chunked: dict[str, Stack],
+    references: dict[str, FamilyReference],  # noqa: F811 - fixture
+    family: str,
 ) -> None:
     stack = chunked[family]
     image = png_bytes(128, 96, seed=303)
@@ -104,7 +110,8 @@ def test_chunked_prefill_and_partial_image_hits_equal_the_monolithic_model(
 
 
 def test_a_hit_that_ends_inside_a_bidirectional_image_equals_the_monolithic_model(
-    chunked: dict[str, Stack], references: dict[str, FamilyReference]  # noqa: F811 - fixture
+    chunked: dict[str, Stack],
+    references: dict[str, FamilyReference],  # noqa: F811 - fixture
 ) -> None:
     """Gemma 3: the same image with another question reuses blocks ending inside the image, whose tokens attend to
     each other both ways; the rest of the image is prefilled in one forward with the cached part, as the reference."""

@@ -54,7 +54,12 @@ class Replica:
 
     def start(self) -> Replica:
         self.metrics_port, self.starts = free_port(self.host), self.starts + 1
-        env = {**self.env, "MMSERVE_HOST": self.host, f"MMSERVE_{self.role.upper()}_PORT": str(self.port), "MMSERVE_METRICS_PORT": str(self.metrics_port)}
+        env = {
+            **self.env,
+            "MMSERVE_HOST": self.host,
+            f"MMSERVE_{self.role.upper()}_PORT": str(self.port),
+            "MMSERVE_METRICS_PORT": str(self.metrics_port),
+        }
         log_path = self.logs / f"{self.role}-{self.host}-{self.port}-{self.starts}.log"
         self.process = ServiceProcess(self.role, env, log_path=log_path).start()
         return self
@@ -259,7 +264,9 @@ def test_restarted_decoder_gets_no_call_while_loading_and_calls_soon_after_servi
         stop.set()
         for thread in threads:
             thread.join(120)
-    print(f"restarted decoder: loading observed for {loading_seen[-1] - loading_seen[0] if loading_seen else 0:.2f}s, first call {rejoin_s:.2f}s after SERVING")
+    print(
+        f"restarted decoder: loading observed for {loading_seen[-1] - loading_seen[0] if loading_seen else 0:.2f}s, first call {rejoin_s:.2f}s after SERVING"
+    )
     assert loading_seen, "the replica was never observed loading (NOT_SERVING)"
     served_while_loading = [o for o in outcomes if loading_seen[0] <= o.finished_at <= loading_seen[-1] and not o.error]
     assert served_while_loading, "no request completed while the replica loaded: the window proved nothing"

@@ -59,10 +59,15 @@ def token_ids(client: openai.OpenAI, **kwargs: Any) -> list[str]:
 
 def valid_person(value: Any) -> bool:
     return (
-        isinstance(value, dict) and set(value) == {"name", "age", "tags"}
-        and isinstance(value["name"], str) and len(value["name"]) <= 10
-        and isinstance(value["age"], int) and 0 <= value["age"] <= 150
-        and isinstance(value["tags"], list) and len(value["tags"]) <= 3 and all(t in "abc" for t in value["tags"])
+        isinstance(value, dict)
+        and set(value) == {"name", "age", "tags"}
+        and isinstance(value["name"], str)
+        and len(value["name"]) <= 10
+        and isinstance(value["age"], int)
+        and 0 <= value["age"] <= 150
+        and isinstance(value["tags"], list)
+        and len(value["tags"]) <= 3
+        and all(t in "abc" for t in value["tags"])
     )
 
 
@@ -96,19 +101,22 @@ def test_no_logprobs_unless_asked(client: openai.OpenAI) -> None:
     assert complete(client).choices[0].logprobs is None
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logit_bias": {"99999999": 5}}, "logit_bias"),
-    ({"logit_bias": {"abc": 5}}, "logit_bias"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"frequency_penalty": -3}, "frequency_penalty"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"min_p": 1.5}, "min_p"),
-    ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-])
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"99999999": 5}}, "logit_bias"),
+        ({"logit_bias": {"abc": 5}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ],
+)
 def test_out_of_range_controls_are_400_naming_the_field(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     err, _ = api_error(lambda: complete(client, extra_body=extra), 400)
     assert err["param"] == param, err
@@ -159,7 +167,9 @@ def test_json_schema_output_validates_in_full_and_streamed(client: openai.OpenAI
     reply = complete(client, response_format=fmt, max_completion_tokens=120)
     assert reply.choices[0].finish_reason == "stop"
     assert valid_person(json.loads(reply.choices[0].message.content))
-    text = "".join(c.choices[0].delta.content or "" for c in complete(client, response_format=fmt, max_completion_tokens=120, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or "" for c in complete(client, response_format=fmt, max_completion_tokens=120, stream=True) if c.choices
+    )
     assert valid_person(json.loads(text))
     for choice in complete(client, response_format=fmt, max_completion_tokens=120, temperature=1.0, seed=3, n=3).choices:
         assert valid_person(json.loads(choice.message.content)), choice.message.content
@@ -181,12 +191,23 @@ def test_unsupported_schema_feature_is_400_naming_it(client: openai.OpenAI) -> N
 
 
 def config(**kwargs: Any) -> SamplingConfig:
-    base: dict[str, Any] = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0, "stop": [], "n": 2, "ignore_eos": False}
+    base: dict[str, Any] = {
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": 0,
+        "stop": [],
+        "n": 2,
+        "ignore_eos": False,
+    }
     return SamplingConfig(**{**base, **kwargs})
 
 
 def processors(cfg: SamplingConfig, prompt: list[int] | None = None) -> LogitsProcessors:
-    return LogitsProcessors(cfg, vocab_size=6, eos=frozenset({5}), prompt_ids=prompt or [], grammar=None, tokenizer=None, device=torch.device("cpu"))
+    return LogitsProcessors(
+        cfg, vocab_size=6, eos=frozenset({5}), prompt_ids=prompt or [], grammar=None, tokenizer=None, device=torch.device("cpu")
+    )
 
 
 def test_penalties_arithmetic_per_choice() -> None:
@@ -207,4 +228,3 @@ def test_repetition_bias_and_min_tokens_arithmetic() -> None:
     proc.accept([0], [2])
     out = proc(torch.tensor([[2.0, -2.0, 2.0, 0.0, 0.0, 9.0]]), [0])
     assert out[0].tolist() == [1.0, -4.0, 1.0, 0.0, 1.5, 9.0]
-

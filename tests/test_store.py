@@ -81,7 +81,10 @@ def make_descriptor(
         d.image.spatial_merge_size = 2
     if uuid is None:
         d.id = content_id(
-            modality=modality, content_sha256=d.content_sha256, model_fingerprint=fingerprint, dtype=F32,
+            modality=modality,
+            content_sha256=d.content_sha256,
+            model_fingerprint=fingerprint,
+            dtype=F32,
             options_json=options,
         )
     else:
@@ -152,7 +155,12 @@ async def test_round_trip_several_tensors_byte_for_byte(store: EmbeddingStore) -
     assert got.tensor("deepstack.0").dtype == BF16
     g = got.descriptor
     assert (g.id, g.client_uuid, g.modality, g.model, g.model_fingerprint, g.token_count) == (
-        d.id, False, IMAGE, "tiny-qwen", "fp-model-a", 4,
+        d.id,
+        False,
+        IMAGE,
+        "tiny-qwen",
+        "fp-model-a",
+        4,
     )
     assert g.content_sha256 == sha(b"a cat") and g.options_json == '{"max_pixels":1000}'
     assert list(g.image.grid_thw) == [1, 8, 2] and g.image.spatial_merge_size == 2
@@ -328,9 +336,7 @@ async def test_same_identity_twice_keeps_the_original(store: EmbeddingStore, raw
         ({"modality": VIDEO}, "another modality"),
     ],
 )
-async def test_reused_uuid_with_another_identity_is_a_conflict(
-    store: EmbeddingStore, change: dict[str, object], words: str
-) -> None:
+async def test_reused_uuid_with_another_identity_is_a_conflict(store: EmbeddingStore, change: dict[str, object], words: str) -> None:
     original = make_tensors(seed=1)
     await store.put(make_descriptor(uuid="shared-id"), original, tenant="t")
     with pytest.raises(Conflict) as err:
@@ -389,7 +395,6 @@ async def test_same_uuid_in_two_tenants_is_two_embeddings(store: EmbeddingStore)
     assert await store.get("u1", tenant="bob") is not None
 
 
-
 async def test_content_ids_are_scoped_to_their_tenant(store: EmbeddingStore) -> None:
     """Same media in two tenants: one id string, two records; neither tenant sees, probes or deletes the other's."""
     d = make_descriptor()
@@ -405,6 +410,7 @@ async def test_content_ids_are_scoped_to_their_tenant(store: EmbeddingStore) -> 
     assert (await store.put(again, make_tensors(seed=1), tenant="bob")).created  # bob's own record, not "already stored"
     assert await store.delete(d.id, tenant="bob")
     assert await store.get(d.id, tenant="alice") is not None
+
 
 # --- lifetime ---------------------------------------------------------------
 
@@ -521,10 +527,7 @@ async def test_concurrent_puts_of_one_uuid_have_exactly_one_winner(store: Embedd
     n = 24
     contents = [f"content-{i}".encode() for i in range(n)]
     results = await asyncio.gather(
-        *(
-            store.put(make_descriptor(uuid="race", content=c), make_tensors(seed=i), tenant="t")
-            for i, c in enumerate(contents)
-        ),
+        *(store.put(make_descriptor(uuid="race", content=c), make_tensors(seed=i), tenant="t") for i, c in enumerate(contents)),
         return_exceptions=True,
     )
     winners = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]

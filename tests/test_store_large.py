@@ -66,7 +66,8 @@ async def test_a_record_over_the_maximum_is_refused_before_any_upload(big: Embed
 
 
 async def test_a_read_slides_the_expiry_once_the_refresh_interval_has_passed(
-    big: EmbeddingStore, raw: redis.Redis  # noqa: F811
+    big: EmbeddingStore,
+    raw: redis.Redis,  # noqa: F811
 ) -> None:
     await big.put(make_descriptor(uuid="hot"), make_tensors(), tenant="t")
     keys = embedding_keys("hot", tenant="t")

@@ -505,9 +505,7 @@ def test_time_series_adapter_is_attached(family: Loaded) -> None:
     assert torch.isfinite(embeds).all()
 
 
-@pytest.mark.parametrize(
-    ("name", "modality"), [(name, modality) for name in TINIES for modality in FAMILIES[name][3]]
-)
+@pytest.mark.parametrize(("name", "modality"), [(name, modality) for name in TINIES for modality in FAMILIES[name][3]])
 def test_monolithic_generate_is_not_degenerate(loaded: dict[str, Loaded], cache_root: Path, name: str, modality: str) -> None:
     if name not in loaded:
         loaded[name] = Loaded(name, cache_root)

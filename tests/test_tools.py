@@ -80,7 +80,12 @@ def create(client: openai.OpenAI, **kwargs: Any) -> Any:
 
 def valid_call(name: str, arguments: dict[str, Any]) -> bool:
     if name == "get_weather":
-        return set(arguments) == {"city", "unit"} and isinstance(arguments["city"], str) and len(arguments["city"]) <= 12 and arguments["unit"] in ("C", "F")
+        return (
+            set(arguments) == {"city", "unit"}
+            and isinstance(arguments["city"], str)
+            and len(arguments["city"]) <= 12
+            and arguments["unit"] in ("C", "F")
+        )
     if name == "get_time":
         return set(arguments) == {"offset"} and isinstance(arguments["offset"], int) and -12 <= arguments["offset"] <= 14
     return False
@@ -191,7 +196,8 @@ def test_parser_gives_the_same_calls_for_any_split() -> None:
         tail, last = parser.finish()
         assert content + more_content + tail == "Let me check.", cut
         assert [(c.name, json.loads(c.arguments)) for c in calls + more_calls + last] == [
-            ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"offset": 1})
+            ("get_weather", {"city": "Paris", "unit": "C"}),
+            ("get_time", {"offset": 1}),
         ], cut
 
 

@@ -69,8 +69,15 @@ def traced(start_service: StartService, collector: Collector, module_redis: Loca
 def test_one_request_is_one_trace_across_three_services(traced: Stack, collector: Collector) -> None:
     client = traced.client()
     reply = client.chat.completions.with_raw_response.create(
-        model="", max_completion_tokens=4, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=901))}}]}],
+        model="",
+        max_completion_tokens=4,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes(seed=901))}}],
+            }
+        ],
     )
     assert reply.http_response.status_code == 200
     deadline = time.monotonic() + 20

@@ -209,7 +209,9 @@ def test_chunks_beyond_the_announced_size(stack: Stack) -> None:
 def test_upload_without_a_header(stack: Stack) -> None:
     """A first message that is a chunk, an empty stream, and a second header are refused naming `header`."""
     data = small_video(4)
-    upload_refused(stack.encoder.target, stack.redis_url, iter([pb.EncodeUploadRequest(chunk=data)]), "header", ["first message must be the header"])
+    upload_refused(
+        stack.encoder.target, stack.redis_url, iter([pb.EncodeUploadRequest(chunk=data)]), "header", ["first message must be the header"]
+    )
     upload_refused(stack.encoder.target, stack.redis_url, iter([]), "header", ["no header"])
     twice = [video_header(len(data)), video_header(len(data)), pb.EncodeUploadRequest(chunk=data)]
     upload_refused(stack.encoder.target, stack.redis_url, iter(twice), "header", ["once"])
@@ -220,28 +222,37 @@ def test_upload_header_with_a_source(stack: Stack) -> None:
     data = small_video(5)
     header = video_header(len(data))
     header.header.item.source.url = "http://example.com/other.mp4"
-    upload_refused(stack.encoder.target, stack.redis_url, iter([header, pb.EncodeUploadRequest(chunk=data)]), "header.item.source", ["unset"])
+    upload_refused(
+        stack.encoder.target, stack.redis_url, iter([header, pb.EncodeUploadRequest(chunk=data)]), "header.item.source", ["unset"]
+    )
 
 
 def test_upload_that_is_not_a_video(stack: Stack) -> None:
     """Uploaded bytes are decoded like any other: noise is refused naming the uploaded item's source."""
     junk = np.random.default_rng(6).bytes(3 * MiB)
     upload_refused(
-        stack.encoder.target, stack.redis_url, itertools.chain([video_header(len(junk))], chunks(junk, seed=6)),
-        "header.item.source", ["not a supported video container"],
+        stack.encoder.target,
+        stack.redis_url,
+        itertools.chain([video_header(len(junk))], chunks(junk, seed=6)),
+        "header.item.source",
+        ["not a supported video container"],
     )
 
 
 # --- MMSERVE_MAX_UPLOAD_BYTES -----------------------------------------------------------------------
 
 
-def test_upload_over_the_limit_is_refused_while_streaming(small_encoder: InProcessService, module_redis: LocalRedis, big_video: bytes) -> None:
+def test_upload_over_the_limit_is_refused_while_streaming(
+    small_encoder: InProcessService, module_redis: LocalRedis, big_video: bytes
+) -> None:
     """Size unknown in the header: refused once 8 MiB have arrived, long before the client has produced the ~100 chunks."""
     total = -(-len(big_video) // MiB)
     counted = upload_refused(
-        small_encoder.target, module_redis.url,
+        small_encoder.target,
+        module_redis.url,
         itertools.chain([video_header(0)], chunks(big_video, seed=7, low=MiB, high=MiB)),
-        "chunk", ["exceeds the limit", str(UPLOAD_LIMIT)],
+        "chunk",
+        ["exceeds the limit", str(UPLOAD_LIMIT)],
     )
     assert counted.yielded - 1 < total // 3, f"{counted.yielded} of {total + 1} messages were produced before the refusal"
 
@@ -252,9 +263,11 @@ def test_upload_announced_over_the_limit_is_refused_at_the_header(
     """header.total_bytes over the limit: refused from the header, before the chunks are needed."""
     total = -(-len(big_video) // MiB)
     counted = upload_refused(
-        small_encoder.target, module_redis.url,
+        small_encoder.target,
+        module_redis.url,
         itertools.chain([video_header(len(big_video))], chunks(big_video, seed=8, low=MiB, high=MiB)),
-        "header.total_bytes", [str(len(big_video)), str(UPLOAD_LIMIT)],
+        "header.total_bytes",
+        [str(len(big_video)), str(UPLOAD_LIMIT)],
     )
     assert counted.yielded - 1 < total // 3, f"{counted.yielded} of {total + 1} messages were produced before the refusal"
 

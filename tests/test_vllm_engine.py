@@ -33,7 +33,10 @@ pytestmark = pytest.mark.vllm
 ENCODE_OK = 'mmserve_requests_total{outcome="OK",rpc="Encode",service="encoder"}'
 RUNNING = "mmserve_num_requests_running"
 IMAGE, IMAGE2 = data_url(png_bytes(128, 96, 3)), data_url(png_bytes(64, 64, 4))
-SERIES_PART = {"type": "time_series_url", "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100}}
+SERIES_PART = {
+    "type": "time_series_url",
+    "time_series_url": {"url": f"data:application/octet-stream;base64,{b64(SERIES)}", "sampling_rate": 100},
+}
 
 
 @dataclass

@@ -126,5 +126,7 @@ def test_vllms_guidance_backend_builds_our_grammars_byte_for_byte(vllm_env: Path
     """A response_format schema (as json=) and a required tool call's Lark grammar (as grammar=): vLLM's guidance
     backend serializes each to exactly the grammar the built-in engine enforces."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([str(vllm_env / "bin" / "python"), "-c", GRAMMARS % json.dumps(PERSON)], cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(vllm_env / "bin" / "python"), "-c", GRAMMARS % json.dumps(PERSON)], cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and "same grammars" in done.stdout, done.stderr[-3000:]

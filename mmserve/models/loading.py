@@ -59,9 +59,7 @@ def load_model(settings: Settings, *, part: str) -> LoadedModel:
     dtype: torch.dtype | str = _DTYPES.get(settings.dtype, "auto") if settings.dtype != "auto" else "auto"
     family = family_cls.load(str(source.path), dtype=dtype, device=settings.device, part=part)
     family.attach_time_series(source.path, part)  # whatever the family: the adapter, if the checkpoint carries one
-    fingerprint = model_fingerprint(
-        source.path, family=family_cls.name, dtype=dtype_name(family.dtype), revision=source.revision
-    )
+    fingerprint = model_fingerprint(source.path, family=family_cls.name, dtype=dtype_name(family.dtype), revision=source.revision)
     served = settings.served_model_name or ("mmserve-tiny-random" if source.random_weights else settings.model)
     if source.random_weights:
         log.warning(
@@ -70,6 +68,11 @@ def load_model(settings: Settings, *, part: str) -> LoadedModel:
         )
     log.info(
         "loaded %s (%s, %s) for the %s in %.1fs; fingerprint %s",
-        settings.model, family_cls.name, dtype_name(family.dtype), part, time.perf_counter() - start, fingerprint,
+        settings.model,
+        family_cls.name,
+        dtype_name(family.dtype),
+        part,
+        time.perf_counter() - start,
+        fingerprint,
     )
     return LoadedModel(family, source, served, fingerprint, time.time())

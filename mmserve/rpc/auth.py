@@ -79,7 +79,8 @@ def warn_if_open(service: str, settings: Settings) -> None:
     if service_token(settings) is None:
         log.warning(
             "MMSERVE_SERVICE_TOKEN is unset: the %s serves every caller that reaches its port and believes the tenant "
-            "it claims; fine for local development only, set a shared token anywhere else", service,
+            "it claims; fine for local development only, set a shared token anywhere else",
+            service,
         )
 
 

@@ -34,7 +34,6 @@ log = logging.getLogger("mmserve.rpc")
 _QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
-
 class Undecodable:
     """A request message that did not parse: the client's fault (INVALID_ARGUMENT), not gRPC's UNKNOWN."""
 
@@ -92,9 +91,7 @@ def as_mmserve_error(exc: BaseException) -> MmserveError:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request context, error mapping and per-request logging for one service."""
 
-    def __init__(
-        self, service: str, *, default_tenant: str, metrics: RpcRecorder | None = None, service_token: str | None = None
-    ) -> None:
+    def __init__(self, service: str, *, default_tenant: str, metrics: RpcRecorder | None = None, service_token: str | None = None) -> None:
         self._service = service
         self._default_tenant = default_tenant
         self._service_token = service_token
@@ -225,8 +222,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             "%s %s",
             name,
             outcome,
-            extra={"fields": {"service": self._service, "rpc": name, "outcome": outcome,
-                              "duration_ms": round(seconds * 1000, 1), **noted, **fields}},
+            extra={
+                "fields": {
+                    "service": self._service,
+                    "rpc": name,
+                    "outcome": outcome,
+                    "duration_ms": round(seconds * 1000, 1),
+                    **noted,
+                    **fields,
+                }
+            },
         )
         if self._metrics is not None:
             self._metrics(name, outcome, seconds)

@@ -183,9 +183,7 @@ def encode_meta(descriptor: embedding_pb2.EmbeddingDescriptor, data_check: str, 
         "shape": _compact_json(list(first.shape)),
         "tensors": _compact_json([[t.name, dtype_name(t.dtype), list(t.shape)] for t in descriptor.tensors]),
         "placement": _compact_json(
-            {placement: json_format.MessageToDict(getattr(descriptor, placement), preserving_proto_field_name=True)}
-            if placement
-            else {}
+            {placement: json_format.MessageToDict(getattr(descriptor, placement), preserving_proto_field_name=True)} if placement else {}
         ),
         "created": _iso(descriptor.created_at.ToNanoseconds()),
         "nbytes": descriptor.nbytes,

@@ -105,9 +105,7 @@ def parse_store_url(url: str) -> StoreUrl:
     return StoreUrl("cluster" if scheme in CLUSTER_SCHEMES else "sentinel", url, tuple(nodes), service, options)
 
 
-def async_client(
-    url: str, *, connect_timeout_s: float, socket_timeout_s: float, retries: int, max_connections: int
-) -> AsyncClient:
+def async_client(url: str, *, connect_timeout_s: float, socket_timeout_s: float, retries: int, max_connections: int) -> AsyncClient:
     """An asyncio client for the URL, with a bounded pool and bounded, jittered retries."""
     parsed = parse_store_url(url)
     common: dict[str, Any] = {
@@ -130,7 +128,10 @@ def async_client(
         )
         return sentinel.master_for(parsed.service, max_connections=max_connections)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=socket_timeout_s, **common  # timeout: wait for a pooled connection
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout_s,
+        **common,  # timeout: wait for a pooled connection
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -48,9 +48,7 @@ def validate_uuid(uuid: str, field: str = "uuid") -> str:
             field=field,
         )
     if uuid.startswith(CONTENT_ID_PREFIX):
-        raise InvalidArgument(
-            f"uuids must not start with {CONTENT_ID_PREFIX!r} (reserved for content ids)", field=field
-        )
+        raise InvalidArgument(f"uuids must not start with {CONTENT_ID_PREFIX!r} (reserved for content ids)", field=field)
     return uuid
 
 

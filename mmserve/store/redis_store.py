@@ -336,8 +336,7 @@ class EmbeddingStore:
             # What the cluster client gives up on: CLUSTERDOWN, uncovered slots, redirects without end.
             log.warning("embedding store %s failed (redis at %s): %s: %s", op, self._location, type(exc).__name__, exc)
             raise Unavailable(
-                f"embedding store unavailable: the Redis cluster cannot serve this key now ({type(exc).__name__}); "
-                "retry later",
+                f"embedding store unavailable: the Redis cluster cannot serve this key now ({type(exc).__name__}); retry later",
                 reason=Reason.STORE_UNAVAILABLE,
             ) from exc
         except (rexc.ReadOnlyError, rexc.BusyLoadingError) as exc:
@@ -514,9 +513,7 @@ class EmbeddingStore:
         await self._extend(keys, existing, ttl_s * 1000)
         return PutResult(existing, created=False)
 
-    async def _send_overlapped(
-        self, key: str, first: list[Command], then: Callable[[], Awaitable[list[EncodableT]]]
-    ) -> list[Any] | None:
+    async def _send_overlapped(self, key: str, first: list[Command], then: Callable[[], Awaitable[list[EncodableT]]]) -> list[Any] | None:
         """Send `first`, build the last command (`then`) while they travel, send it: every reply, in one round trip.
 
         Like a pipeline, on one pooled connection to the node of `key` (all
@@ -615,9 +612,7 @@ class EmbeddingStore:
             raise InvalidArgument("id must be a content id (mmemb-<64 hex>) unless client_uuid is set", field="id")
         return "id"
 
-    async def get(
-        self, ref: str, *, tenant: str, with_tensors: bool = True, touch: bool | None = None
-    ) -> StoredEmbedding | None:
+    async def get(self, ref: str, *, tenant: str, with_tensors: bool = True, touch: bool | None = None) -> StoredEmbedding | None:
         """The embedding `ref` names, or None if it is absent, expired or damaged.
 
         `touch` (default: `with_tensors`, i.e. a read for use) slides the expiry:
@@ -714,9 +709,7 @@ class EmbeddingStore:
         unique = list(dict.fromkeys(refs))
         for ref in unique:  # refuse a bad reference before any I/O
             self.keys_for(ref, tenant=tenant)
-        found = await asyncio.gather(
-            *(self.get(r, tenant=tenant, with_tensors=with_tensors, touch=touch) for r in unique)
-        )
+        found = await asyncio.gather(*(self.get(r, tenant=tenant, with_tensors=with_tensors, touch=touch) for r in unique))
         return dict(zip(unique, found, strict=True))
 
     async def exists(self, ref: str, *, tenant: str) -> bool:
@@ -730,7 +723,6 @@ class EmbeddingStore:
         keys = self.keys_for(ref, tenant=tenant)
         async with self._guard("delete"):
             return int(await self._redis.eval(_DELETE, 2, keys.meta, keys.data)) > 0
-
 
     # --- encode leases (one model run per content across replicas) ---------
 

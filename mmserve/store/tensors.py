@@ -88,8 +88,7 @@ class RawTensor:
         expected = math.prod(shape) * info.itemsize
         if len(data) != expected:
             raise InvalidArgument(
-                f"tensor {self.name!r}: data has {len(data)} bytes, shape {list(shape)} of {info.name} "
-                f"needs {expected}",
+                f"tensor {self.name!r}: data has {len(data)} bytes, shape {list(shape)} of {info.name} needs {expected}",
                 field="data",
             )
         object.__setattr__(self, "shape", shape)

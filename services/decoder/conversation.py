@@ -57,8 +57,12 @@ class SamplingConfig:
     def penalized(self) -> bool:
         """Whether any logits processor runs (else the logits go straight to the sampler)."""
         return bool(
-            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-            or self.min_tokens or self.guidance
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.guidance
         )
 
 

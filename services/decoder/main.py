@@ -31,7 +31,10 @@ async def start(settings: Settings) -> StartedService:
         decoder_service_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, server)
 
     server = await start_server(
-        settings, service="decoder", port=settings.decoder_port, register=register,
+        settings,
+        service="decoder",
+        port=settings.decoder_port,
+        register=register,
         service_names=[SERVICE_NAME],
     )
     model = await asyncio.to_thread(load_model, settings, part=model_part(settings))

@@ -78,7 +78,9 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         family = model.family
         start = time.perf_counter()
         if request.model and request.model not in {model.served_name, model.source.requested}:
-            raise NotFound(f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason=Reason.MODEL_NOT_FOUND)
+            raise NotFound(
+                f"model {request.model!r} is not served here (serving {model.served_name!r})", field="model", reason=Reason.MODEL_NOT_FOUND
+            )
         sampling = parse_sampling(request.sampling)
         check_token_ids(sampling, len(family.tokenizer))
         tools = parse_tools(request, family)
@@ -93,13 +95,20 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
         check_item_limits((p.item.modality for p in conversation.media), self.settings, "messages")
         async with engine.admission.slot():
             admitted = time.perf_counter()
-            media = await resolver.resolve(conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context))
+            media = await resolver.resolve(
+                conversation.media, tenant=tenant_var.get() or self.settings.tenant, timeout=remaining_timeout(context)
+            )
             resolved = time.perf_counter()
-            chat = ChatPrompt(text=request.prompt) if request.HasField("prompt") else ChatPrompt(conversation.messages, tools.shown if tools else None)
+            chat = (
+                ChatPrompt(text=request.prompt)
+                if request.HasField("prompt")
+                else ChatPrompt(conversation.messages, tools.shown if tools else None)
+            )
             prompt = await engine.prepare(chat, media.embeddings)
             prompt_tokens = int(prompt.num_tokens)
             note(
-                queue_ms=round((admitted - start) * 1000, 1), resolve_ms=round((resolved - admitted) * 1000, 1),
+                queue_ms=round((admitted - start) * 1000, 1),
+                resolve_ms=round((resolved - admitted) * 1000, 1),
                 prepare_ms=round((time.perf_counter() - resolved) * 1000, 1),
             )
             max_tokens = self._max_tokens(engine, sampling, prompt_tokens, prompt_field(request))
@@ -110,7 +119,9 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
             first = last = 0.0
             held: dict[int, StepOutput] = {}
             parsers = self._parsers(tools, family, sampling.n)
-            outputs = engine.generate(EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens, grammar, final_only=request.whole_choices))
+            outputs = engine.generate(
+                EngineRequest(uuid.uuid4().hex, prompt, sampling, max_tokens, grammar, final_only=request.whole_choices)
+            )
             async with aclosing(outputs):  # a cancel or a failed write aborts the engine request now, not at GC
                 async for out in outputs:
                     now = time.perf_counter()
@@ -161,7 +172,9 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
     @staticmethod
     def _response(out: StepOutput, cached_media: int, tokens: TokenText, parser: ToolCallParser | None) -> pb.GenerateResponse:
         response = pb.GenerateResponse(
-            index=out.index, text=out.text, token_ids=out.token_ids,
+            index=out.index,
+            text=out.text,
+            token_ids=out.token_ids,
             finish_reason=FINISH[out.finish] if out.finish else pb.FINISH_REASON_UNSPECIFIED,
         )
         if parser is not None:
@@ -180,11 +193,15 @@ class DecoderServicer(pb_grpc.DecoderServiceServicer):
                 text, raw = tokens.of(token_id)
                 entry.top.add(token_id=token_id, token=text, bytes=raw, logprob=logprob)
         if out.usage is not None:
-            response.usage.CopyFrom(pb.Usage(
-                prompt_tokens=out.usage.prompt_tokens, completion_tokens=out.usage.completion_tokens,
-                total_tokens=out.usage.total_tokens, cached_media=cached_media,
-                cached_prompt_tokens=out.usage.cached_prompt_tokens,
-            ))
+            response.usage.CopyFrom(
+                pb.Usage(
+                    prompt_tokens=out.usage.prompt_tokens,
+                    completion_tokens=out.usage.completion_tokens,
+                    total_tokens=out.usage.total_tokens,
+                    cached_media=cached_media,
+                    cached_prompt_tokens=out.usage.cached_prompt_tokens,
+                )
+            )
         return response
 
     @staticmethod

@@ -92,7 +92,9 @@ def tool_grammar(spec: ToolSpec, fmt: ToolCallFormat) -> str | None:
     ]
     schema = {"x-guidance": JSON_DEFAULTS, **(calls[0] if len(calls) == 1 else {"anyOf": calls})}
     start = 'start: call ("\\n" call)*' if spec.parallel else "start: call"
-    return llguidance.LLMatcher.grammar_from_lark(f"{start}\ncall: {json.dumps(fmt.open)} %json {json.dumps(schema)} {json.dumps(fmt.close)}\n")
+    return llguidance.LLMatcher.grammar_from_lark(
+        f"{start}\ncall: {json.dumps(fmt.open)} %json {json.dumps(schema)} {json.dumps(fmt.close)}\n"
+    )
 
 
 class ToolCallParser:

@@ -33,7 +33,10 @@ async def start(settings: Settings) -> StartedService:
         encoder_service_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, server)
 
     server = await start_server(
-        settings, service="encoder", port=settings.encoder_port, register=register,
+        settings,
+        service="encoder",
+        port=settings.encoder_port,
+        register=register,
         service_names=[SERVICE_NAME],
     )
     model = await asyncio.to_thread(load_model, settings, part="encoder")

@@ -45,6 +45,7 @@ from services.encoder.media.fetch import GuardedFetcher
 
 log = logging.getLogger("mmserve.encoder")
 
+
 @dataclass
 class _Job:
     index: int
@@ -83,9 +84,7 @@ class EncoderPipeline:
         self.family = model.family
         self.store = store
         self.fetcher = fetcher
-        self.batcher = Batcher(
-            self.family.encode, max_batch=settings.encoder_max_batch, wait_s=settings.encoder_batch_wait_ms / 1000
-        )
+        self.batcher = Batcher(self.family.encode, max_batch=settings.encoder_max_batch, wait_s=settings.encoder_batch_wait_ms / 1000)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -111,7 +110,12 @@ class EncoderPipeline:
 
     # --- the flow -------------------------------------------------------------------
     async def encode(
-        self, items: list[media_pb2.MediaInput], *, tenant: str, prefix: str = "items", preloaded: dict[int, bytes] | None = None,
+        self,
+        items: list[media_pb2.MediaInput],
+        *,
+        tenant: str,
+        prefix: str = "items",
+        preloaded: dict[int, bytes] | None = None,
         timeout: float | None = None,
     ) -> list[pb.EncodeResult]:
         """Encode (or find) every item; results in request order (`timeout`: the request's remaining deadline)."""
@@ -158,8 +162,12 @@ class EncoderPipeline:
         start = time.perf_counter()
         try:
             job.acquired = await acquire(
-                job.item, modality=job.kind.name, settings=self.settings,
-                budget=budget, fetcher=self.fetcher, preloaded=preloaded,
+                job.item,
+                modality=job.kind.name,
+                settings=self.settings,
+                budget=budget,
+                fetcher=self.fetcher,
+                preloaded=preloaded,
             )
         except MmserveError as err:
             raise err.at(job.field) from None
@@ -171,9 +179,7 @@ class EncoderPipeline:
         embeds = job.item.source.embeds
         try:
             check_size(embeds, self.settings, budget)
-            job.encoded, job.content_sha256 = await asyncio.to_thread(
-                client_embedding, self.family, job.modality, embeds, job.kind.name
-            )
+            job.encoded, job.content_sha256 = await asyncio.to_thread(client_embedding, self.family, job.modality, embeds, job.kind.name)
         except MmserveError as err:
             raise err.at(job.field) from None
 

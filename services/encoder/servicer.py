@@ -61,7 +61,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                         raise InvalidArgument("the header must be sent once, first", field="header")
                     header = message.header
                     if header.total_bytes > limit:
-                        raise MediaTooLarge(f"upload of {header.total_bytes} bytes exceeds the limit of {limit}", field="header.total_bytes")
+                        raise MediaTooLarge(
+                            f"upload of {header.total_bytes} bytes exceeds the limit of {limit}", field="header.total_bytes"
+                        )
                     continue
                 if header is None:
                     raise InvalidArgument("the first message must be the header", field="header")
@@ -99,7 +101,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             raise InvalidArgument("id is required", field="id")
         stored = await self.store.get(request.id, tenant=self._tenant, with_tensors=request.include_tensors)
         if stored is None:
-            raise NotFound(f"no stored embedding for: {request.id}", field="id", reason=Reason.EMBEDDING_NOT_FOUND, metadata={"missing": request.id})
+            raise NotFound(
+                f"no stored embedding for: {request.id}", field="id", reason=Reason.EMBEDDING_NOT_FOUND, metadata={"missing": request.id}
+            )
         tensors = [t.to_proto() for t in stored.tensors] if request.include_tensors else []
         return pb.GetEmbeddingResponse(embedding=stored.descriptor, tensors=tensors)
 

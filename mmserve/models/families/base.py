@@ -150,9 +150,7 @@ class Family(ABC):
             accepted = ", ".join(sorted(name_of(m) for m in self.modalities))
             name = name_of(modality)
             note = f" ({self.modality_note})" if self.modality_note else ""
-            raise InvalidArgument(
-                f"this model ({self.name}) does not accept {name} input; it accepts: {accepted}{note}", field=field
-            )
+            raise InvalidArgument(f"this model ({self.name}) does not accept {name} input; it accepts: {accepted}{note}", field=field)
 
     # --- loading -------------------------------------------------------------
     @classmethod

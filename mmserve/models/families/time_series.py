@@ -58,7 +58,9 @@ class TimeSeriesSupport:
         for token in (adapter.config.start_token, adapter.config.placeholder_token, adapter.config.end_token):
             encoded = tokenizer.encode(token, add_special_tokens=False)
             if len(encoded) != 1:
-                raise FailedPrecondition(f"the tokenizer has no single token for {token!r} (the time-series adapter needs it)", field="model")
+                raise FailedPrecondition(
+                    f"the tokenizer has no single token for {token!r} (the time-series adapter needs it)", field="model"
+                )
             ids.append(encoded[0])
         return cls(adapter, ids[1])
 

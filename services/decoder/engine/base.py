@@ -117,9 +117,7 @@ class Admission:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self.waiting >= self.max_waiting and self._slots.locked():
-            raise ResourceExhausted(
-                f"the decoder is busy: {self.max_waiting} requests are already waiting", reason=Reason.QUEUE_FULL
-            )
+            raise ResourceExhausted(f"the decoder is busy: {self.max_waiting} requests are already waiting", reason=Reason.QUEUE_FULL)
         self.waiting += 1
         start = time.perf_counter()
         try:

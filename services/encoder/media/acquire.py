@@ -57,7 +57,9 @@ def _array(tensor: tensor_pb2.Tensor, settings: Settings, budget: RequestBudget)
     if not 1 <= len(shape) <= 2 or any(d <= 0 for d in shape):
         raise InvalidArgument(f"array shape must be [T] or [T, C] with positive sizes, got {list(shape)}", field=f"{where}.shape")
     if len(tensor.data) != int(np.prod(shape)) * dtype.itemsize:
-        raise InvalidArgument(f"array data has {len(tensor.data)} bytes, shape and dtype need {int(np.prod(shape)) * dtype.itemsize}", field=f"{where}.data")
+        raise InvalidArgument(
+            f"array data has {len(tensor.data)} bytes, shape and dtype need {int(np.prod(shape)) * dtype.itemsize}", field=f"{where}.data"
+        )
     if len(tensor.data) > settings.max_item_bytes:
         raise item_too_large(settings.max_item_bytes, f"{where}.data")
     budget.take_bytes(len(tensor.data), f"{where}.data")

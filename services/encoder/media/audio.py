@@ -78,7 +78,6 @@ _UNKNOWN_SIZES = frozenset({0, 0xFFFFFFFF})  # streamed WAVs write these when th
 Layout = Literal["channels_first", "channels_last"]
 
 
-
 def sniff_audio_format(data: bytes) -> str | None:
     """The audio container `data` starts with, from its magic bytes, or None.
 

@@ -68,8 +68,7 @@ class RequestBudget:
         with self._lock:
             if n > self._pixels_left:
                 raise MediaTooLarge(
-                    f"the media in this request decode to more than the per-request budget of "
-                    f"{self._max_pixels} pixels",
+                    f"the media in this request decode to more than the per-request budget of {self._max_pixels} pixels",
                     field=field,
                     metadata={"limit": str(self._max_pixels), "setting": "request_pixel_budget"},
                 )

@@ -82,13 +82,18 @@ def decode_media(modality: int, acquired: Acquired, options: dict[str, Any], set
         if acquired.kind == "array":
             assert acquired.array is not None
             return audio_from_array(acquired.array, options["sampling_rate"], settings=settings, target_rate=options["target_rate"])
-        return decode_audio(acquired.data or b"", settings=settings, budget=budget, target_rate=options["target_rate"], format=options.get("format"))
+        return decode_audio(
+            acquired.data or b"", settings=settings, budget=budget, target_rate=options["target_rate"], format=options.get("format")
+        )
     if modality == media_pb2.MODALITY_TIME_SERIES:
         if acquired.kind == "array":
             assert acquired.array is not None
             return series_from_array(acquired.array, options["sampling_rate"], settings=settings)
         return load_time_series(
-            acquired.data or b"", settings=settings, sampling_rate=options["sampling_rate"],
-            format=options.get("format"), mime=acquired.mime or None,
+            acquired.data or b"",
+            settings=settings,
+            sampling_rate=options["sampling_rate"],
+            format=options.get("format"),
+            mime=acquired.mime or None,
         )
     raise InvalidArgument("unsupported modality", field="modality")

@@ -126,7 +126,11 @@ def _check_entry(name: str, entry: Any, body: int) -> None:
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidArgument(f"safetensors tensor {name!r}: shape {shape} is not a list of sizes", field=FIELD)
-    if len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1] <= body:
+    if (
+        len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= body
+    ):
         raise InvalidArgument(f"safetensors tensor {name!r}: data offsets {offsets} lie outside the data", field=FIELD)
     if offsets[1] - offsets[0] != math.prod(shape) * itemsize(dtype):
         raise InvalidArgument(f"safetensors tensor {name!r}: shape {shape} does not match its {offsets[1] - offsets[0]} bytes", field=FIELD)
@@ -174,7 +178,9 @@ def _check_values(tensors: dict[str, _Named], hidden: int, dtype: torch.dtype) -
         if len(shape) != 2 or shape[1] != hidden:
             raise InvalidArgument(f"tensor {name!r} has shape {shape}; this model needs [tokens, {hidden}]", field=shape_field)
         if shape[0] != tokens or tokens == 0:
-            raise InvalidArgument(f"tensor {name!r} has {shape[0]} tokens, the embeddings {tokens}; need the same, at least 1", field=shape_field)
+            raise InvalidArgument(
+                f"tensor {name!r} has {shape[0]} tokens, the embeddings {tokens}; need the same, at least 1", field=shape_field
+            )
         value = from_raw(t.raw)
         if not bool(torch.isfinite(value).all()):
             raise InvalidArgument(f"tensor {name!r} has NaN or infinite values", field=t.field + (".data" if t.field != FIELD else ""))

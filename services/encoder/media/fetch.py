@@ -238,9 +238,7 @@ class GuardedFetcher:
                 if literal is not None:
                     raise FetchRefused(f"refused to fetch from a {reason} address", field=field)
                 # Do not tell the caller which internal address a name has.
-                raise FetchRefused(
-                    f"host '{url.host}' resolves to an address that is not publicly routable", field=field
-                )
+                raise FetchRefused(f"host '{url.host}' resolves to an address that is not publicly routable", field=field)
         return addresses
 
     async def _resolve(self, host: str, port: int, *, field: str) -> list[IPAddress]:
@@ -278,9 +276,7 @@ class GuardedFetcher:
         headers = {"Host": url.netloc.decode("ascii")}
         last_error: httpx.TransportError | None = None
         for ip in addresses[:_MAX_ADDRESSES_TRIED]:
-            request = self._client.build_request(
-                "GET", url.copy_with(host=str(ip)), headers=headers, extensions=extensions
-            )
+            request = self._client.build_request("GET", url.copy_with(host=str(ip)), headers=headers, extensions=extensions)
             try:
                 return await self._client.send(request, stream=True)
             except httpx.ConnectError as exc:
@@ -300,9 +296,7 @@ class GuardedFetcher:
     async def _read_body(self, response: httpx.Response, *, budget: RequestBudget, field: str) -> bytes:
         status = response.status_code
         if status >= 400:
-            raise RemoteFetchFailed(
-                f"the server answered HTTP {status}", field=field, metadata={"http_status": str(status)}
-            )
+            raise RemoteFetchFailed(f"the server answered HTTP {status}", field=field, metadata={"http_status": str(status)})
         if status >= 300:
             raise RemoteFetchFailed(
                 f"the server answered HTTP {status} instead of the media",
@@ -312,9 +306,7 @@ class GuardedFetcher:
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             # We asked for identity; decompressing would let a small body expand without bound.
-            raise RemoteFetchFailed(
-                f"the server sent Content-Encoding '{encoding}' although none was requested", field=field
-            )
+            raise RemoteFetchFailed(f"the server sent Content-Encoding '{encoding}' although none was requested", field=field)
         item_limit = self._settings.max_item_bytes
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit():
@@ -343,9 +335,7 @@ def _ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-def _transport_failure(
-    url: httpx.URL, exc: httpx.TransportError, field: str, *, while_reading: bool = False
-) -> RemoteFetchFailed:
+def _transport_failure(url: httpx.URL, exc: httpx.TransportError, field: str, *, while_reading: bool = False) -> RemoteFetchFailed:
     """A connection-level failure, without leaking the exception text (it may hold addresses)."""
     logger.info("fetch of host %s failed: %r", url.host, exc)
     if _is_tls_error(exc):

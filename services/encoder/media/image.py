@@ -149,7 +149,21 @@ def _open_allowed(fp: IO[bytes], *, field: str) -> ImageFile.ImageFile:
 
 
 #: Bytes per pixel of a decoded image, by Pillow mode (others: 4).
-_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+_MODE_BYTES = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "LA": 2,
+    "PA": 2,
+    "I;16": 2,
+    "I;16L": 2,
+    "I;16B": 2,
+    "I;16N": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "LAB": 3,
+    "HSV": 3,
+}
 
 
 def decoded_bytes(size: tuple[int, int], mode: str, *, alpha: bool) -> int:

@@ -53,9 +53,7 @@ async def load_source_bytes(
     if kind == "data":
         return _take_inline(source.data, settings=settings, budget=budget, field=f"{field}.data")
     if kind == "url":
-        return await load_url_bytes(
-            source.url, modality=modality, settings=settings, budget=budget, fetcher=fetcher, field=f"{field}.url"
-        )
+        return await load_url_bytes(source.url, modality=modality, settings=settings, budget=budget, fetcher=fetcher, field=f"{field}.url")
     if kind is None:
         raise InvalidArgument("no media source is set (expected data or url)", field=field)
     raise InvalidArgument(f"a '{kind}' source carries no media file to load", field=f"{field}.{kind}")
@@ -179,9 +177,7 @@ async def read_file_url(url: str, *, settings: Settings, budget: RequestBudget, 
     path = urllib.parse.unquote(parts.path)
     if not path.startswith("/") or "\x00" in path:
         raise InvalidArgument("file:// URL must hold an absolute path", field=field)
-    return await asyncio.to_thread(
-        _read_below_root, path, Path(settings.file_root), settings.max_item_bytes, budget, field
-    )
+    return await asyncio.to_thread(_read_below_root, path, Path(settings.file_root), settings.max_item_bytes, budget, field)
 
 
 def _read_below_root(path: str, root: Path, limit: int, budget: RequestBudget, field: str) -> bytes:

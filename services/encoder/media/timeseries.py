@@ -72,7 +72,6 @@ _RATE_FIELD = "time_series.sampling_rate"
 _FORMAT_FIELD = "time_series.format"
 
 
-
 def sniff_series_format(data: bytes) -> str | None:
     """npy, wav or flac from the magic bytes; None for anything else (maybe CSV text)."""
     if data[:6] == _NPY_MAGIC:

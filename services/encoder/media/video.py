@@ -95,7 +95,6 @@ _MAX_SOURCE_FPS = 1000.0
 _FLOOR_EPS = 1e-6
 
 
-
 def resolve_sampling(settings: Settings, fps: float | None, num_frames: int | None) -> tuple[float, int]:
     """The effective (fps, num_frames) of a request: defaults filled in, bounds checked."""
     if fps is None:
@@ -260,7 +259,9 @@ def _decode(
     grid = sample_times(timeline.duration, fps, min(num_frames, len(timeline.frame_times)))
     ctx = stream.codec_context
     frame_bytes = int(ctx.width or 0) * int(ctx.height or 0) * 3
-    check_decoded_bytes(2 * len(grid) * frame_bytes, settings.media_max_decoded_bytes, field, f"{len(grid)} sampled frames")  # frames + their stack
+    check_decoded_bytes(
+        2 * len(grid) * frame_bytes, settings.media_max_decoded_bytes, field, f"{len(grid)} sampled frames"
+    )  # frames + their stack
     wanted = pick_frames(timeline.frame_times, grid)
     picked = _decode_wanted(timeline, stream, sorted(set(wanted)), settings=settings, budget=budget, field=field)
 

@@ -285,7 +285,9 @@ class QwenFamily(Family):
         """M-RoPE positions [3, 1, L] and the decode-time delta (family-specific)."""
         raise NotImplementedError
 
-    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
+    def prefill_extra(
+        self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
+    ) -> dict[str, Any]:
         """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
         return {}
 

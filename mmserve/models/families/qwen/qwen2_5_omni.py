@@ -39,8 +39,13 @@ class Qwen2_5_Omni(QwenFamily):
     base_modalities = frozenset({IMAGE, VIDEO, AUDIO})
     towers = ("visual", "audio_tower")
     reserved_id_attrs = (
-        "image_token_index", "video_token_index", "audio_token_index", "vision_start_token_id",
-        "vision_end_token_id", "audio_start_token_id", "audio_end_token_id",
+        "image_token_index",
+        "video_token_index",
+        "audio_token_index",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "audio_start_token_id",
+        "audio_end_token_id",
     )
 
     def media_placeholder_token(self, modality: int) -> str:
@@ -73,13 +78,20 @@ class Qwen2_5_Omni(QwenFamily):
         # whole window, at a fraction of the cost; only valid frames reach the tower.
         padded = min(window, math.ceil(samples.shape[0] / extractor.hop_length) * extractor.hop_length + extractor.n_fft)
         features = extractor(
-            [samples], sampling_rate=extractor.sampling_rate, padding="max_length", max_length=padded,
-            truncation=True, return_attention_mask=True, return_tensors="pt",
+            [samples],
+            sampling_rate=extractor.sampling_rate,
+            padding="max_length",
+            max_length=padded,
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         mask = features["attention_mask"]
         length = int(mask.sum())
         placement = embedding_pb2.AudioPlacement(
-            feature_length=length, num_samples=int(samples.shape[0]), sampling_rate=int(extractor.sampling_rate),
+            feature_length=length,
+            num_samples=int(samples.shape[0]),
+            sampling_rate=int(extractor.sampling_rate),
             chunk_feature_lengths=[length],
         )
         return PreparedItem(AUDIO, {"input_features": features["input_features"], "mask": mask}, placement)
@@ -121,7 +133,12 @@ class Qwen2_5_Omni(QwenFamily):
         seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
         lengths = torch.tensor([placement_of(a).feature_length for a in audios], device=self.device) if audios else None
         positions, deltas = self.model.model.get_rope_index(
-            ids, image_grid_thw=self._grid(media.get(IMAGE, [])), video_grid_thw=self._grid(videos),
-            attention_mask=torch.ones_like(ids), use_audio_in_video=False, audio_seqlens=lengths, second_per_grids=seconds,
+            ids,
+            image_grid_thw=self._grid(media.get(IMAGE, [])),
+            video_grid_thw=self._grid(videos),
+            attention_mask=torch.ones_like(ids),
+            use_audio_in_video=False,
+            audio_seqlens=lengths,
+            second_per_grids=seconds,
         )
         return positions, int(deltas.view(-1)[0])

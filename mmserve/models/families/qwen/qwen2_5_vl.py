@@ -16,7 +16,10 @@ class Qwen2_5_VL(QwenFamily):
         videos = media.get(VIDEO, [])
         seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
         positions, deltas = self.model.model.get_rope_index(
-            ids, self._types(ids), image_grid_thw=self._grid(media.get(IMAGE, [])),
-            video_grid_thw=self._grid(videos), second_per_grid_ts=seconds,
+            ids,
+            self._types(ids),
+            image_grid_thw=self._grid(media.get(IMAGE, [])),
+            video_grid_thw=self._grid(videos),
+            second_per_grid_ts=seconds,
         )
         return positions, int(deltas.view(-1)[0])

@@ -66,7 +66,9 @@ class Qwen3_VL(QwenFamily):
         )
         return positions, int(deltas.view(-1)[0])
 
-    def prefill_extra(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor) -> dict[str, Any]:
+    def prefill_extra(
+        self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
+    ) -> dict[str, Any]:
         visual = [m for m in (IMAGE, VIDEO) if media.get(m)]
         if not visual:
             return {}

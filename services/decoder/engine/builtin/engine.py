@@ -98,14 +98,21 @@ class TransformersEngine(Engine):
         self.capacity = kv_budget_tokens(settings, self.shape, self.context_limit)
         self.prefix = PrefixCache(settings.prefix_cache_block_tokens) if settings.prefix_cache else None
         self.scheduler = Scheduler(
-            family, self.shape, self.capacity, prefill_chunk_tokens=settings.prefill_chunk_tokens, prefix=self.prefix,
+            family,
+            self.shape,
+            self.capacity,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            prefix=self.prefix,
             threads=model_threads(settings, family),
         )
         self._placeholders = family.placeholder_token_ids()
         log.info(
             "KV cache budget: %d tokens (%.1f MiB, %d bytes per token); prefix cache %s; model threads %s",
-            self.capacity, self.capacity * self.shape.bytes_per_token / 2**20, self.shape.bytes_per_token,
-            "on" if self.prefix else "off", self.scheduler.threads or torch.get_num_threads(),
+            self.capacity,
+            self.capacity * self.shape.bytes_per_token / 2**20,
+            self.shape.bytes_per_token,
+            "on" if self.prefix else "off",
+            self.scheduler.threads or torch.get_num_threads(),
         )
 
     async def start(self) -> None:
@@ -154,7 +161,9 @@ class TransformersEngine(Engine):
                     stored = next(items)
                     desc = stored.descriptor
                     left = int(desc.token_count)
-                    key = media_token_key(f"{desc.content_sha256}|{desc.options_json}|{desc.modality}|{desc.id if not desc.content_sha256 else ''}")
+                    key = media_token_key(
+                        f"{desc.content_sha256}|{desc.options_json}|{desc.modality}|{desc.id if not desc.content_sha256 else ''}"
+                    )
                 out.append(key)
                 left -= 1
             else:
@@ -209,9 +218,13 @@ class TransformersEngine(Engine):
         if not (sampling.penalized or request.grammar):
             return None
         return LogitsProcessors(
-            sampling, vocab_size=self.family.text_config.vocab_size, eos=eos,
-            prompt_ids=request.prompt.inputs.input_ids[0].tolist(), grammar=request.grammar,
-            tokenizer=self.family.tokenizer, device=self.family.device,
+            sampling,
+            vocab_size=self.family.text_config.vocab_size,
+            eos=eos,
+            prompt_ids=request.prompt.inputs.input_ids[0].tolist(),
+            grammar=request.grammar,
+            tokenizer=self.family.tokenizer,
+            device=self.family.device,
         )
 
     def abort(self, request_id: str) -> None:

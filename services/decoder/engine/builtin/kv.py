@@ -80,7 +80,9 @@ class BatchKV:
         self.rows = rows
         self.starts = [row.length for row in rows]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         q_len = key_states.shape[2]
         keys, values = [], []
         for b, (row, start) in enumerate(zip(self.rows, self.starts, strict=True)):
@@ -105,7 +107,9 @@ class BatchKV:
         return False
 
 
-def prefill_mask(q_len: int, kv_len: int, device: torch.device, *, window: int | None = None, groups: torch.Tensor | None = None) -> torch.Tensor | None:
+def prefill_mask(
+    q_len: int, kv_len: int, device: torch.device, *, window: int | None = None, groups: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """[1, 1, q, kv] bool for a prompt chunk whose query i sits at kv position kv_len - q_len + i; None: plain causal.
 
     As transformers' masks for the same model: (causal OR same group) AND inside the window, where the

@@ -38,8 +38,15 @@ class LogitsProcessors:
     """See the module docstring; `bool(self)` is False when the request sets no processor."""
 
     def __init__(
-        self, config: SamplingConfig, *, vocab_size: int, eos: frozenset[int], prompt_ids: list[int],
-        grammar: str | None, tokenizer: Any, device: torch.device,
+        self,
+        config: SamplingConfig,
+        *,
+        vocab_size: int,
+        eos: frozenset[int],
+        prompt_ids: list[int],
+        grammar: str | None,
+        tokenizer: Any,
+        device: torch.device,
     ) -> None:
         n = config.n
         self.config = config

@@ -102,7 +102,9 @@ def structured_outputs(grammar: str) -> Any:
             return StructuredOutputsParams(json=part["json_schema"])
         if part.get("lark_grammar") is not None and part.get("json_schema") is None:
             return StructuredOutputsParams(grammar=part["lark_grammar"])
-    raise FailedPrecondition("the vllm engine cannot take this grammar: only one JSON schema or one Lark grammar", field="sampling.guidance")
+    raise FailedPrecondition(
+        "the vllm engine cannot take this grammar: only one JSON schema or one Lark grammar", field="sampling.guidance"
+    )
 
 
 def engine_logprob(token: int, position: dict[int, Any], top: int) -> Logprob:
@@ -121,11 +123,15 @@ class VllmEngine(Engine):
     def __init__(self, family: Family, model_path: str, settings: Settings) -> None:
         supported = SUPPORTED.get(family.name)
         if supported is None:
-            raise FailedPrecondition(f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model")
+            raise FailedPrecondition(
+                f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model"
+            )
         supported |= family.modalities & {TIME_SERIES}  # as prompt embeddings
         refused = sorted(BY_PROTO[m].name for m in family.modalities - supported)
         family.modalities = family.modalities & supported
-        family.modality_note = "; ".join(f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused)
+        family.modality_note = "; ".join(
+            f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused
+        )
         self.family = family
         self.model_path = model_path
         self.settings = settings
