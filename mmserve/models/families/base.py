@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import media_pb2
 from mmserve.decoded import DecodedMedia, DecodedSeries
-from mmserve.errors import InvalidArgument
+from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor, StoredEmbedding
 
@@ -255,13 +255,39 @@ class Family(ABC):
             raise NotImplementedError(f"{self.name} cannot prefill in chunks with extras {sorted(extra)}")
         return extra
 
-    @abstractmethod
+    @torch.inference_mode()
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab]."""
+        """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab].
 
-    @abstractmethod
+        transformers' multimodal models all hold their LLM as `model.model.language_model` and its head as
+        `model.lm_head`; a family adds keyword arguments of its own through `language_model_kwargs`.
+        """
+        model: Any = self.model  # reached by attribute, which torch's Module typing cannot follow
+        if model is None:
+            raise FailedPrecondition(f"{self.name}: this part of the model does not run the LLM", field="model")
+        out = model.model.language_model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True,
+            **self.language_model_kwargs(), **extra,
+        )  # fmt: skip
+        logits: torch.Tensor = model.lm_head(out.last_hidden_state[:, -1]).float()
+        return logits
+
+    def language_model_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of every LLM call (none by default)."""
+        return {}
+
+    def token_embeddings(self) -> torch.nn.Module:
+        """The token embedding table: the model's, or the prompt part's own (read for time-series prompts)."""
+        model: Any = self.model
+        table = self.input_embeddings if model is None else model.get_input_embeddings()
+        if not isinstance(table, torch.nn.Module):
+            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
+        return table
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `ids` ([batch, len])."""
+        out: torch.Tensor = self.token_embeddings()(ids)
+        return out
 
     def render(self, prompt: ChatPrompt) -> str:
         """The prompt text: the chat template over the messages (and tools), or a completion prompt as is."""

@@ -195,24 +195,12 @@ class Gemma3(Family):
     def placeholder_token_ids(self) -> frozenset[int]:
         return frozenset(self._spliced_id(m) for m in self.modalities)
 
-    @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        model = self._loaded
-        out = model.model.language_model(
-            inputs_embeds=inputs_embeds,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            attention_mask=dict(ENGINE_MASKS),
-            **extra,
-        )
-        return model.lm_head(out.last_hidden_state[:, -1]).float()
+    def language_model_kwargs(self) -> dict[str, Any]:
+        """The engine's attention builds the masks (blocks, windows): transformers need not."""
+        return {"attention_mask": dict(ENGINE_MASKS)}
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The scaled token embeddings; an image token outside the vocabulary embeds as id 0, as the reference does."""
-        table = self.input_embeddings if self.model is None else self.model.get_input_embeddings()
-        if table is None:
-            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
         if self._image_token_id >= int(self.text_config.vocab_size):
             ids = ids.masked_fill(ids == self._image_token_id, 0)
-        return table(ids)
+        return super().embed_tokens(ids)

@@ -297,16 +297,3 @@ class QwenFamily(Family):
 
     def placeholder_token_ids(self) -> frozenset[int]:
         return frozenset(int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(m))) for m in self.modalities)
-
-    @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True, **extra
-        )
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.input_embeddings if self.model is None else self.model.get_input_embeddings()
-        if table is None:
-            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
-        return table(ids)

@@ -37,7 +37,7 @@ import torch
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.decoded import DecodedAudio, DecodedMedia
-from mmserve.errors import FailedPrecondition, InvalidArgument
+from mmserve.errors import InvalidArgument
 from mmserve.modality import ModalityValue
 from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.tensors import from_raw, to_raw
@@ -251,20 +251,6 @@ class Voxtral(Family):
 
     def placeholder_token_ids(self) -> frozenset[int]:
         return frozenset({self.audio_token_id})
-
-    @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
-        out = self.model.model.language_model(
-            inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=cache, use_cache=True, **extra
-        )
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.input_embeddings if self.model is None else self.model.get_input_embeddings()
-        if table is None:
-            raise FailedPrecondition(f"{self.name}: this part of the model has no token embeddings", field="model")
-        out: torch.Tensor = table(ids)
-        return out
 
     @property
     def text_config(self) -> Any:
