@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -11,6 +12,7 @@ from mmserve.api.decoder.v1 import decoder_service_pb2, decoder_service_pb2_grpc
 from mmserve.cli import role_arguments
 from mmserve.config import Settings
 from mmserve.models.loading import load_model
+from mmserve.models.threads import confine_torch_threads, in_passing_thread
 from mmserve.rpc.server import StartedService, run_service, start_server
 from mmserve.store import EmbeddingStore
 from services.decoder.engine import make_engine, model_part
@@ -37,7 +39,8 @@ async def start(settings: Settings) -> StartedService:
         register=register,
         service_names=[SERVICE_NAME],
     )
-    model = await asyncio.to_thread(load_model, settings, part=model_part(settings))
+    confine_torch_threads(asyncio.get_running_loop())
+    model = await in_passing_thread(functools.partial(load_model, settings, part=model_part(settings)))
     engine = make_engine(model, settings)
     await engine.start()
     servicer.attach(model, engine, MediaResolver(store, encoder, model.fingerprint, cache_bytes=settings.decoder_cache_bytes))

@@ -32,11 +32,11 @@ _Pending = tuple[PreparedItem, "asyncio.Future[EncodedItem]"]
 class Batcher:
     """Per-modality queues feeding one tower thread."""
 
-    def __init__(self, run: RunBatch, *, max_batch: int, wait_s: float) -> None:
+    def __init__(self, run: RunBatch, *, max_batch: int, wait_s: float, executor: ThreadPoolExecutor) -> None:
         self._run = run
         self._max_batch = max(1, max_batch)
         self._wait_s = max(0.0, wait_s)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mmserve-tower")
+        self._executor = executor  # the process's model thread (mmserve.models.threads)
         self._queues: dict[int, asyncio.Queue[_Pending]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
         self.batches_run = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -11,6 +12,7 @@ from mmserve.api.encoder.v1 import encoder_service_pb2, encoder_service_pb2_grpc
 from mmserve.cli import role_arguments
 from mmserve.config import Settings
 from mmserve.models.loading import load_model
+from mmserve.models.threads import confine_torch_threads, in_passing_thread, model_executor
 from mmserve.rpc.server import StartedService, run_service, start_server
 from mmserve.store import EmbeddingStore
 from mmserve.store.size import register_store_size
@@ -39,9 +41,12 @@ async def start(settings: Settings) -> StartedService:
         register=register,
         service_names=[SERVICE_NAME],
     )
-    model = await asyncio.to_thread(load_model, settings, part="encoder")
-    await asyncio.to_thread(model.family.warmup)
-    pipeline = EncoderPipeline(settings, model, store, fetcher)
+    loop = asyncio.get_running_loop()
+    confine_torch_threads(loop)
+    model = await in_passing_thread(functools.partial(load_model, settings, part="encoder"))
+    tower = model_executor("mmserve-tower")
+    await loop.run_in_executor(tower, model.family.warmup)
+    pipeline = EncoderPipeline(settings, model, store, fetcher, tower)
     servicer.attach(pipeline)
     log.info("encoder SERVING %s on port %d", model.served_name, server.port)
     return StartedService(server, [pipeline.close, fetcher.aclose, store.aclose], probe=store.probe, servicer=servicer)

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +79,18 @@ class _Job:
 class EncoderPipeline:
     """Encodes batches of MediaInput for one loaded model."""
 
-    def __init__(self, settings: Settings, model: LoadedModel, store: EmbeddingStore, fetcher: GuardedFetcher) -> None:
+    def __init__(
+        self, settings: Settings, model: LoadedModel, store: EmbeddingStore, fetcher: GuardedFetcher, tower: ThreadPoolExecutor
+    ) -> None:
+        """`tower`: the process's model thread (`mmserve.models.threads.model_executor`), which runs every tower call."""
         self.settings = settings
         self.model = model
         self.family = model.family
         self.store = store
         self.fetcher = fetcher
-        self.batcher = Batcher(self.family.encode, max_batch=settings.encoder_max_batch, wait_s=settings.encoder_batch_wait_ms / 1000)
+        self.batcher = Batcher(
+            self.family.encode, max_batch=settings.encoder_max_batch, wait_s=settings.encoder_batch_wait_ms / 1000, executor=tower
+        )
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -19,6 +19,7 @@ from mmserve.config import Settings
 from mmserve.errors import InvalidArgument, Reason, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
 from mmserve.models.families import ChatPrompt, Family
+from mmserve.models.threads import DEFAULT_THREADS
 from mmserve.rpc.metadata import tenant_var
 from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
@@ -112,7 +113,7 @@ class TransformersEngine(Engine):
             self.capacity * self.shape.bytes_per_token / 2**20,
             self.shape.bytes_per_token,
             "on" if self.prefix else "off",
-            self.scheduler.threads or torch.get_num_threads(),
+            self.scheduler.threads or DEFAULT_THREADS,
         )
 
     async def start(self) -> None:

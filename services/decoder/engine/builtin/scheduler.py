@@ -33,6 +33,7 @@ from mmserve.metrics import (
     PREFIX_CACHE_QUERIES,
 )
 from mmserve.models.families import Family, PrefillInputs
+from mmserve.models.threads import DEFAULT_THREADS, set_thread_torch_threads
 from services.decoder.engine.base import EngineRequest, Logprob, StepOutput
 from services.decoder.engine.builtin.kv import GROUPS_KWARG, BatchKV, KVShape, SequenceKV
 from services.decoder.engine.builtin.prefix import PrefixCache
@@ -119,7 +120,7 @@ class Scheduler:
         self.chunk = prefill_chunk_tokens
         self.prefix = prefix
         self.threads = threads  # intra-op threads of the loop thread for decode steps (None: torch's default)
-        self.prefill_threads = torch.get_num_threads()  # a prompt's forward is wide enough to use every core
+        self.prefill_threads = DEFAULT_THREADS  # a prompt's forward is wide enough to use every core
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -169,8 +170,7 @@ class Scheduler:
 
     # --- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        set_thread_torch_threads(self.threads)  # the process's model thread (mmserve.models.threads)
         with torch.inference_mode():
             while not self._stop:
                 self._wake.wait()
