@@ -222,6 +222,10 @@ class Settings(BaseSettings):
         True,
         description="On CPU, run the language model's linear layers through oneDNN: a row's result no longer depends on the batch, and decode batches run faster (docs/engine.md).",
     )
+    patch_embed_matmul: bool = Field(
+        True,
+        description="Run the vision towers' patch convolutions (kernel = stride) as one matmul: ~4x faster on CPU, equal up to float rounding (mmserve/models/patch_embed.py).",
+    )
     onednn_min_weights: int = Field(
         1 << 18, ge=0, description="Linear layers with fewer weights stay on MKL (oneDNN's per-call cost would exceed their product)."
     )

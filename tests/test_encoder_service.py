@@ -48,8 +48,18 @@ def encoder(inprocess: InProcessServices, redis_server: LocalRedis) -> Iterator[
 
 @pytest.fixture(scope="module")
 def encoder_process(start_service: StartService, redis_server: LocalRedis) -> RunningService:
-    """The same encoder as a `mmserve encoder` process (for what needs the process: its peak memory, its own torch threads)."""
-    return start_service("encoder", redis_url=redis_server.url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", MMSERVE_MAX_ITEM_BYTES=str(4 * MiB))
+    """The same encoder as a `mmserve encoder` process (for what needs the process: its peak memory, its own torch threads).
+
+    Its patch embeddings stay convolutions, as in transformers, so that its embeddings can be compared bit for bit;
+    the in-process encoder runs the default (matmuls, equal within float rounding: the tolerance test below).
+    """
+    return start_service(
+        "encoder",
+        redis_url=redis_server.url,
+        MMSERVE_FETCH_ALLOW_LOOPBACK="true",
+        MMSERVE_MAX_ITEM_BYTES=str(4 * MiB),
+        MMSERVE_PATCH_EMBED_MATMUL="false",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +152,10 @@ def test_batched_embeddings_match_reference_within_tolerance(encoder: InProcessS
             concurrent = list(pool.map(lambda p: stub.Encode(pb.EncodeRequest(items=[image_item(p)])).results[0], pngs[2:]))
     for png, result in zip(pngs, [*one_call, *concurrent], strict=True):
         got = as_array(stored_embedding(redis_url, result.embedding.id).tensors[0])
-        np.testing.assert_allclose(got, reference_embedding(reference, png), rtol=1e-4, atol=1e-5)
+        want = reference_embedding(reference, png)
+        # Float rounding only: batching and the patch matmul (mmserve/models/patch_embed.py) reorder sums, and the
+        # difference grows through the tower's layers; bounded relative to the tensor's own scale (seen: 3e-6).
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_same_image_twice_same_id_and_no_model_run(encoder: InProcessService, redis_url: str) -> None:

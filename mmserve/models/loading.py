@@ -14,6 +14,7 @@ from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition
 from mmserve.models.families import Family, families, family_for
 from mmserve.models.fingerprint import model_fingerprint
+from mmserve.models.patch_embed import patch_convs_as_linear
 from mmserve.models.source import ModelSource, resolve_model
 from mmserve.models.tensors import TORCH_TO_PROTO, dtype_name
 
@@ -59,6 +60,8 @@ def load_model(settings: Settings, *, part: str) -> LoadedModel:
     dtype: torch.dtype | str = _DTYPES.get(settings.dtype, "auto") if settings.dtype != "auto" else "auto"
     family = family_cls.load(str(source.path), dtype=dtype, device=settings.device, part=part)
     family.attach_time_series(source.path, part)  # whatever the family: the adapter, if the checkpoint carries one
+    if part == "encoder" and family.model is not None and settings.patch_embed_matmul:
+        log.info("patch embeddings as matmuls: %d", patch_convs_as_linear(family.model))
     fingerprint = model_fingerprint(source.path, family=family_cls.name, dtype=dtype_name(family.dtype), revision=source.revision)
     served = settings.served_model_name or ("mmserve-tiny-random" if source.random_weights else settings.model)
     if source.random_weights:
