@@ -70,8 +70,11 @@ async def gateway(request: Request) -> Gateway:
     return state.gateway
 
 
-def tenant(request: Request) -> str:
-    """The caller's tenant, from its API key when keys are configured (mmserve/tenancy.py); the store scopes every id to it."""
+async def tenant(request: Request) -> str:
+    """The caller's tenant, from its API key when keys are configured (mmserve/tenancy.py); the store scopes every id to it.
+
+    async although it awaits nothing: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request.
+    """
     keys: ApiKeys = request.app.state.api_keys
     if not keys.required:
         return keys.default_tenant
