@@ -57,7 +57,7 @@ def patch_convs_as_linear(model: nn.Module) -> int:
 def _is_patch_conv(conv: nn.Conv2d | nn.Conv3d) -> bool:
     return (
         tuple(conv.kernel_size) == tuple(conv.stride)
-        and (conv.padding == "valid" or all(p == 0 for p in conv.padding))  # type: ignore[union-attr]
+        and (conv.padding == "valid" or all(p == 0 for p in conv.padding))
         and all(d == 1 for d in conv.dilation)
         and conv.groups == 1
         and conv.padding_mode == "zeros"

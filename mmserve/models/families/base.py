@@ -101,6 +101,11 @@ class Family(ABC):
     modality_note: str = ""
     #: How this family's models call tools (None: they do not).
     tool_call_format: ClassVar[ToolCallFormat | None] = None
+    #: Modalities the vLLM engine takes from this family as precomputed embeddings (`vllm_mm_data`); empty: the
+    #: vllm engine refuses the family. Time series reach vLLM as prompt embeddings whatever the family.
+    vllm_modalities: ClassVar[frozenset[ModalityValue]] = frozenset()
+    #: Why vLLM refuses the family's other modalities (name -> reason), for the 400 that names them.
+    vllm_refused_why: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self, model: torch.nn.Module | None, processor: Any, config: PretrainedConfig, *,
@@ -248,6 +253,11 @@ class Family(ABC):
     @abstractmethod
     def placeholder_token_ids(self) -> frozenset[int]:
         """Token ids that stand for media in a prompt (their KV depends on the item, not the id)."""
+
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+        """vLLM's `multi_modal_data` entry for a prompt's items of one of `vllm_modalities`, in prompt order:
+        the tensors vLLM's own tower would hand its language model (plain tensors and lists, no vLLM import)."""
+        raise NotImplementedError(f"{self.name} has no vLLM embedding inputs")
 
     def slice_extra(self, extra: dict[str, Any], ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
         """The prefill extras for prompt tokens [start, end) (chunked prefill, prefix-cache hits)."""

@@ -30,7 +30,7 @@ from PIL import Image
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.decoded import DecodedMedia, DecodedVideo
 from mmserve.errors import FailedPrecondition, InvalidArgument
-from mmserve.modality import ModalityValue
+from mmserve.modality import ModalityValue, name_of
 from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
@@ -59,6 +59,7 @@ class QwenFamily(Family):
 
     model_class: ClassVar[str]
     base_modalities: ClassVar[frozenset[ModalityValue]] = frozenset({IMAGE, VIDEO})
+    vllm_modalities: ClassVar[frozenset[ModalityValue]] = frozenset({IMAGE, VIDEO})
     #: The transformers model: its towers, rope index and LLM are reached by attribute, which torch's typing of
     #: modules (every attribute a Tensor or a Module) cannot follow.
     model: Any
@@ -182,6 +183,22 @@ class QwenFamily(Family):
                 for i, item in enumerate(batch)
             ]
         return self._encode_other(modality, batch)
+
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+        """An item's `image_embeds`/`video_embeds` [tokens, hidden] with its grid; videos also their seconds per grid (M-RoPE)."""
+        name = name_of(modality)
+        placements = [placement_of(s) for s in items]
+        entry: dict[str, Any] = {
+            f"{name}_embeds": torch.cat([self._vllm_features(s) for s in items]),
+            f"{name}_grid_thw": torch.tensor([list(p.grid_thw) for p in placements], dtype=torch.long),
+        }
+        if modality == VIDEO:
+            entry["second_per_grid_ts"] = torch.tensor([float(p.second_per_grid or 1.0) for p in placements])
+        return entry
+
+    def _vllm_features(self, stored: StoredEmbedding) -> torch.Tensor:
+        """The features vLLM's tower would return for the item."""
+        return from_raw(stored.tensor("embeddings"), torch.device("cpu"))
 
     def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         raise InvalidArgument("unsupported modality", field="modality")

@@ -14,7 +14,7 @@ the real checkpoints) is refused, never silently cut.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +37,9 @@ class Qwen2_5_Omni(QwenFamily):
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")  # a thinker-only checkpoint too
     model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
     base_modalities = frozenset({IMAGE, VIDEO, AUDIO})
+    vllm_refused_why: ClassVar[dict[str, str]] = {
+        "audio": "vLLM takes this family's audio only as mel features for its own audio tower, not as embeddings"
+    }
     towers = ("visual", "audio_tower")
     reserved_id_attrs = (
         "image_token_index",

@@ -43,6 +43,20 @@ class Qwen3_VL(QwenFamily):
         layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
         return (*names, *(f"deepstack.{k}" for k in range(layers))) if names else names
 
+    def _vllm_features(self, stored: StoredEmbedding) -> torch.Tensor:
+        """The deepstack features concatenated after the main ones on the last axis, as vLLM's tower returns them."""
+        deepstack = sorted((t for t in stored.tensors if t.name.startswith("deepstack.")), key=lambda t: int(t.name.split(".")[1]))
+        cpu = torch.device("cpu")
+        return torch.cat([from_raw(stored.tensor("embeddings"), cpu), *(from_raw(t, cpu) for t in deepstack)], dim=-1)
+
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+        """Videos also carry the time of each temporal block, from which vLLM writes the `<t seconds>` text
+        (the times the built-in engine writes, from the same stored frame times)."""
+        entry = super().vllm_mm_data(modality, items)
+        if modality == VIDEO:
+            entry["timestamps"] = [torch.tensor(self.block_times(p)[: p.grid_thw[0]]) for p in (placement_of(s) for s in items)]
+        return entry
+
     def block_times(self, placement: Any) -> list[float]:
         """Mean time of the first and last frame of every temporal block (the processor's rule)."""
         times = list(placement.frame_timestamps)

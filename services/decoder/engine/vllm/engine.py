@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
 from mmserve.errors import FailedPrecondition, InvalidArgument, Reason, Unavailable
 from mmserve.metrics import KV_CACHE_TOKENS, KV_CACHE_USAGE, RUNNING, WAITING
@@ -37,8 +38,9 @@ from mmserve.store import StoredEmbedding
 from services.decoder.conversation import SamplingConfig
 from services.decoder.engine.base import MIN_LOGPROB, Admission, Engine, EngineRequest, EngineStats, Logprob, StepOutput
 from services.decoder.engine.outputs import RequestOutput
-from services.decoder.engine.vllm.inputs import REFUSED_WHY, SUPPORTED, TIME_SERIES, VllmMedia, vllm_media
+from services.decoder.engine.vllm.inputs import VllmMedia, vllm_media
 
+TIME_SERIES = media_pb2.MODALITY_TIME_SERIES
 log = logging.getLogger("mmserve.decoder.engine")
 
 
@@ -121,16 +123,15 @@ class VllmEngine(Engine):
     """See the module docstring. `family` is the "prompt" part: processor and config, no weights."""
 
     def __init__(self, family: Family, model_path: str, settings: Settings) -> None:
-        supported = SUPPORTED.get(family.name)
-        if supported is None:
+        if not family.vllm_modalities:
             raise FailedPrecondition(
                 f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model"
             )
-        supported |= family.modalities & {TIME_SERIES}  # as prompt embeddings
+        supported = family.vllm_modalities | (family.modalities & {TIME_SERIES})  # time series as prompt embeddings
         refused = sorted(BY_PROTO[m].name for m in family.modalities - supported)
         family.modalities = family.modalities & supported
         family.modality_note = "; ".join(
-            f"{name} is refused with the vllm engine: {REFUSED_WHY.get(name, 'not supported')}" for name in refused
+            f"{name} is refused with the vllm engine: {family.vllm_refused_why.get(name, 'not supported')}" for name in refused
         )
         self.family = family
         self.model_path = model_path
