@@ -10,9 +10,9 @@ commands) stays in the process-level tests (conftest.py's `start_service`).
 
 One process has one Prometheus registry: every in-process service is scraped at the
 same /metrics (counters are labelled by service; the decoder engine's unlabelled gauges
-follow the engine started last, see `InProcessService.own_gauges`). One process also has
-one torch intra-op thread setting, which the decoder engine changes: a bit-for-bit
-comparison with a reference computed in the test thread needs a service process.
+follow the engine started last, see `InProcessService.own_gauges`). The services set
+torch's intra-op thread count only for their own threads (mmserve.models.threads), so
+a reference computed in the test thread runs as in a fresh process.
 """
 
 from __future__ import annotations

@@ -17,20 +17,6 @@ from mmserve.api.encoder.v1 import encoder_service_pb2_grpc
 from mmserve.errors import MmserveError, from_rpc_error
 from mmserve.samples import data_url, png_bytes  # noqa: F401 - re-exported for the tests
 
-#: torch's intra-op thread count in a fresh process, read at import (during collection: before any in-process decoder runs).
-FRESH_THREADS = torch.get_num_threads()
-
-
-@contextmanager
-def fresh_process_threads() -> Iterator[None]:
-    """Run the block with a fresh process's torch thread count (an in-process decoder engine changes it for the whole process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(FRESH_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def image_item(data: bytes | None = None, *, url: str | None = None, uuid: str = "", **options: object) -> media_pb2.MediaInput:
     source = media_pb2.MediaSource(url=url) if url is not None else media_pb2.MediaSource(data=data or b"")
@@ -100,7 +86,6 @@ class Reference:
 
     def generate(self, conversation: list[dict], images: list[bytes] = (), max_new_tokens: int = 24) -> tuple[list[int], str]:  # type: ignore[assignment]
         """Greedy `model.generate(**processor(...), do_sample=False)`: (new token ids without EOS, decoded text)."""
-        import torch
 
         if self.family == "voxtral":  # mistral_common encodes the chat itself: its text form does not re-tokenize
             inputs = self.processor.apply_chat_template(conversation)

@@ -33,7 +33,7 @@ from mmserve.rpc.metadata import TENANT_KEY
 from mmserve.store import EmbeddingStore, RawTensor, StoredEmbedding, content_id
 from tests.conftest import MediaServer, RunningService, StartService
 from tests.inprocess import InProcessService, InProcessServices
-from tests.support import encoder_stub, fresh_process_threads, image_item, png_bytes, redis_keys, rpc_error, scrape
+from tests.support import encoder_stub, image_item, png_bytes, redis_keys, rpc_error, scrape
 
 MiB = 1024 * 1024
 
@@ -88,11 +88,12 @@ def reference(tiny_checkpoint: Path) -> tuple[Any, Any]:
 
 
 def reference_embedding(reference: tuple[Any, Any], png: bytes) -> np.ndarray:
-    """The monolithic path: processor -> get_image_features, as transformers does inside generate() (with a fresh process's threads)."""
+    """The monolithic path: processor -> get_image_features, as transformers does inside generate() (in the test
+    thread, whose torch thread count no in-process service changes: mmserve.models.threads)."""
     model, processor = reference
     image = Image.open(io.BytesIO(png)).convert("RGB")
     inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
-    with torch.inference_mode(), fresh_process_threads():
+    with torch.inference_mode():
         out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     return out[0].numpy()
 

@@ -15,6 +15,13 @@ scheduler) runs torch with `threads`; every other thread that may touch torch
 (the event loop, `asyncio.to_thread` workers) runs it with one thread, which
 creates no team; work that precedes the model thread (loading) runs in a
 thread that exits afterwards and takes its team with it.
+
+The count is set with OpenMP's own per-thread call (through threadpoolctl),
+never with `torch.set_num_threads`: besides the calling thread's OpenMP count,
+that one stores a process-wide default and resizes torch's process-wide
+pthreadpool, so helper threads starting up while the model thread runs would
+keep resizing a pool under it. MKL and oneDNN follow the calling thread's
+OpenMP count, as torch's own parallel loops do.
 """
 
 from __future__ import annotations
@@ -27,21 +34,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from threadpoolctl import ThreadpoolController
 
 T = TypeVar("T")
 
 #: torch's own default (OMP_NUM_THREADS, else the cores this process may use), read before anything changes it.
 DEFAULT_THREADS = torch.get_num_threads()
+#: The OpenMP runtime torch loaded (found once: a lookup scans every loaded library, ~1 ms).
+_OPENMP = ThreadpoolController().select(user_api="openmp")
 
 
 def set_thread_torch_threads(threads: int | None) -> None:
-    """Intra-op threads for the calling thread (None: torch's default); an OpenMP setting is per thread.
+    """Intra-op threads for the calling thread alone (None: torch's default).
 
-    torch sets a thread's count lazily, at its first parallel op, from the value last set by any thread;
-    `get_num_threads` forces that first, so the count set here is not overwritten later.
+    torch sets a thread's OpenMP count lazily, at its first parallel op; `get_num_threads` runs that first,
+    so the count set here is not overwritten later.
     """
     torch.get_num_threads()
-    torch.set_num_threads(threads or DEFAULT_THREADS)
+    _OPENMP.limit(limits=threads or DEFAULT_THREADS)
 
 
 def model_executor(name: str, threads: int | None = None) -> ThreadPoolExecutor:

@@ -292,11 +292,11 @@ class Scheduler:
         if narrow is None or narrow >= self.prefill_threads or tokens < WIDE_FORWARD_TOKENS:
             yield
             return
-        torch.set_num_threads(self.prefill_threads)
+        set_thread_torch_threads(self.prefill_threads)
         try:
             yield
         finally:
-            torch.set_num_threads(narrow)
+            set_thread_torch_threads(narrow)
 
     def _forward_prompt(self, job: Job, start: int, end: int) -> torch.Tensor:
         inputs = job.prompt.inputs
