@@ -383,6 +383,9 @@ class EncoderPipeline:
             options_json=job.options_json,
         )
         getattr(desc, job.kind.field).CopyFrom(encoded.placement)
+        family = self.family.family_placement(job.modality, encoded.placement)
+        if family is not None:
+            desc.family_placement.Pack(family)
         return desc
 
 

@@ -1,7 +1,8 @@
 """Model families, chosen from the checkpoint's `config.model_type`.
 
 A family is one class with two halves sharing one definition of the model:
-the encoder half (preprocess -> modality tower -> embedding + placement) and
+the encoder half (a table of modality handlers: preprocess -> modality tower ->
+embedding + placement) and
 the decoder half (placeholder expansion, position ids, embedding splice).
 Any family also takes time series when its checkpoint carries the
 time-series adapter (`time_series/`). Families are found through the
@@ -11,7 +12,7 @@ from another installed package.
 
 from __future__ import annotations
 
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, MediaHandler, PrefillInputs, PreparedItem
 from mmserve.models.families.registry import families, family_for
 
-__all__ = ["ChatPrompt", "EncodedItem", "Family", "PrefillInputs", "PreparedItem", "families", "family_for"]
+__all__ = ["ChatPrompt", "EncodedItem", "Family", "MediaHandler", "PrefillInputs", "PreparedItem", "families", "family_for"]

@@ -1,25 +1,29 @@
 """What every model family provides to the encoder and decoder services.
 
-The base class also attaches what any family can take through it: the
-time-series adapter a checkpoint carries (`time_series/`). `prepare`,
-`encode`, `chat_part`, `placeholder_token` and `reserved_strings` route time
-series to the adapter and the rest to the family's own `*_media` methods, so a
-family folder implements only its own media.
+The encoder half is a table of modality handlers (`MediaHandler`: options,
+preprocessing, tower, client-embedding placement), one row per modality the
+family takes, so a family says what it does per modality in one place and the
+services never branch on a family. The base class adds what any family can
+take through it: the time-series adapter a checkpoint carries
+(`time_series/`) is one more row, and `chat_part`, `placeholder_token` and
+`reserved_strings` route time series to it and the rest to the family's own
+`*_media` methods, so a family folder implements only its own media.
 """
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import media_pb2
-from mmserve.decoded import DecodedMedia, DecodedSeries
+from mmserve.decoded import DecodedMedia
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor, StoredEmbedding
@@ -86,6 +90,45 @@ class EncodedItem:
     placement: Message
 
 
+def no_options(item: media_pb2.MediaInput) -> dict[str, Any]:
+    """A modality whose preprocessing takes no per-item option."""
+    return {}
+
+
+@dataclass(frozen=True)
+class MediaHandler:
+    """One modality of a family's encoder half.
+
+    `options` gives the processing options an item will really get (defaults
+    filled, clamped; they are part of its content id); `prepare` turns decoded
+    media into tower inputs (CPU, no model); `encode` runs the tower on a batch,
+    one result per item in order. A modality that takes client-supplied
+    embeddings names the tensors they must carry (`client_tensors`, "embeddings"
+    first) and checks their placement (`client_placement(embeds, tokens)`,
+    errors naming fields under source.embeds).
+    """
+
+    prepare: Callable[[DecodedMedia, dict[str, Any]], PreparedItem]
+    encode: Callable[[list[PreparedItem]], list[EncodedItem]]
+    options: Callable[[media_pb2.MediaInput], dict[str, Any]] = no_options
+    client_tensors: tuple[str, ...] = ("embeddings",)
+    client_placement: Callable[[media_pb2.EmbeddingInput, int], Message] | None = None
+
+
+M = TypeVar("M")
+
+
+def taking(kind: type[M], prepare: Callable[[M, dict[str, Any]], PreparedItem]) -> Callable[[DecodedMedia, dict[str, Any]], PreparedItem]:
+    """A handler's `prepare` for media decoded as `kind` (what the encoder's decoder makes of the modality)."""
+
+    def checked(media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+        if not isinstance(media, kind):
+            raise InvalidArgument(f"expected {kind.__name__} media, got {type(media).__name__}", field="modality")
+        return prepare(media, options)
+
+    return checked
+
+
 class Family(ABC):
     """A model family: loads its checkpoint and knows both halves of the split."""
 
@@ -134,6 +177,7 @@ class Family(ABC):
             return
         self.time_series = support
         self.modalities = self.modalities | {TIME_SERIES}
+        self.__dict__.pop("handlers", None)  # the table gains the time-series row
         if part == "prompt" and self.model is None:  # another engine runs the LLM: a time-series prompt goes as embeddings
             self.input_embeddings = load_input_embeddings(Path(path), self.dtype)
 
@@ -165,36 +209,51 @@ class Family(ABC):
 
     # --- encoder half ----------------------------------------------------------
     @abstractmethod
+    def media_handlers(self) -> dict[int, MediaHandler]:
+        """The handlers of the family's own modalities (`base_modalities`), keyed by media_pb2.Modality value."""
+
+    @functools.cached_property
+    def handlers(self) -> dict[int, MediaHandler]:
+        """Every modality this instance encodes: the family's own, plus time series when the adapter is attached."""
+        table = dict(self.media_handlers())
+        if self.time_series is not None:
+            table[TIME_SERIES] = self.time_series.handler()
+        return table
+
+    def handler(self, modality: int) -> MediaHandler:
+        found = self.handlers.get(modality)
+        if found is None:
+            raise InvalidArgument(f"this model ({self.name}) does not encode {name_of(modality)} input", field="modality")
+        return found
+
     def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
         """The processing options that will really be used (defaults filled, clamped)."""
+        return self.handler(item.modality).options(item)
 
     def prepare(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
         """Preprocess decoded media into tower inputs (CPU, no model)."""
-        if modality == TIME_SERIES and self.time_series is not None and isinstance(media, DecodedSeries):
-            return self.time_series.prepare(media)
-        return self.prepare_media(modality, media, options)
+        return self.handler(modality).prepare(media, options)
 
     def encode(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
         """Run the modality tower on a batch; one result per item, in order."""
-        if modality == TIME_SERIES and self.time_series is not None:
-            return self.time_series.encode(batch)
-        return self.encode_media(modality, batch)
-
-    @abstractmethod
-    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
-        """`prepare` for the family's own media."""
-
-    @abstractmethod
-    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        """`encode` for the family's own media."""
+        return self.handler(modality).encode(batch)
 
     def client_tensor_names(self, modality: int) -> tuple[str, ...]:
         """Tensors a client-supplied embedding of `modality` must carry ("embeddings" first); () if not accepted."""
-        return ()
+        found = self.handlers.get(modality)
+        return found.client_tensors if found is not None and found.client_placement is not None else ()
 
     def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Message:
         """The placement of a client-supplied embedding of `tokens` tokens, checked; errors name fields under source.embeds."""
-        raise InvalidArgument(f"this model ({self.name}) does not accept client embeddings", field="source.embeds")
+        found = self.handlers.get(modality)
+        if found is None or found.client_placement is None:
+            raise InvalidArgument(f"this model ({self.name}) does not accept client embeddings", field="source.embeds")
+        return found.client_placement(embeds, tokens)
+
+    def family_placement(self, modality: int, placement: Message) -> Message | None:
+        """The family's own placement message for an item placed as `placement` (the shared *Placement message),
+        packed into EmbeddingDescriptor.family_placement; None: the family reads nothing beyond the shared one."""
+        return None
 
     @abstractmethod
     def warmup(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.decoded import DecodedSeries
 from mmserve.errors import FailedPrecondition, InvalidArgument
-from mmserve.models.families.base import EncodedItem, PreparedItem
+from mmserve.models.families.base import EncodedItem, MediaHandler, PreparedItem, taking
 from mmserve.models.tensors import to_raw
 from mmserve.models.time_series_adapter import TimeSeriesAdapter
 
@@ -65,6 +65,10 @@ class TimeSeriesSupport:
         return cls(adapter, ids[1])
 
     # --- encoder half ----------------------------------------------------------------
+    def handler(self) -> MediaHandler:
+        """The time-series row of a family's handler table (no options; no client embeddings)."""
+        return MediaHandler(taking(DecodedSeries, lambda series, options: self.prepare(series)), self.encode, client_tensors=())
+
     def prepare(self, series: DecodedSeries) -> PreparedItem:
         """`series` is a DecodedSeries (z-scored values [T, C] and its sampling rate)."""
         rate = float(series.sampling_rate)

@@ -22,26 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from mmserve.api.common.v1 import media_pb2 as mmserve_dot_common_dot_v1_dot_media__pb2
 from mmserve.api.common.v1 import tensor_pb2 as mmserve_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mmserve/common/v1/embedding.proto\x12\x11mmserve.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dmmserve/common/v1/media.proto\x1a\x1emmserve/common/v1/tensor.proto\"S\n\x0eImagePlacement\x12\x10\n\x08grid_thw\x18\x01 \x03(\x03\x12\x1a\n\x12spatial_merge_size\x18\x02 \x01(\x05\x12\x13\n\x0bsource_size\x18\x03 \x03(\x03\"\xb7\x01\n\x0eVideoPlacement\x12\x10\n\x08grid_thw\x18\x01 \x03(\x03\x12\x1a\n\x12spatial_merge_size\x18\x02 \x01(\x05\x12\x17\n\x0fsecond_per_grid\x18\x03 \x01(\x01\x12\x13\n\x0bsampled_fps\x18\x04 \x01(\x01\x12\x18\n\x10\x66rame_timestamps\x18\x05 \x03(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x1b\n\x13temporal_patch_size\x18\x07 \x01(\x05\"s\n\x0e\x41udioPlacement\x12\x16\n\x0e\x66\x65\x61ture_length\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x15\n\rsampling_rate\x18\x03 \x01(\x05\x12\x1d\n\x15\x63hunk_feature_lengths\x18\x04 \x03(\x03\"m\n\x13TimeSeriesPlacement\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x14\n\x0cnum_channels\x18\x02 \x01(\x05\x12\x15\n\rsampling_rate\x18\x03 \x01(\x01\x12\x14\n\x0cpatch_length\x18\x04 \x01(\x05\"\xda\x04\n\x13\x45mbeddingDescriptor\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08modality\x18\x02 \x01(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12.\n\x07tensors\x18\x06 \x03(\x0b\x32\x1d.mmserve.common.v1.TensorInfo\x12\x32\n\x05image\x18\x07 \x01(\x0b\x32!.mmserve.common.v1.ImagePlacementH\x00\x12\x32\n\x05video\x18\x08 \x01(\x0b\x32!.mmserve.common.v1.VideoPlacementH\x00\x12\x32\n\x05\x61udio\x18\t \x01(\x0b\x32!.mmserve.common.v1.AudioPlacementH\x00\x12=\n\x0btime_series\x18\n \x01(\x0b\x32&.mmserve.common.v1.TimeSeriesPlacementH\x00\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\r \x01(\t\x12\x0e\n\x06nbytes\x18\x0e \x01(\x03\x12\x13\n\x0b\x63lient_uuid\x18\x0f \x01(\x08\x12\x14\n\x0coptions_json\x18\x10 \x01(\tB\x0b\n\tplacementb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mmserve/common/v1/embedding.proto\x12\x11mmserve.common.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dmmserve/common/v1/media.proto\x1a\x1emmserve/common/v1/tensor.proto\"[\n\x0eImagePlacement\x12\x14\n\x08grid_thw\x18\x01 \x03(\x03\x42\x02\x18\x01\x12\x1e\n\x12spatial_merge_size\x18\x02 \x01(\x05\x42\x02\x18\x01\x12\x13\n\x0bsource_size\x18\x03 \x03(\x03\"\xc7\x01\n\x0eVideoPlacement\x12\x14\n\x08grid_thw\x18\x01 \x03(\x03\x42\x02\x18\x01\x12\x1e\n\x12spatial_merge_size\x18\x02 \x01(\x05\x42\x02\x18\x01\x12\x1b\n\x0fsecond_per_grid\x18\x03 \x01(\x01\x42\x02\x18\x01\x12\x13\n\x0bsampled_fps\x18\x04 \x01(\x01\x12\x18\n\x10\x66rame_timestamps\x18\x05 \x03(\x01\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x12\x1f\n\x13temporal_patch_size\x18\x07 \x01(\x05\x42\x02\x18\x01\"s\n\x0e\x41udioPlacement\x12\x16\n\x0e\x66\x65\x61ture_length\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x15\n\rsampling_rate\x18\x03 \x01(\x05\x12\x1d\n\x15\x63hunk_feature_lengths\x18\x04 \x03(\x03\"m\n\x13TimeSeriesPlacement\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x14\n\x0cnum_channels\x18\x02 \x01(\x05\x12\x15\n\rsampling_rate\x18\x03 \x01(\x01\x12\x14\n\x0cpatch_length\x18\x04 \x01(\x05\"\x8a\x05\n\x13\x45mbeddingDescriptor\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08modality\x18\x02 \x01(\x0e\x32\x1b.mmserve.common.v1.Modality\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12.\n\x07tensors\x18\x06 \x03(\x0b\x32\x1d.mmserve.common.v1.TensorInfo\x12\x32\n\x05image\x18\x07 \x01(\x0b\x32!.mmserve.common.v1.ImagePlacementH\x00\x12\x32\n\x05video\x18\x08 \x01(\x0b\x32!.mmserve.common.v1.VideoPlacementH\x00\x12\x32\n\x05\x61udio\x18\t \x01(\x0b\x32!.mmserve.common.v1.AudioPlacementH\x00\x12=\n\x0btime_series\x18\n \x01(\x0b\x32&.mmserve.common.v1.TimeSeriesPlacementH\x00\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ontent_sha256\x18\r \x01(\t\x12\x0e\n\x06nbytes\x18\x0e \x01(\x03\x12\x13\n\x0b\x63lient_uuid\x18\x0f \x01(\x08\x12\x14\n\x0coptions_json\x18\x10 \x01(\t\x12.\n\x10\x66\x61mily_placement\x18\x11 \x01(\x0b\x32\x14.google.protobuf.AnyB\x0b\n\tplacementb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmserve.api.common.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEPLACEMENT']._serialized_start=152
-  _globals['_IMAGEPLACEMENT']._serialized_end=235
-  _globals['_VIDEOPLACEMENT']._serialized_start=238
-  _globals['_VIDEOPLACEMENT']._serialized_end=421
-  _globals['_AUDIOPLACEMENT']._serialized_start=423
-  _globals['_AUDIOPLACEMENT']._serialized_end=538
-  _globals['_TIMESERIESPLACEMENT']._serialized_start=540
-  _globals['_TIMESERIESPLACEMENT']._serialized_end=649
-  _globals['_EMBEDDINGDESCRIPTOR']._serialized_start=652
-  _globals['_EMBEDDINGDESCRIPTOR']._serialized_end=1254
+  _globals['_IMAGEPLACEMENT'].fields_by_name['grid_thw']._loaded_options = None
+  _globals['_IMAGEPLACEMENT'].fields_by_name['grid_thw']._serialized_options = b'\030\001'
+  _globals['_IMAGEPLACEMENT'].fields_by_name['spatial_merge_size']._loaded_options = None
+  _globals['_IMAGEPLACEMENT'].fields_by_name['spatial_merge_size']._serialized_options = b'\030\001'
+  _globals['_VIDEOPLACEMENT'].fields_by_name['grid_thw']._loaded_options = None
+  _globals['_VIDEOPLACEMENT'].fields_by_name['grid_thw']._serialized_options = b'\030\001'
+  _globals['_VIDEOPLACEMENT'].fields_by_name['spatial_merge_size']._loaded_options = None
+  _globals['_VIDEOPLACEMENT'].fields_by_name['spatial_merge_size']._serialized_options = b'\030\001'
+  _globals['_VIDEOPLACEMENT'].fields_by_name['second_per_grid']._loaded_options = None
+  _globals['_VIDEOPLACEMENT'].fields_by_name['second_per_grid']._serialized_options = b'\030\001'
+  _globals['_VIDEOPLACEMENT'].fields_by_name['temporal_patch_size']._loaded_options = None
+  _globals['_VIDEOPLACEMENT'].fields_by_name['temporal_patch_size']._serialized_options = b'\030\001'
+  _globals['_IMAGEPLACEMENT']._serialized_start=179
+  _globals['_IMAGEPLACEMENT']._serialized_end=270
+  _globals['_VIDEOPLACEMENT']._serialized_start=273
+  _globals['_VIDEOPLACEMENT']._serialized_end=472
+  _globals['_AUDIOPLACEMENT']._serialized_start=474
+  _globals['_AUDIOPLACEMENT']._serialized_end=589
+  _globals['_TIMESERIESPLACEMENT']._serialized_start=591
+  _globals['_TIMESERIESPLACEMENT']._serialized_end=700
+  _globals['_EMBEDDINGDESCRIPTOR']._serialized_start=703
+  _globals['_EMBEDDINGDESCRIPTOR']._serialized_end=1353
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -19,6 +20,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -30,12 +36,23 @@ class ImagePlacement(_message.Message):
     GRID_THW_FIELD_NUMBER: _builtins.int
     SPATIAL_MERGE_SIZE_FIELD_NUMBER: _builtins.int
     SOURCE_SIZE_FIELD_NUMBER: _builtins.int
-    spatial_merge_size: _builtins.int
-    """Side of the square of patches merged into one LLM token."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def spatial_merge_size(self) -> _builtins.int:
+        """Side of the square of patches merged into one LLM token (as grid_thw)."""
+
+    @spatial_merge_size.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def spatial_merge_size(self, value: _builtins.int) -> None:
+        """Side of the square of patches merged into one LLM token (as grid_thw)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def grid_thw(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Patch grid [t, h, w] seen by the vision tower, before spatial merging
         (t is 1 for an image). token_count = t*h*w / spatial_merge_size^2.
+        Qwen's placement: decoders read mmserve.families.qwen.v1.VisualPlacement
+        from family_placement; still filled for v1 readers.
         """
 
     @_builtins.property
@@ -70,21 +87,51 @@ class VideoPlacement(_message.Message):
     FRAME_TIMESTAMPS_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
     TEMPORAL_PATCH_SIZE_FIELD_NUMBER: _builtins.int
-    spatial_merge_size: _builtins.int
-    """Side of the square of patches merged into one LLM token."""
-    second_per_grid: _builtins.float
-    """Seconds of video covered by one temporal grid step
-    (temporal_patch_size / sampled_fps); drives M-RoPE time positions.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def spatial_merge_size(self) -> _builtins.int:
+        """Side of the square of patches merged into one LLM token."""
+
+    @spatial_merge_size.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def spatial_merge_size(self, value: _builtins.int) -> None:
+        """Side of the square of patches merged into one LLM token."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def second_per_grid(self) -> _builtins.float:
+        """Seconds of video covered by one temporal grid step
+        (temporal_patch_size / sampled_fps); drives M-RoPE time positions.
+        """
+
+    @second_per_grid.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def second_per_grid(self, value: _builtins.float) -> None:
+        """Seconds of video covered by one temporal grid step
+        (temporal_patch_size / sampled_fps); drives M-RoPE time positions.
+        """
+
     sampled_fps: _builtins.float
     """Rate at which frames were sampled, in frames per second."""
     duration_s: _builtins.float
     """Duration of the source video in seconds (0 when unknown, e.g. frame lists)."""
-    temporal_patch_size: _builtins.int
-    """Frames per temporal patch (the model's temporal_patch_size)."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def temporal_patch_size(self) -> _builtins.int:
+        """Frames per temporal patch (the model's temporal_patch_size)."""
+
+    @temporal_patch_size.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def temporal_patch_size(self, value: _builtins.int) -> None:
+        """Frames per temporal patch (the model's temporal_patch_size)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def grid_thw(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Patch grid [t, h, w] before spatial merging; t counts temporal patches."""
+        """Patch grid [t, h, w] before spatial merging; t counts temporal patches.
+        Qwen's placement, as ImagePlacement.grid_thw (also spatial_merge_size,
+        second_per_grid and temporal_patch_size): still filled for v1 readers.
+        """
 
     @_builtins.property
     def frame_timestamps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -205,6 +252,7 @@ class EmbeddingDescriptor(_message.Message):
     NBYTES_FIELD_NUMBER: _builtins.int
     CLIENT_UUID_FIELD_NUMBER: _builtins.int
     OPTIONS_JSON_FIELD_NUMBER: _builtins.int
+    FAMILY_PLACEMENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The handle to refer to this embedding: the client uuid when one was given,
     otherwise a content-derived id "mmemb-<hex>".
@@ -257,6 +305,15 @@ class EmbeddingDescriptor(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When it expires; unset if it does not expire."""
 
+    @_builtins.property
+    def family_placement(self) -> _any_pb2.Any:
+        """The family's own placement message (e.g. mmserve.families.qwen.v1.
+        VisualPlacement): what only that family's decoder needs to place the item.
+        A new family adds its message under protos/mmserve/families/ without
+        changing this file. Unset when the family needs nothing beyond
+        `placement` (or for records written before this field).
+        """
+
     def __init__(
         self,
         *,
@@ -276,10 +333,11 @@ class EmbeddingDescriptor(_message.Message):
         nbytes: _builtins.int = ...,
         client_uuid: _builtins.bool = ...,
         options_json: _builtins.str = ...,
+        family_placement: _any_pb2.Any | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "created_at", b"created_at", "expires_at", b"expires_at", "image", b"image", "placement", b"placement", "time_series", b"time_series", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "created_at", b"created_at", "expires_at", b"expires_at", "family_placement", b"family_placement", "image", b"image", "placement", b"placement", "time_series", b"time_series", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "client_uuid", b"client_uuid", "content_sha256", b"content_sha256", "created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "image", b"image", "modality", b"modality", "model", b"model", "model_fingerprint", b"model_fingerprint", "nbytes", b"nbytes", "options_json", b"options_json", "placement", b"placement", "tensors", b"tensors", "time_series", b"time_series", "token_count", b"token_count", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "client_uuid", b"client_uuid", "content_sha256", b"content_sha256", "created_at", b"created_at", "expires_at", b"expires_at", "family_placement", b"family_placement", "id", b"id", "image", b"image", "modality", b"modality", "model", b"model", "model_fingerprint", b"model_fingerprint", "nbytes", b"nbytes", "options_json", b"options_json", "placement", b"placement", "tensors", b"tensors", "time_series", b"time_series", "token_count", b"token_count", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_placement: _TypeAlias = _typing.Literal["image", "video", "audio", "time_series"]  # noqa: Y015
     _WhichOneofArgType_placement: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015

@@ -25,9 +25,17 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
-from mmserve.decoded import DecodedMedia
 from mmserve.errors import FailedPrecondition, InvalidArgument
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
+from mmserve.models.families.base import (
+    ChatPrompt,
+    EncodedItem,
+    Family,
+    MediaHandler,
+    PrefillInputs,
+    PreparedItem,
+    prompt_part_config,
+    taking,
+)
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
@@ -73,22 +81,22 @@ class Gemma3(Family):
         return self.model
 
     # --- encoder half ------------------------------------------------------------------
-    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
-        """None: the processor resizes every image to one square, so no pixel bound changes the result."""
-        return {}
+    def media_handlers(self) -> dict[int, MediaHandler]:
+        """Images, with no options: the processor resizes every image to one square, so no pixel bound changes the result."""
+        return {
+            IMAGE: MediaHandler(
+                taking(Image.Image, self._prepare_image), self._encode_images, client_placement=self._client_image_placement
+            )
+        }
 
-    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
-        if modality != IMAGE or not isinstance(media, Image.Image):
-            raise InvalidArgument("unsupported modality", field="modality")
+    def _prepare_image(self, media: Image.Image, options: dict[str, Any]) -> PreparedItem:
         # Pan-and-scan (extra crops with their own text) is off, as in the checkpoints' processor defaults.
         batch = self.processor.image_processor(images=[media], do_pan_and_scan=False, return_tensors="pt")
         placement = embedding_pb2.ImagePlacement(source_size=[media.width, media.height])
         return PreparedItem(IMAGE, {"pixel_values": batch["pixel_values"]}, placement)
 
     @torch.inference_mode()
-    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        if modality != IMAGE:
-            raise InvalidArgument("unsupported modality", field="modality")
+    def _encode_images(self, batch: list[PreparedItem]) -> list[EncodedItem]:
         pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
         features = self._loaded.model.get_image_features(pixels).pooler_output  # [batch, tokens, hidden]
         return [EncodedItem([to_raw("embeddings", features[i])], int(features.shape[1]), item.placement) for i, item in enumerate(batch)]
@@ -97,13 +105,8 @@ class Gemma3(Family):
     def tokens_per_image(self) -> int:
         return int(self.config.mm_tokens_per_image)
 
-    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
-        return ("embeddings",) if modality == IMAGE else ()
-
-    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Message:
-        """Images: exactly `mm_tokens_per_image` tokens (the projector's output), nothing else to place."""
-        if modality != IMAGE:
-            return super().client_placement(modality, embeds, tokens)
+    def _client_image_placement(self, embeds: media_pb2.EmbeddingInput, tokens: int) -> Message:
+        """Exactly `mm_tokens_per_image` tokens (the projector's output), nothing else to place."""
         if tokens != self.tokens_per_image:
             raise InvalidArgument(
                 f"a {self.name} image embedding has {self.tokens_per_image} tokens, these have {tokens}", field="source.embeds"

@@ -21,17 +21,30 @@ share).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from google.protobuf.message import Message
 from PIL import Image
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
-from mmserve.decoded import DecodedMedia, DecodedVideo
+from mmserve.api.families.qwen.v1 import placement_pb2 as qwen_pb2
+from mmserve.decoded import DecodedVideo
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue, name_of
-from mmserve.models.families.base import HERMES_TOOL_CALLS, ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
+from mmserve.models.families.base import (
+    HERMES_TOOL_CALLS,
+    ChatPrompt,
+    EncodedItem,
+    Family,
+    MediaHandler,
+    PrefillInputs,
+    PreparedItem,
+    prompt_part_config,
+    taking,
+)
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
@@ -43,15 +56,22 @@ IMAGE, VIDEO, AUDIO, TIME_SERIES = (
 )
 #: mm_token_type_ids values used by the Qwen-VL rope index.
 TYPE_IDS = {IMAGE: 1, VIDEO: 2}
+M = TypeVar("M", bound=Message)
 
 
 def placement_of(stored: StoredEmbedding) -> Any:
-    """The stored item's placement message (which one follows from its modality, checked when it was stored)."""
+    """The stored item's shared placement message (which one follows from its modality, checked when it was stored)."""
     desc = stored.descriptor
     which = desc.WhichOneof("placement")
     if which is None:
         raise FailedPrecondition(f"stored embedding {desc.id} has no placement metadata", field="messages")
     return getattr(desc, which)
+
+
+def family_message(stored: StoredEmbedding, message: M) -> M | None:
+    """The stored item's family placement as `message` (filled in place), or None if it has none of that type."""
+    packed = stored.descriptor.family_placement
+    return message if stored.descriptor.HasField("family_placement") and packed.Unpack(message) else None
 
 
 class QwenFamily(Family):
@@ -120,19 +140,21 @@ class QwenFamily(Family):
         min_pixels = max(int(opts.min_pixels), floor) if opts.HasField("min_pixels") else default_min
         return {"min_pixels": min(min_pixels, max_pixels), "max_pixels": max_pixels}
 
-    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
-        if item.modality == IMAGE:
-            return self._pixel_bounds(self.processor.image_processor, item.image, "image")
-        if item.modality == VIDEO:
-            return self._pixel_bounds(self.processor.video_processor, item.video, "video")
-        return {}
-
-    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
-        if modality == IMAGE and isinstance(media, Image.Image):
-            return self._prepare_image(media, options)
-        if modality == VIDEO and isinstance(media, DecodedVideo):
-            return self._prepare_video(media, options)
-        raise InvalidArgument("unsupported modality", field="modality")
+    def media_handlers(self) -> dict[int, MediaHandler]:
+        return {
+            IMAGE: MediaHandler(
+                taking(Image.Image, self._prepare_image),
+                functools.partial(self._encode_visual, IMAGE),
+                options=lambda item: self._pixel_bounds(self.processor.image_processor, item.image, "image"),
+                client_tensors=self._client_image_tensors(),
+                client_placement=self._client_image_placement,
+            ),
+            VIDEO: MediaHandler(
+                taking(DecodedVideo, self._prepare_video),
+                functools.partial(self._encode_visual, VIDEO),
+                options=lambda item: self._pixel_bounds(self.processor.video_processor, item.video, "video"),
+            ),
+        }
 
     def _size(self, options: dict[str, Any]) -> dict[str, int]:
         return {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}
@@ -172,22 +194,21 @@ class QwenFamily(Family):
         return [to_raw("embeddings", output.pooler_output[index])]
 
     @torch.inference_mode()
-    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        if modality in (IMAGE, VIDEO):
-            pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
-            grid = torch.cat([p.inputs["grid_thw"] for p in batch]).to(self.device)
-            features = self.model.get_image_features if modality == IMAGE else self.model.get_video_features
-            output = features(pixels, grid)
-            return [
-                EncodedItem(self._item_tensors(output, i), int(output.pooler_output[i].shape[0]), item.placement)
-                for i, item in enumerate(batch)
-            ]
-        return self._encode_other(modality, batch)
+    def _encode_visual(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
+        """Images or videos through the vision tower, batched: one pixel tensor, one grid per item."""
+        pixels = torch.cat([p.inputs["pixel_values"] for p in batch]).to(self.device)
+        grid = torch.cat([p.inputs["grid_thw"] for p in batch]).to(self.device)
+        features = self.model.get_image_features if modality == IMAGE else self.model.get_video_features
+        output = features(pixels, grid)
+        return [
+            EncodedItem(self._item_tensors(output, i), int(output.pooler_output[i].shape[0]), item.placement)
+            for i, item in enumerate(batch)
+        ]
 
     def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
         """An item's `image_embeds`/`video_embeds` [tokens, hidden] with its grid; videos also their seconds per grid (M-RoPE)."""
         name = name_of(modality)
-        placements = [placement_of(s) for s in items]
+        placements = [self.visual_placement(s) for s in items]
         entry: dict[str, Any] = {
             f"{name}_embeds": torch.cat([self._vllm_features(s) for s in items]),
             f"{name}_grid_thw": torch.tensor([list(p.grid_thw) for p in placements], dtype=torch.long),
@@ -200,16 +221,12 @@ class QwenFamily(Family):
         """The features vLLM's tower would return for the item."""
         return from_raw(stored.tensor("embeddings"), torch.device("cpu"))
 
-    def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        raise InvalidArgument("unsupported modality", field="modality")
+    def _client_image_tensors(self) -> tuple[str, ...]:
+        """What a client-supplied image embedding carries (Qwen3-VL adds its deepstack layers)."""
+        return ("embeddings",)
 
-    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
-        return ("embeddings",) if modality == IMAGE else ()
-
-    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Any:
-        """Images: the grid [1, h, w] must give exactly `tokens` merged tokens, as the processor's grid would."""
-        if modality != IMAGE:
-            return super().client_placement(modality, embeds, tokens)
+    def _client_image_placement(self, embeds: media_pb2.EmbeddingInput, tokens: int) -> embedding_pb2.ImagePlacement:
+        """The grid [1, h, w] must give exactly `tokens` merged tokens, as the processor's grid would."""
         where = "source.embeds.grid_thw"
         grid = [int(v) for v in embeds.grid_thw]
         merge = int(self.config.vision_config.spatial_merge_size)
@@ -223,6 +240,30 @@ class QwenFamily(Family):
                 field=where,
             )
         return embedding_pb2.ImagePlacement(grid_thw=grid, spatial_merge_size=merge)
+
+    def family_placement(self, modality: int, placement: Message) -> Message | None:
+        """Images and videos: their M-RoPE grid (and a video's time per grid step) as a qwen.v1.VisualPlacement."""
+        if isinstance(placement, embedding_pb2.ImagePlacement):
+            return qwen_pb2.VisualPlacement(grid_thw=placement.grid_thw, spatial_merge_size=placement.spatial_merge_size)
+        if isinstance(placement, embedding_pb2.VideoPlacement):
+            return qwen_pb2.VisualPlacement(
+                grid_thw=placement.grid_thw,
+                spatial_merge_size=placement.spatial_merge_size,
+                second_per_grid=placement.second_per_grid,
+                temporal_patch_size=placement.temporal_patch_size,
+            )
+        return None
+
+    def visual_placement(self, stored: StoredEmbedding) -> qwen_pb2.VisualPlacement:
+        """A stored image's or video's placement: its family message, or (a record from before it) the shared fields."""
+        found = family_message(stored, qwen_pb2.VisualPlacement())
+        if found is not None:
+            return found
+        shared = placement_of(stored)
+        rebuilt = self.family_placement(stored.descriptor.modality, shared)
+        if not isinstance(rebuilt, qwen_pb2.VisualPlacement):
+            raise FailedPrecondition(f"stored embedding {stored.descriptor.id} has no image or video placement", field="messages")
+        return rebuilt
 
     def warmup(self) -> None:
         image = Image.new("RGB", (self._factor * 2, self._factor * 2), (127, 127, 127))
@@ -290,7 +331,7 @@ class QwenFamily(Family):
         return ids, embeds, by_modality, masks
 
     def _grid(self, items: list[StoredEmbedding]) -> torch.Tensor | None:
-        return torch.tensor([list(placement_of(m).grid_thw) for m in items], device=self.device) if items else None
+        return torch.tensor([list(self.visual_placement(m).grid_thw) for m in items], device=self.device) if items else None
 
     def _types(self, ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(ids, dtype=torch.int)

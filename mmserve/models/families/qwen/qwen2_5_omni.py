@@ -17,12 +17,14 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from google.protobuf.message import Message
 
-from mmserve.api.common.v1 import embedding_pb2
-from mmserve.decoded import DecodedAudio, DecodedMedia
+from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.api.families.qwen.v1 import placement_pb2 as qwen_pb2
+from mmserve.decoded import DecodedAudio
 from mmserve.errors import InvalidArgument
-from mmserve.models.families.base import EncodedItem, PreparedItem
-from mmserve.models.families.qwen.common import AUDIO, IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.families.base import EncodedItem, MediaHandler, PreparedItem, taking
+from mmserve.models.families.qwen.common import AUDIO, IMAGE, VIDEO, QwenFamily, family_message, placement_of
 from mmserve.models.tensors import to_raw
 from mmserve.store import StoredEmbedding
 
@@ -57,17 +59,16 @@ class Qwen2_5_Omni(QwenFamily):
         return super().media_placeholder_token(modality)
 
     # --- encoder half: audio ----------------------------------------------------------
-    def effective_options(self, item: Any) -> dict[str, Any]:
-        if item.modality == AUDIO:
-            return {"target_rate": int(self.processor.feature_extractor.sampling_rate)}
-        return super().effective_options(item)
+    def media_handlers(self) -> dict[int, MediaHandler]:
+        audio = MediaHandler(
+            taking(DecodedAudio, self._prepare_audio),
+            self._encode_audio,
+            options=lambda item: {"target_rate": int(self.processor.feature_extractor.sampling_rate)},
+            client_placement=self._client_audio_placement,
+        )
+        return {**super().media_handlers(), AUDIO: audio}
 
-    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
-        if modality == AUDIO and isinstance(media, DecodedAudio):
-            return self._prepare_audio(media)
-        return super().prepare_media(modality, media, options)
-
-    def _prepare_audio(self, audio: DecodedAudio) -> PreparedItem:
+    def _prepare_audio(self, audio: DecodedAudio, options: dict[str, Any]) -> PreparedItem:
         extractor = self.processor.feature_extractor
         samples = audio.samples
         window = extractor.n_samples
@@ -99,13 +100,8 @@ class Qwen2_5_Omni(QwenFamily):
         )
         return PreparedItem(AUDIO, {"input_features": features["input_features"], "mask": mask}, placement)
 
-    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
-        return ("embeddings",) if modality == AUDIO else super().client_tensor_names(modality)
-
-    def client_placement(self, modality: int, embeds: Any, tokens: int) -> Any:
-        """Audio: the mel feature length places the item (rope index); the tower's output length for it must be `tokens`."""
-        if modality != AUDIO:
-            return super().client_placement(modality, embeds, tokens)
+    def _client_audio_placement(self, embeds: media_pb2.EmbeddingInput, tokens: int) -> embedding_pb2.AudioPlacement:
+        """The mel feature length places the item (rope index); the tower's output length for it must be `tokens`."""
         where = "source.embeds.audio_feature_length"
         extractor = self.processor.feature_extractor
         length, window = int(embeds.audio_feature_length), extractor.n_samples // extractor.hop_length
@@ -118,10 +114,20 @@ class Qwen2_5_Omni(QwenFamily):
             feature_length=length, sampling_rate=int(extractor.sampling_rate), chunk_feature_lengths=[length]
         )
 
+    def family_placement(self, modality: int, placement: Message) -> Message | None:
+        """Audio also: its mel feature length (the audio's M-RoPE extent) as a qwen.v1.AudioPlacement."""
+        if isinstance(placement, embedding_pb2.AudioPlacement):
+            return qwen_pb2.AudioPlacement(feature_length=placement.feature_length)
+        return super().family_placement(modality, placement)
+
+    def audio_placement(self, stored: StoredEmbedding) -> qwen_pb2.AudioPlacement:
+        """A stored clip's placement: its family message, or (a record from before it) the shared fields."""
+        found = family_message(stored, qwen_pb2.AudioPlacement())
+        return found if found is not None else qwen_pb2.AudioPlacement(feature_length=placement_of(stored).feature_length)
+
     @torch.inference_mode()
-    def _encode_other(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        if modality != AUDIO:
-            return super()._encode_other(modality, batch)
+    def _encode_audio(self, batch: list[PreparedItem]) -> list[EncodedItem]:
+        """One clip per tower call (each has its own valid length)."""
         out = []
         for item in batch:
             hidden = self.model.get_audio_features(
@@ -133,8 +139,8 @@ class Qwen2_5_Omni(QwenFamily):
     # --- decoder half -------------------------------------------------------------------
     def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         videos, audios = media.get(VIDEO, []), media.get(AUDIO, [])
-        seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
-        lengths = torch.tensor([placement_of(a).feature_length for a in audios], device=self.device) if audios else None
+        seconds = torch.tensor([self.visual_placement(v).second_per_grid for v in videos], device=self.device) if videos else None
+        lengths = torch.tensor([self.audio_placement(a).feature_length for a in audios], device=self.device) if audios else None
         positions, deltas = self.model.model.get_rope_index(
             ids,
             image_grid_thw=self._grid(media.get(IMAGE, [])),

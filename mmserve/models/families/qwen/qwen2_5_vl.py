@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
+from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily
 from mmserve.store import StoredEmbedding
 
 
@@ -14,7 +14,7 @@ class Qwen2_5_VL(QwenFamily):
 
     def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         videos = media.get(VIDEO, [])
-        seconds = torch.tensor([placement_of(v).second_per_grid for v in videos], device=self.device) if videos else None
+        seconds = torch.tensor([self.visual_placement(v).second_per_grid for v in videos], device=self.device) if videos else None
         positions, deltas = self.model.model.get_rope_index(
             ids,
             self._types(ids),

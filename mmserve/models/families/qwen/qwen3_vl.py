@@ -37,11 +37,10 @@ class Qwen3_VL(QwenFamily):
             tensors.append(to_raw(f"deepstack.{layer}", features[index]))
         return tensors
 
-    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
+    def _client_image_tensors(self) -> tuple[str, ...]:
         """Images also need every deepstack layer's features: without them the output changes."""
-        names = super().client_tensor_names(modality)
         layers = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
-        return (*names, *(f"deepstack.{k}" for k in range(layers))) if names else names
+        return ("embeddings", *(f"deepstack.{k}" for k in range(layers)))
 
     def _vllm_features(self, stored: StoredEmbedding) -> torch.Tensor:
         """The deepstack features concatenated after the main ones on the last axis, as vLLM's tower returns them."""
@@ -54,13 +53,13 @@ class Qwen3_VL(QwenFamily):
         (the times the built-in engine writes, from the same stored frame times)."""
         entry = super().vllm_mm_data(modality, items)
         if modality == VIDEO:
-            entry["timestamps"] = [torch.tensor(self.block_times(p)[: p.grid_thw[0]]) for p in (placement_of(s) for s in items)]
+            entry["timestamps"] = [torch.tensor(self.block_times(s)[: self.visual_placement(s).grid_thw[0]]) for s in items]
         return entry
 
-    def block_times(self, placement: Any) -> list[float]:
+    def block_times(self, stored: StoredEmbedding) -> list[float]:
         """Mean time of the first and last frame of every temporal block (the processor's rule)."""
-        times = list(placement.frame_timestamps)
-        step = int(placement.temporal_patch_size) or 2
+        times = list(placement_of(stored).frame_timestamps)
+        step = int(self.visual_placement(stored).temporal_patch_size) or 2
         if len(times) % step:
             times += [times[-1]] * (step - len(times) % step)
         return [(times[i] + times[i + step - 1]) / 2 for i in range(0, len(times), step)]
@@ -68,11 +67,11 @@ class Qwen3_VL(QwenFamily):
     def placeholder_text(self, stored: StoredEmbedding) -> str:
         if stored.descriptor.modality != VIDEO:
             return super().placeholder_text(stored)
-        placement = placement_of(stored)
+        placement = self.visual_placement(stored)
         t, h, w = placement.grid_thw
         per_frame = self.processor.video_token * int(h * w // placement.spatial_merge_size**2)
         start, end = self.processor.vision_start_token, self.processor.vision_end_token
-        return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in self.block_times(placement)[: int(t)])
+        return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in self.block_times(stored)[: int(t)])
 
     def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
         positions, deltas = self.model.model.get_rope_index(

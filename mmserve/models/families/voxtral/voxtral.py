@@ -36,10 +36,19 @@ import soundfile as sf
 import torch
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
-from mmserve.decoded import DecodedAudio, DecodedMedia
+from mmserve.decoded import DecodedAudio
 from mmserve.errors import InvalidArgument
 from mmserve.modality import ModalityValue
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, PrefillInputs, PreparedItem, prompt_part_config
+from mmserve.models.families.base import (
+    ChatPrompt,
+    EncodedItem,
+    Family,
+    MediaHandler,
+    PrefillInputs,
+    PreparedItem,
+    prompt_part_config,
+    taking,
+)
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
 
@@ -103,13 +112,14 @@ class Voxtral(Family):
     def sampling_rate(self) -> int:
         return int(self._audio_encoder.audio_config.sampling_rate)
 
-    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
-        return {"target_rate": self.sampling_rate} if item.modality == AUDIO else {}
-
-    def prepare_media(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
-        if modality != AUDIO or not isinstance(media, DecodedAudio):
-            raise InvalidArgument("unsupported modality", field="modality")
-        return self._prepare_audio(np.asarray(media.samples, dtype=np.float32))
+    def media_handlers(self) -> dict[int, MediaHandler]:
+        audio = MediaHandler(
+            taking(DecodedAudio, lambda media, options: self._prepare_audio(np.asarray(media.samples, dtype=np.float32))),
+            self._encode_audio,
+            options=lambda item: {"target_rate": self.sampling_rate},
+            client_placement=self._client_audio_placement,
+        )
+        return {AUDIO: audio}
 
     def _prepare_audio(self, samples: np.ndarray) -> PreparedItem:
         """Mono samples at `sampling_rate` -> the tower's input chunks and the item's placement."""
@@ -128,9 +138,7 @@ class Voxtral(Family):
         return PreparedItem(AUDIO, {"input_features": features}, placement)
 
     @torch.inference_mode()
-    def encode_media(self, modality: int, batch: list[PreparedItem]) -> list[EncodedItem]:
-        if modality != AUDIO:
-            raise InvalidArgument("unsupported modality", field="modality")
+    def _encode_audio(self, batch: list[PreparedItem]) -> list[EncodedItem]:
         out = []
         for item in batch:  # one item per tower call, as the reference runs one clip: the same floats
             features = item.inputs["input_features"].to(self.device, self.dtype)
@@ -144,13 +152,8 @@ class Voxtral(Family):
         audio = self.config.audio_config
         return 2 * int(audio.intermediate_size) // int(audio.hidden_size)
 
-    def client_tensor_names(self, modality: int) -> tuple[str, ...]:
-        return ("embeddings",) if modality == AUDIO else ()
-
-    def client_placement(self, modality: int, embeds: media_pb2.EmbeddingInput, tokens: int) -> Any:
-        """Audio: `audio_feature_length` is whole chunks of mel frames, and the tower makes `tokens` tokens of them."""
-        if modality != AUDIO:
-            return super().client_placement(modality, embeds, tokens)
+    def _client_audio_placement(self, embeds: media_pb2.EmbeddingInput, tokens: int) -> embedding_pb2.AudioPlacement:
+        """`audio_feature_length` is whole chunks of mel frames, and the tower makes `tokens` tokens of them."""
         where = "source.embeds.audio_feature_length"
         chunk = int(self._audio_kwargs["max_source_positions"])
         length = int(embeds.audio_feature_length)
