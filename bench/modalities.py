@@ -34,6 +34,7 @@ from mmserve.api.common.v1 import media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as pb_grpc
 from mmserve.config import Settings
+from mmserve.decoded import MediaOptions
 from mmserve.launcher import ServiceProcess
 from mmserve.localredis import LocalRedis, free_port
 from mmserve.modality import ModalityValue
@@ -105,7 +106,7 @@ def direct_seconds(model: str, cache_dir: Path, modality: str, payloads: list[by
     for i, data in enumerate([payloads[0], *payloads]):
         start = time.perf_counter()
         it = item(modality, data)
-        options = {**media_options(it, settings), **family.effective_options(it)}
+        options: MediaOptions = {**media_options(it, settings), **family.effective_options(it)}
         media = decode_media(it.modality, Acquired("", data=data), options, settings, RequestBudget.from_settings(settings))
         family.encode(it.modality, [family.prepare(it.modality, media, options)])
         if i:  # the first run warms up

@@ -9,7 +9,7 @@ An image is a PIL image (RGB, alpha already composited).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -59,3 +59,20 @@ class DecodedSeries:
 
 #: Any decoded item, by modality: image, video, audio, time series.
 DecodedMedia: TypeAlias = Image.Image | DecodedVideo | DecodedAudio | DecodedSeries
+
+
+class MediaOptions(TypedDict, total=False):
+    """An item's processing options as the encoder really applies them (defaults filled, clamped): the loading
+    options (services/encoder/media/decode.py, `media_options`) and the family's (`MediaHandler.options`).
+    Their canonical JSON is part of the item's content id, so every option that changes the output is here."""
+
+    background: str  # image: the colour transparent pixels are composited on, "#rrggbb"
+    fps: float | None  # video: frames sampled per second (None: `num_frames` decides)
+    num_frames: int | None  # video: frames sampled in all (None: `fps` decides)
+    frames_fps: float  # video given as frames (or a frame-list URL): their rate
+    format: str  # audio or time series: the container/format the client named
+    sampling_rate: float  # raw audio arrays and time series: their rate in Hz
+    target_rate: int  # audio: the model's rate, resampled to
+    min_pixels: int  # Qwen images and videos: the resize bounds
+    max_pixels: int
+    client_embeddings: bool  # a client-supplied embedding: kept apart from anything encoded here

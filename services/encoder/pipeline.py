@@ -29,6 +29,7 @@ from typing import Any
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.config import Settings
+from mmserve.decoded import MediaOptions
 from mmserve.errors import InvalidArgument, MmserveError, NotFound, Reason
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES
@@ -54,7 +55,7 @@ class _Job:
     item: media_pb2.MediaInput
     acquired: Acquired | None = None
     content_sha256: str = ""
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is a field's name here
+    options: MediaOptions = dataclasses.field(default_factory=lambda: MediaOptions())  # `field` is a field's name here
     options_json: str = ""
     content_id: str = ""
     result: pb.EncodeResult | None = None

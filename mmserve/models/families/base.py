@@ -23,7 +23,7 @@ import torch
 from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import media_pb2
-from mmserve.decoded import DecodedMedia
+from mmserve.decoded import DecodedMedia, MediaOptions
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor, StoredEmbedding
@@ -90,7 +90,7 @@ class EncodedItem:
     placement: Message
 
 
-def no_options(item: media_pb2.MediaInput) -> dict[str, Any]:
+def no_options(item: media_pb2.MediaInput) -> MediaOptions:
     """A modality whose preprocessing takes no per-item option."""
     return {}
 
@@ -108,9 +108,9 @@ class MediaHandler:
     errors naming fields under source.embeds).
     """
 
-    prepare: Callable[[DecodedMedia, dict[str, Any]], PreparedItem]
+    prepare: Callable[[DecodedMedia, MediaOptions], PreparedItem]
     encode: Callable[[list[PreparedItem]], list[EncodedItem]]
-    options: Callable[[media_pb2.MediaInput], dict[str, Any]] = no_options
+    options: Callable[[media_pb2.MediaInput], MediaOptions] = no_options
     client_tensors: tuple[str, ...] = ("embeddings",)
     client_placement: Callable[[media_pb2.EmbeddingInput, int], Message] | None = None
 
@@ -118,10 +118,10 @@ class MediaHandler:
 M = TypeVar("M")
 
 
-def taking(kind: type[M], prepare: Callable[[M, dict[str, Any]], PreparedItem]) -> Callable[[DecodedMedia, dict[str, Any]], PreparedItem]:
+def taking(kind: type[M], prepare: Callable[[M, MediaOptions], PreparedItem]) -> Callable[[DecodedMedia, MediaOptions], PreparedItem]:
     """A handler's `prepare` for media decoded as `kind` (what the encoder's decoder makes of the modality)."""
 
-    def checked(media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+    def checked(media: DecodedMedia, options: MediaOptions) -> PreparedItem:
         if not isinstance(media, kind):
             raise InvalidArgument(f"expected {kind.__name__} media, got {type(media).__name__}", field="modality")
         return prepare(media, options)
@@ -226,11 +226,11 @@ class Family(ABC):
             raise InvalidArgument(f"this model ({self.name}) does not encode {name_of(modality)} input", field="modality")
         return found
 
-    def effective_options(self, item: media_pb2.MediaInput) -> dict[str, Any]:
+    def effective_options(self, item: media_pb2.MediaInput) -> MediaOptions:
         """The processing options that will really be used (defaults filled, clamped)."""
         return self.handler(item.modality).options(item)
 
-    def prepare(self, modality: int, media: DecodedMedia, options: dict[str, Any]) -> PreparedItem:
+    def prepare(self, modality: int, media: DecodedMedia, options: MediaOptions) -> PreparedItem:
         """Preprocess decoded media into tower inputs (CPU, no model)."""
         return self.handler(modality).prepare(media, options)
 
@@ -260,7 +260,7 @@ class Family(ABC):
         """Run every tower once so the first request does not pay for lazy init."""
 
     # --- decoder half ----------------------------------------------------------
-    def chat_part(self, modality: int) -> dict[str, Any]:
+    def chat_part(self, modality: int) -> dict[str, str]:
         """The chat-template content part standing for one media item (e.g. {"type": "image"}).
 
         A time series is plain text `<start><placeholder><end>`: every chat template renders text verbatim.
@@ -280,7 +280,7 @@ class Family(ABC):
         return self.media_reserved_strings() + (self.time_series.tokens if self.time_series is not None else ())
 
     @abstractmethod
-    def media_chat_part(self, modality: int) -> dict[str, Any]:
+    def media_chat_part(self, modality: int) -> dict[str, str]:
         """`chat_part` for the family's own media."""
 
     @abstractmethod

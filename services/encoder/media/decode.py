@@ -12,6 +12,7 @@ from typing import Any
 
 from mmserve.api.common.v1 import media_pb2
 from mmserve.config import Settings
+from mmserve.decoded import MediaOptions
 from mmserve.errors import InvalidArgument
 from mmserve.modality import audio_format
 from services.encoder.media.acquire import Acquired, frame_list_fps
@@ -25,7 +26,7 @@ from services.encoder.media.video import decode_video, frames_from_images, resol
 SERIES_FORMATS = ("npy", "csv", "wav", "flac")
 
 
-def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, Any]:
+def media_options(item: media_pb2.MediaInput, settings: Settings) -> MediaOptions:
     """Loading options of an item, defaults filled in, canonical values; errors name the field."""
     kind = item.source.WhichOneof("kind") if item.HasField("source") else None
     if item.modality == media_pb2.MODALITY_IMAGE:
@@ -48,7 +49,7 @@ def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, A
         return {"fps": fps, "num_frames": num_frames}
     if item.modality == media_pb2.MODALITY_AUDIO:
         audio = item.audio
-        out: dict[str, Any] = {}
+        out: MediaOptions = {}
         if audio.HasField("format"):
             out["format"] = audio_format(audio.format, "audio.format")
         if kind == "array":
@@ -60,16 +61,16 @@ def media_options(item: media_pb2.MediaInput, settings: Settings) -> dict[str, A
         series = item.time_series
         if not series.HasField("sampling_rate") or not series.sampling_rate > 0:
             raise InvalidArgument("sampling_rate (Hz, > 0) is required for time series", field="time_series.sampling_rate")
-        out = {"sampling_rate": float(series.sampling_rate)}
+        series_out: MediaOptions = {"sampling_rate": float(series.sampling_rate)}
         if series.HasField("format"):
             if series.format not in SERIES_FORMATS:
                 raise InvalidArgument(f"format must be one of {', '.join(SERIES_FORMATS)}", field="time_series.format")
-            out["format"] = series.format
-        return out
+            series_out["format"] = series.format
+        return series_out
     return {}
 
 
-def decode_media(modality: int, acquired: Acquired, options: dict[str, Any], settings: Settings, budget: RequestBudget) -> Any:
+def decode_media(modality: int, acquired: Acquired, options: MediaOptions, settings: Settings, budget: RequestBudget) -> Any:
     """Decode one item (CPU-bound: call from a worker thread)."""
     if modality == media_pb2.MODALITY_IMAGE:
         background = parse_color(options["background"], "image.rgba_background_color")

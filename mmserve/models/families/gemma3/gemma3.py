@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
+from mmserve.decoded import MediaOptions
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import (
     ChatPrompt,
@@ -89,7 +90,7 @@ class Gemma3(Family):
             )
         }
 
-    def _prepare_image(self, media: Image.Image, options: dict[str, Any]) -> PreparedItem:
+    def _prepare_image(self, media: Image.Image, options: MediaOptions) -> PreparedItem:
         # Pan-and-scan (extra crops with their own text) is off, as in the checkpoints' processor defaults.
         batch = self.processor.image_processor(images=[media], do_pan_and_scan=False, return_tensors="pt")
         placement = embedding_pb2.ImagePlacement(source_size=[media.width, media.height])
@@ -118,7 +119,7 @@ class Gemma3(Family):
         self.encode(IMAGE, [self.prepare(IMAGE, image, {})])
 
     # --- decoder half --------------------------------------------------------------------
-    def media_chat_part(self, modality: int) -> dict[str, Any]:
+    def media_chat_part(self, modality: int) -> dict[str, str]:
         return {"type": "image"}
 
     def media_placeholder_token(self, modality: int) -> str:

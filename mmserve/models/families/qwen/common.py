@@ -31,7 +31,7 @@ from PIL import Image
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.api.families.qwen.v1 import placement_pb2 as qwen_pb2
-from mmserve.decoded import DecodedVideo
+from mmserve.decoded import DecodedVideo, MediaOptions
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.modality import ModalityValue, name_of
 from mmserve.models.families.base import (
@@ -46,7 +46,7 @@ from mmserve.models.families.base import (
     taking,
 )
 from mmserve.models.tensors import from_raw, to_raw
-from mmserve.store import StoredEmbedding
+from mmserve.store import RawTensor, StoredEmbedding
 
 IMAGE, VIDEO, AUDIO, TIME_SERIES = (
     media_pb2.MODALITY_IMAGE,
@@ -128,7 +128,7 @@ class QwenFamily(Family):
         vision = self.config.vision_config
         return int(vision.patch_size * vision.spatial_merge_size)
 
-    def _pixel_bounds(self, processor: Any, opts: Any, name: str) -> dict[str, int]:
+    def _pixel_bounds(self, processor: Any, opts: media_pb2.ImageOptions | media_pb2.VideoOptions, name: str) -> MediaOptions:
         """min/max pixels from the item's options, clamped to [one token, the processor's default maximum]."""
         for key in ("min_pixels", "max_pixels"):
             if opts.HasField(key) and getattr(opts, key) <= 0:  # nonsense, not a value to clamp
@@ -156,10 +156,10 @@ class QwenFamily(Family):
             ),
         }
 
-    def _size(self, options: dict[str, Any]) -> dict[str, int]:
-        return {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}
+    def _size(self, options: MediaOptions) -> dict[str, int]:
+        return {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}  # filled by _pixel_bounds
 
-    def _prepare_image(self, image: Image.Image, options: dict[str, Any]) -> PreparedItem:
+    def _prepare_image(self, image: Image.Image, options: MediaOptions) -> PreparedItem:
         batch = self.processor.image_processor(images=[image], size=self._size(options), return_tensors="pt")
         grid = batch["image_grid_thw"]
         placement = embedding_pb2.ImagePlacement(
@@ -172,7 +172,7 @@ class QwenFamily(Family):
     def _video_processor_kwargs(self, video: DecodedVideo) -> dict[str, Any]:
         return {}
 
-    def _prepare_video(self, video: DecodedVideo, options: dict[str, Any]) -> PreparedItem:
+    def _prepare_video(self, video: DecodedVideo, options: MediaOptions) -> PreparedItem:
         batch = self.processor.video_processor(
             videos=[video.frames], size=self._size(options), return_tensors="pt", **self._video_processor_kwargs(video)
         )
@@ -189,7 +189,7 @@ class QwenFamily(Family):
         )
         return PreparedItem(VIDEO, {"pixel_values": batch["pixel_values_videos"], "grid_thw": grid}, placement)
 
-    def _item_tensors(self, output: Any, index: int) -> list[Any]:
+    def _item_tensors(self, output: Any, index: int) -> list[RawTensor]:
         """The tensors stored for item `index` of a tower output (Qwen3-VL adds deepstack)."""
         return [to_raw("embeddings", output.pooler_output[index])]
 
@@ -275,8 +275,8 @@ class QwenFamily(Family):
         tokens: dict[int, str] = {IMAGE: self.processor.image_token, VIDEO: self.processor.video_token}
         return tokens[modality]
 
-    def media_chat_part(self, modality: int) -> dict[str, Any]:
-        parts: dict[int, dict[str, Any]] = {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}
+    def media_chat_part(self, modality: int) -> dict[str, str]:
+        parts: dict[int, dict[str, str]] = {IMAGE: {"type": "image"}, VIDEO: {"type": "video"}, AUDIO: {"type": "audio"}}
         return parts[modality]
 
     def media_reserved_strings(self) -> tuple[str, ...]:

@@ -14,14 +14,14 @@ the real checkpoints) is refused, never silently cut.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from google.protobuf.message import Message
 
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.api.families.qwen.v1 import placement_pb2 as qwen_pb2
-from mmserve.decoded import DecodedAudio
+from mmserve.decoded import DecodedAudio, MediaOptions
 from mmserve.errors import InvalidArgument
 from mmserve.models.families.base import EncodedItem, MediaHandler, PreparedItem, taking
 from mmserve.models.families.qwen.common import AUDIO, IMAGE, VIDEO, QwenFamily, family_message, placement_of
@@ -68,7 +68,7 @@ class Qwen2_5_Omni(QwenFamily):
         )
         return {**super().media_handlers(), AUDIO: audio}
 
-    def _prepare_audio(self, audio: DecodedAudio, options: dict[str, Any]) -> PreparedItem:
+    def _prepare_audio(self, audio: DecodedAudio, options: MediaOptions) -> PreparedItem:
         extractor = self.processor.feature_extractor
         samples = audio.samples
         window = extractor.n_samples

@@ -21,7 +21,7 @@ import torch
 from mmserve.decoded import DecodedVideo
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import from_raw, to_raw
-from mmserve.store import StoredEmbedding
+from mmserve.store import RawTensor, StoredEmbedding
 
 
 class Qwen3_VL(QwenFamily):
@@ -31,7 +31,7 @@ class Qwen3_VL(QwenFamily):
     def _video_processor_kwargs(self, video: DecodedVideo) -> dict[str, Any]:
         return {"do_sample_frames": False}
 
-    def _item_tensors(self, output: Any, index: int) -> list[Any]:
+    def _item_tensors(self, output: Any, index: int) -> list[RawTensor]:
         tensors = [to_raw("embeddings", output.pooler_output[index])]
         for layer, features in enumerate(output.deepstack_features or []):
             tensors.append(to_raw(f"deepstack.{layer}", features[index]))

@@ -172,7 +172,7 @@ class Voxtral(Family):
         self.encode(AUDIO, [self._prepare_audio(np.zeros(self.sampling_rate, dtype=np.float32))])
 
     # --- decoder half --------------------------------------------------------------------
-    def media_chat_part(self, modality: int) -> dict[str, Any]:
+    def media_chat_part(self, modality: int) -> dict[str, str]:
         if modality != AUDIO:
             raise InvalidArgument("unsupported modality", field="modality")
         return dict(STAND_IN)
@@ -229,10 +229,10 @@ class Voxtral(Family):
 
     def prompt_embeds(
         self, prompt: ChatPrompt, media: list[StoredEmbedding]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[Any]], dict[int, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, list[StoredEmbedding]], dict[int, torch.Tensor]]:
         ids = torch.tensor([self.prompt_token_ids(prompt, media)], device=self.device)
         embeds = self.embed_tokens(ids)
-        by_modality: dict[int, list[Any]] = defaultdict(list)
+        by_modality: dict[int, list[StoredEmbedding]] = defaultdict(list)
         masks: dict[int, torch.Tensor] = {}
         if media:
             by_modality[AUDIO] = list(media)
