@@ -108,3 +108,13 @@ def test_takes_images_only_and_reserves_its_image_tokens(family: Gemma3) -> None
     assert family.placeholder_token_ids() == frozenset({family.config.image_token_id})
     assert family.eos_token_ids == frozenset({family.tokenizer.convert_tokens_to_ids("<end_of_turn>"), 0})
     assert not family.takes_tools
+
+
+def test_the_vllm_engine_refuses_gemma3_saying_why(family: Gemma3) -> None:
+    """vLLM 0.32's Gemma 3 asserts against image embeddings: the refusal names the family and the reason."""
+    from mmserve.config import Settings
+    from mmserve.errors import FailedPrecondition
+    from services.decoder.engine.vllm.engine import VllmEngine
+
+    with pytest.raises(FailedPrecondition, match=r"gemma3 family here \(image: .*refuses image_embeds\)"):
+        VllmEngine(family, "unused", Settings(model="unused"))

@@ -242,3 +242,13 @@ def test_a_format_it_cannot_enforce_is_a_400(decoder: Voxtral) -> None:
     with pytest.raises(InvalidArgument, match="cannot enforce a format") as caught:
         checked_grammar('start: "x"', decoder.tokenizer)
     assert caught.value.field == "sampling.guidance"
+
+
+def test_the_vllm_engine_refuses_voxtral_saying_why(encoder: Voxtral, path: Path) -> None:
+    """vLLM 0.32 has no audio-embedding input for Voxtral: the refusal names the family and the reason."""
+    from mmserve.config import Settings
+    from mmserve.errors import FailedPrecondition
+    from services.decoder.engine.vllm.engine import VllmEngine
+
+    with pytest.raises(FailedPrecondition, match=r"voxtral family here \(audio: .*no audio_embeds input\)"):
+        VllmEngine(encoder, str(path), Settings(model=str(path)))

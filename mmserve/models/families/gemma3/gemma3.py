@@ -55,6 +55,9 @@ class Gemma3(Family):
     model_class: ClassVar[str] = "Gemma3ForConditionalGeneration"
     model: Gemma3ForConditionalGeneration | None
     base_modalities = frozenset({IMAGE})
+    vllm_refused_why: ClassVar[dict[str, str]] = {
+        "image": "vLLM 0.32's Gemma 3 takes images only as pixels for its own tower (it refuses image_embeds)"
+    }
 
     @classmethod
     def load(cls, path: str, *, dtype: torch.dtype | str, device: str, part: str) -> Family:

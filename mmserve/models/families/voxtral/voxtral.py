@@ -72,6 +72,9 @@ class Voxtral(Family):
 
     name = "voxtral"
     base_modalities: ClassVar[frozenset[ModalityValue]] = frozenset({AUDIO})
+    vllm_refused_why: ClassVar[dict[str, str]] = {
+        "audio": "vLLM 0.32's Voxtral takes audio only as a clip for its own tower (it has no audio_embeds input)"
+    }
     #: The transformers model, reached by attribute (towers, LM, projector), which torch's Module typing cannot follow.
     model: Any
 

@@ -124,8 +124,11 @@ class VllmEngine(Engine):
 
     def __init__(self, family: Family, model_path: str, settings: Settings) -> None:
         if not family.vllm_modalities:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(family.vllm_refused_why.items()))
             raise FailedPrecondition(
-                f"the vllm engine does not serve the {family.name} family here; use MMSERVE_DECODER_ENGINE=transformers", field="model"
+                f"the vllm engine does not serve the {family.name} family here{f' ({why})' if why else ''}; "
+                "use MMSERVE_DECODER_ENGINE=transformers",
+                field="model",
             )
         supported = family.vllm_modalities | (family.modalities & {TIME_SERIES})  # time series as prompt embeddings
         refused = sorted(BY_PROTO[m].name for m in family.modalities - supported)
