@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -42,3 +43,25 @@ def test_every_command_loads_and_parses_its_own_help() -> None:
 def test_an_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "mmserve", "nope"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr, result.stderr
+
+
+def _wait_policy_after(command: str, **env: str) -> str:
+    """OMP_WAIT_POLICY as the process has it once `mmserve <command> --help` ran (the role's module loaded)."""
+    code = (
+        "import os\nfrom mmserve.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('policy:', os.environ.get('OMP_WAIT_POLICY', '-'))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MMSERVE_DECODER_ENGINE")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**base, **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.rstrip().rsplit("policy: ", 1)[-1]
+
+
+def test_model_roles_run_openmp_passive_unless_told_otherwise() -> None:
+    """Set before torch loads libgomp: idle OpenMP threads of the encoder and decoder sleep instead of spinning."""
+    assert _wait_policy_after("encoder") == "PASSIVE"
+    assert _wait_policy_after("decoder") == "PASSIVE"
+    assert _wait_policy_after("decoder", MMSERVE_DECODER_ENGINE="vllm") == "-"  # vLLM keeps its own
+    assert _wait_policy_after("encoder", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the environment wins
+    assert _wait_policy_after("gateway") == "-"  # no torch there

@@ -22,6 +22,11 @@ that one stores a process-wide default and resizes torch's process-wide
 pthreadpool, so helper threads starting up while the model thread runs would
 keep resizing a pool under it. MKL and oneDNN follow the calling thread's
 OpenMP count, as torch's own parallel loops do.
+
+Across processes, the encoder and decoder commands also make idle OpenMP
+threads sleep at once (`OMP_WAIT_POLICY=PASSIVE`, set by `mmserve.cli` before
+torch loads): two processes' teams spinning after every parallel region took
+turns burning the same two cores under load.
 """
 
 from __future__ import annotations
