@@ -67,7 +67,7 @@ class TimeSeriesSupport:
     # --- encoder half ----------------------------------------------------------------
     def handler(self) -> MediaHandler:
         """The time-series row of a family's handler table (no options; no client embeddings)."""
-        return MediaHandler(taking(DecodedSeries, lambda series, options: self.prepare(series)), self.encode, client_tensors=())
+        return MediaHandler(taking(DecodedSeries, lambda series, options: self.prepare(series)), self.encode)
 
     def prepare(self, series: DecodedSeries) -> PreparedItem:
         """`series` is a DecodedSeries (z-scored values [T, C] and its sampling rate)."""
