@@ -1,6 +1,6 @@
 """End-to-end latency through the whole stack, as ratios against baselines in the same run.
 
-    python bench/e2e.py [--models tiny,tiny:qwen2_5_vl-mid] [--tokens 32] [--repeats 3]
+    python bench/e2e.py [--models tiny,tiny:qwen2_5_vl-mid] [--tokens 32] [--repeats 3] [--stack-env KEY=VALUE ...]
 
 For each model, starts Redis, an encoder, a decoder and the gateway (the same
 commands as `mmserve up`), loads the same checkpoint in this process, and
@@ -112,11 +112,13 @@ def ttft_seconds(client: object, image_part: dict) -> float:
     return first
 
 
-def bench_model(model: str, cache_dir: Path, size: int, tokens: int, repeats: int, seed: int) -> dict[str, object]:
+def bench_model(
+    model: str, cache_dir: Path, size: int, tokens: int, repeats: int, seed: int, extra_env: dict[str, str]
+) -> dict[str, object]:
     import openai
 
     mono = Monolithic(model, cache_dir)  # loaded first: both sides then run under the same load, interleaved
-    stack = LocalStack(model, cache_dir)
+    stack = LocalStack(model, cache_dir, extra_env=extra_env)
     try:
         client = openai.OpenAI(base_url=stack.base_url, api_key="bench", max_retries=0, timeout=600)
         for warm in (seed - 1, seed - 2):  # warm both paths
@@ -161,8 +163,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
+    parser.add_argument(
+        "--stack-env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the started services; repeatable"
+    )
     ns = parser.parse_args()
-    runs = [bench_model(m, ns.cache_dir, ns.size, ns.tokens, ns.repeats, seed=17) for m in ns.models.split(",")]
+    extra_env = dict(item.split("=", 1) for item in ns.stack_env)
+    runs = [bench_model(m, ns.cache_dir, ns.size, ns.tokens, ns.repeats, seed=17, extra_env=extra_env) for m in ns.models.split(",")]
     print(json.dumps({"bench": "e2e", "cpus": os.cpu_count(), "runs": runs}))
 
 
