@@ -84,7 +84,7 @@ def role_arguments(role: str, description: str | None, argv: list[str] | None) -
 
 
 #: The roles that run torch models with the built-in engine (see `main`).
-PASSIVE_OPENMP_ROLES = frozenset({"encoder", "decoder"})
+TORCH_ROLES = frozenset({"encoder", "decoder"})
 #: How their idle OpenMP threads wait: spin ~0.1 ms (libgomp's own estimate: 100000 spins per ms), then sleep.
 #: Enough to bridge the gaps between the parallel regions of one forward pass; short enough that a process
 #: between passes leaves the cores to the other one.
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser(found).parse_args(argv[:1])  # prints the help or the error, and exits
         return 2
     if (
-        argv[0] in PASSIVE_OPENMP_ROLES
+        argv[0] in TORCH_ROLES
         and os.environ.get("MMSERVE_DECODER_ENGINE", "transformers") != "vllm"
         and not any(name in os.environ for name in OPENMP_WAIT)
     ):
