@@ -12,7 +12,10 @@ measures with the official OpenAI SDK:
   `model.generate(**processor(...))` on the same images, same number of
   tokens (EOS ignored on both sides); ratio service / monolithic;
 - reuse: time to first token when the image is already stored (referenced by
-  uuid) against sending it as a data URL (fresh each time); ratio.
+  uuid) against sending it as a data URL (fresh each time); ratio;
+- stages (where the overhead goes): the same chat sent to the decoder's
+  Generate RPC directly (no gateway, no HTTP), and the encoder's Encode RPC
+  alone on a fresh image.
 
 The two sides alternate request by request, so that load from anything else on
 the machine weighs on both alike. Prints one JSON line. Medians over `--repeats`.
@@ -32,7 +35,10 @@ from typing import Any
 import grpc
 from PIL import Image
 
+from gateway.schemas import ChatCompletionRequest
+from gateway.translate import to_generate_request
 from mmserve.api.common.v1 import media_pb2
+from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as dec_grpc
 from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
 from mmserve.api.encoder.v1 import encoder_service_pb2_grpc as enc_grpc
 from mmserve.config import Settings
@@ -72,6 +78,37 @@ class Monolithic:
             out = self.model.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
         assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
         return time.perf_counter() - start
+
+
+def chat_body(png: bytes, tokens: int) -> dict[str, Any]:
+    """The chat completion both the gateway and the direct decoder call get: one image (data URL) and the prompt."""
+    return {
+        "model": "",
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": PROMPT}]}
+        ],
+        "temperature": 0,
+        "max_completion_tokens": tokens,
+        "ignore_eos": True,
+    }
+
+
+def decoder_seconds(stub: dec_grpc.DecoderServiceStub, png: bytes, tokens: int) -> float:
+    """Seconds of the same chat through the decoder's Generate RPC, translated as the gateway does, without HTTP."""
+    request = to_generate_request(ChatCompletionRequest.model_validate(chat_body(png, tokens)))
+    start = time.perf_counter()
+    replies = list(stub.Generate(request))
+    elapsed = time.perf_counter() - start
+    assert sum(len(r.token_ids) for r in replies) == tokens
+    return elapsed
+
+
+def encode_seconds(stub: enc_grpc.EncoderServiceStub, png: bytes) -> float:
+    """Seconds of the encoder's Encode RPC alone for one fresh image (its bytes, as a decoder sends them)."""
+    item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, source=media_pb2.MediaSource(data=png))
+    start = time.perf_counter()
+    stub.Encode(enc_pb.EncodeRequest(items=[item]))
+    return time.perf_counter() - start
 
 
 def service_seconds(client: object, png: bytes, tokens: int) -> float:
@@ -129,6 +166,10 @@ def bench_model(
             services.append(service_seconds(client, square_png(size, seed + i), tokens))
             monos.append(mono.seconds(square_png(size, seed + i), tokens))
         e2e_service, e2e_mono = statistics.median(services), statistics.median(monos)
+        with grpc.insecure_channel(stack.decoder_target) as dec_channel, grpc.insecure_channel(stack.encoder_target) as enc_channel:
+            decoder, encoder = dec_grpc.DecoderServiceStub(dec_channel), enc_grpc.EncoderServiceStub(enc_channel)
+            direct = statistics.median(decoder_seconds(decoder, square_png(size, seed + 3000 + i), tokens) for i in range(repeats))
+            encode = statistics.median(encode_seconds(encoder, square_png(size, seed + 4000 + i)) for i in range(repeats))
 
         stored = square_png(size, seed + 1000)
         item = media_pb2.MediaInput(modality=media_pb2.MODALITY_IMAGE, uuid="bench-image", source=media_pb2.MediaSource(data=stored))
@@ -150,6 +191,9 @@ def bench_model(
         "e2e_service_s": round(e2e_service, 4),
         "e2e_monolithic_s": round(e2e_mono, 4),
         "overhead_ratio": round(e2e_service / e2e_mono, 3),
+        "decoder_direct_s": round(direct, 4),
+        "gateway_share_s": round(e2e_service - direct, 4),
+        "encode_rpc_s": round(encode, 4),
         "ttft_stored_uuid_s": round(by_uuid, 4),
         "ttft_data_url_s": round(by_url, 4),
         "ttft_ratio_uuid_vs_data_url": round(by_uuid / by_url, 3),

@@ -176,6 +176,7 @@ class LocalStack:
             raise
         self.base_url = f"http://127.0.0.1:{gateway_port}/v1"
         self.encoder_target = f"127.0.0.1:{encoder_port}"
+        self.decoder_target = env["MMSERVE_DECODER_TARGET"]  # ipv4:host:port[,host:port...], a gRPC target
         self.encoder_metrics_url = f"http://127.0.0.1:{encoder_metrics}/metrics"
 
     def close(self) -> None:
