@@ -117,15 +117,10 @@ def service_seconds(client: object, png: bytes, tokens: int) -> float:
     The data URL is built before the clock starts, as the PNG is for the
     monolithic side: each side starts from the image in its input form.
     """
-    url = data_url(png)
+    body = chat_body(png, tokens)
+    ignore_eos = body.pop("ignore_eos")  # not an OpenAI parameter: the SDK sends it as an extra
     start = time.perf_counter()
-    reply = client.chat.completions.create(  # type: ignore[attr-defined]
-        model="",
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]}],
-        temperature=0,
-        max_completion_tokens=tokens,
-        extra_body={"ignore_eos": True},
-    )
+    reply = client.chat.completions.create(**body, extra_body={"ignore_eos": ignore_eos})  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - start
     assert reply.usage.completion_tokens == tokens
     return elapsed
