@@ -45,24 +45,37 @@ def test_an_unknown_command_is_a_usage_error() -> None:
     assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr, result.stderr
 
 
-def _openmp_wait_after(command: str, **env: str) -> str:
-    """OMP_WAIT_POLICY/GOMP_SPINCOUNT as the process has them once `mmserve <command> --help` ran (the role's module loaded)."""
-    code = (
-        "import os\nfrom mmserve.cli import main\n"
-        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
-        "print('wait:', os.environ.get('OMP_WAIT_POLICY', '-') + '/' + os.environ.get('GOMP_SPINCOUNT', '-'))\n"
-    )
+def _openmp_waits_after(cases: dict[tuple[str, tuple[tuple[str, str], ...]], str]) -> list[str]:
+    """OMP_WAIT_POLICY/GOMP_SPINCOUNT as each process has them once `mmserve <command> --help` ran (the role's module loaded).
+
+    One process per (command, extra environment), all started at once: each imports its role's modules (torch).
+    """
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MMSERVE_DECODER_ENGINE")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**base, **env})
-    assert result.returncode == 0, result.stderr
-    return result.stdout.rstrip().rsplit("wait: ", 1)[-1]
+    procs = []
+    for command, env in cases:
+        code = (
+            "import os\nfrom mmserve.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('wait:', os.environ.get('OMP_WAIT_POLICY', '-') + '/' + os.environ.get('GOMP_SPINCOUNT', '-'))\n"
+        )
+        run = [sys.executable, "-c", code]
+        procs.append(subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**base, **dict(env)}))
+    waits = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        waits.append(out.rstrip().rsplit("wait: ", 1)[-1])
+    return waits
 
 
 def test_model_roles_spin_briefly_then_sleep_unless_told_otherwise() -> None:
     """Set before torch loads libgomp: idle OpenMP threads of the encoder and decoder spin ~0.1 ms, then sleep."""
-    assert _openmp_wait_after("encoder") == "PASSIVE/10000"
-    assert _openmp_wait_after("decoder") == "PASSIVE/10000"
-    assert _openmp_wait_after("decoder", MMSERVE_DECODER_ENGINE="vllm") == "-/-"  # vLLM keeps its own
-    assert _openmp_wait_after("encoder", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE/-"  # the environment wins...
-    assert _openmp_wait_after("encoder", GOMP_SPINCOUNT="0") == "-/0"  # ...either variable of it
-    assert _openmp_wait_after("gateway") == "-/-"  # no torch there
+    cases = {
+        ("encoder", ()): "PASSIVE/10000",
+        ("decoder", ()): "PASSIVE/10000",
+        ("decoder", (("MMSERVE_DECODER_ENGINE", "vllm"),)): "-/-",  # vLLM keeps its own
+        ("encoder", (("OMP_WAIT_POLICY", "ACTIVE"),)): "ACTIVE/-",  # the environment wins...
+        ("encoder", (("GOMP_SPINCOUNT", "0"),)): "-/0",  # ...either variable of it
+        ("gateway", ()): "-/-",  # no torch there
+    }
+    assert _openmp_waits_after(cases) == list(cases.values())
