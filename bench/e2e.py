@@ -14,8 +14,10 @@ measures with the official OpenAI SDK:
 - reuse: time to first token when the image is already stored (referenced by
   uuid) against sending it as a data URL (fresh each time); ratio;
 - stages (where the overhead goes): the same chat sent to the decoder's
-  Generate RPC directly (no gateway, no HTTP), and the encoder's Encode RPC
-  alone on a fresh image.
+  Generate RPC directly (no gateway, no HTTP), the encoder's Encode RPC
+  alone on a fresh image, and the SDK's own client-side cost of the call
+  (`sdk_client_s`: the same call against a local server that answers at once
+  with a canned completion), which `overhead_ratio_without_sdk` leaves out.
 
 The two sides alternate request by request, so that load from anything else on
 the machine weighs on both alike. Prints one JSON line. Medians over `--repeats`.
@@ -28,7 +30,9 @@ import io
 import json
 import os
 import statistics
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +130,42 @@ def service_seconds(client: object, png: bytes, tokens: int) -> float:
     return elapsed
 
 
+class CannedChat:
+    """A loopback HTTP server answering every POST at once with one fixed chat completion of `tokens` tokens.
+
+    What the OpenAI SDK itself costs per call (serializing the request, parsing
+    the reply) with no server work behind it: the part of `e2e_service_s` that
+    is the client's.
+    """
+
+    def __init__(self, tokens: int) -> None:
+        reply = json.dumps({
+            "id": "canned", "object": "chat.completion", "created": 0, "model": "canned",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "word " * tokens}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 298, "completion_tokens": tokens, "total_tokens": 298 + tokens},
+        }).encode()  # fmt: skip
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(reply)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                self.wfile.write(head + reply)  # one write: no Nagle / delayed-ACK stall between head and body
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def ttft_seconds(client: object, image_part: dict) -> float:
     start = time.perf_counter()
     stream = client.chat.completions.create(  # type: ignore[attr-defined]
@@ -161,6 +201,12 @@ def bench_model(
             services.append(service_seconds(client, square_png(size, seed + i), tokens))
             monos.append(mono.seconds(square_png(size, seed + i), tokens))
         e2e_service, e2e_mono = statistics.median(services), statistics.median(monos)
+        canned = CannedChat(tokens)
+        try:
+            sdk = openai.OpenAI(base_url=canned.base_url, api_key="bench", max_retries=0, timeout=60)
+            sdk_client = statistics.median(service_seconds(sdk, square_png(size, seed + 6000 + i), tokens) for i in range(repeats))
+        finally:
+            canned.close()
         with grpc.insecure_channel(stack.decoder_target) as dec_channel, grpc.insecure_channel(stack.encoder_target) as enc_channel:
             decoder, encoder = dec_grpc.DecoderServiceStub(dec_channel), enc_grpc.EncoderServiceStub(enc_channel)
             direct = statistics.median(decoder_seconds(decoder, square_png(size, seed + 3000 + i), tokens) for i in range(repeats))
@@ -186,6 +232,8 @@ def bench_model(
         "e2e_service_s": round(e2e_service, 4),
         "e2e_monolithic_s": round(e2e_mono, 4),
         "overhead_ratio": round(e2e_service / e2e_mono, 3),
+        "sdk_client_s": round(sdk_client, 4),
+        "overhead_ratio_without_sdk": round((e2e_service - sdk_client) / e2e_mono, 3),
         "decoder_direct_s": round(direct, 4),
         "gateway_share_s": round(e2e_service - direct, 4),
         "encode_rpc_s": round(encode, 4),
