@@ -22,17 +22,22 @@ from tests.test_vllm_engine import CASES, Pair, complete, serving_pair
 
 pytestmark = pytest.mark.vllm
 
-#: checkpoint -> the cases vLLM serves for it (text and the two-images case are covered on Qwen2.5-VL).
-SERVED = {"qwen3_vl-tiny": ("image", "two-images", "video", "time-series"), "qwen2_5_omni-tiny": ("image", "video", "time-series")}
+#: the checkpoints, and the cases vLLM serves for both (text is covered on Qwen2.5-VL)
+FAMILIES = ("qwen3_vl-tiny", "qwen2_5_omni-tiny")
+SERVED = ("image", "two-images", "video", "time-series")
 
 
+# One pair of decoders per checkpoint for the whole module: every test names its checkpoint in a
+# parametrize of its own (the same value at the same index), which pytest caches and groups by; a
+# (checkpoint, case) tuple would make each tuple a new fixture instance (a new pair: ~90 s each).
 @pytest.fixture(scope="module")
 def family_pair(request: pytest.FixtureRequest, start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
     with serving_pair(start_service, vllm_env, request.param) as both:
         yield both
 
 
-@pytest.mark.parametrize(("family_pair", "case"), [(c, case) for c, cases in SERVED.items() for case in cases], indirect=["family_pair"])
+@pytest.mark.parametrize("case", SERVED)
+@pytest.mark.parametrize("family_pair", FAMILIES, indirect=True)
 def test_vllm_engine_gives_the_builtin_engines_tokens_for_the_family(family_pair: Pair, case: str) -> None:
     ours = complete(family_pair.builtin_client, CASES[case], stream=True)
     theirs = complete(family_pair.vllm_client, CASES[case], stream=True)
