@@ -85,10 +85,10 @@ def role_arguments(role: str, description: str | None, argv: list[str] | None) -
 
 #: The roles that run torch models with the built-in engine (see `main`).
 TORCH_ROLES = frozenset({"encoder", "decoder"})
-#: How their idle OpenMP threads wait: spin ~0.1 ms (libgomp's own estimate: 100000 spins per ms), then sleep.
+#: How their idle OpenMP threads wait: spin ~30 µs (libgomp's own estimate: 100000 spins per ms), then sleep.
 #: Enough to bridge the gaps between the parallel regions of one forward pass; short enough that a process
 #: between passes leaves the cores to the other one.
-OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,10 +69,10 @@ def _openmp_waits_after(cases: dict[tuple[str, tuple[tuple[str, str], ...]], str
 
 
 def test_model_roles_spin_briefly_then_sleep_unless_told_otherwise() -> None:
-    """Set before torch loads libgomp: idle OpenMP threads of the encoder and decoder spin ~0.1 ms, then sleep."""
+    """Set before torch loads libgomp: idle OpenMP threads of the encoder and decoder spin ~30 µs, then sleep."""
     cases = {
-        ("encoder", ()): "PASSIVE/10000",
-        ("decoder", ()): "PASSIVE/10000",
+        ("encoder", ()): "PASSIVE/3000",
+        ("decoder", ()): "PASSIVE/3000",
         ("decoder", (("MMSERVE_DECODER_ENGINE", "vllm"),)): "-/-",  # vLLM keeps its own
         ("encoder", (("OMP_WAIT_POLICY", "ACTIVE"),)): "ACTIVE/-",  # the environment wins...
         ("encoder", (("GOMP_SPINCOUNT", "0"),)): "-/0",  # ...either variable of it
