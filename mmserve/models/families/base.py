@@ -29,7 +29,7 @@ from mmserve.modality import ModalityValue, name_of
 from mmserve.store import RawTensor, StoredEmbedding
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, PretrainedConfig
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
     from mmserve.models.families.time_series import TimeSeriesSupport
 
@@ -378,8 +378,14 @@ class Family(ABC):
         return getattr(self.config, "text_config", self.config)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.processor.tokenizer
+
+    def token_id(self, token: str) -> int:
+        """The id of one token string of the tokenizer (its special tokens included)."""
+        found = self.tokenizer.convert_tokens_to_ids(token)
+        assert isinstance(found, int), token
+        return found
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -404,7 +410,7 @@ class Family(ABC):
         return int(getattr(text, "max_position_embeddings", 32768))
 
 
-def prompt_part_config(path: str, dtype: torch.dtype | str) -> tuple[Any, torch.dtype, Any]:
+def prompt_part_config(path: str, dtype: torch.dtype | str) -> tuple[PretrainedConfig, torch.dtype, GenerationConfig | None]:
     """(config, dtype, generation config) of a checkpoint whose weights another engine loads (the "prompt" part).
 
     `dtype` "auto" is the checkpoint's own (its text config's, else float32); the generation config is None when the

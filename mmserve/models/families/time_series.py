@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,7 +21,10 @@ from mmserve.decoded import DecodedSeries
 from mmserve.errors import FailedPrecondition, InvalidArgument
 from mmserve.models.families.base import EncodedItem, MediaHandler, PreparedItem, taking
 from mmserve.models.tensors import to_raw
-from mmserve.models.time_series_adapter import TimeSeriesAdapter
+from mmserve.models.time_series_adapter import TimeSeriesAdapter, TimeSeriesAdapterConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SUBFOLDER = "time_series"
 
@@ -34,7 +37,7 @@ class TimeSeriesSupport:
     placeholder_id: int
 
     @property
-    def config(self) -> Any:
+    def config(self) -> TimeSeriesAdapterConfig:
         return self.adapter.config
 
     @property
@@ -43,7 +46,9 @@ class TimeSeriesSupport:
         return c.start_token, c.placeholder_token, c.end_token
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: Any, llm_hidden: int, *, dtype: torch.dtype, device: str) -> TimeSeriesSupport | None:
+    def load(
+        cls, path: str | Path, tokenizer: PreTrainedTokenizerBase, llm_hidden: int, *, dtype: torch.dtype, device: str
+    ) -> TimeSeriesSupport | None:
         """The adapter of a checkpoint folder, or None when it has none."""
         folder = Path(path) / SUBFOLDER
         if not (folder / "config.json").exists():

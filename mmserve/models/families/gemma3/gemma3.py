@@ -161,7 +161,7 @@ class Gemma3(Family):
         """The token id whose embeddings an item of `modality` replaces (an image: its soft tokens, not `<start_of_image>`)."""
         if modality == IMAGE:
             return self._image_token_id
-        return int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality)))
+        return self.token_id(self.placeholder_token(modality))
 
     def prompt_token_ids(self, prompt: ChatPrompt, media: list[StoredEmbedding], *, expand: bool = True) -> list[int]:
         """The template renders `<bos>` itself, so a chat prompt is tokenized without special tokens; a raw prompt gets them."""

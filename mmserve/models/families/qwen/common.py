@@ -322,7 +322,7 @@ class QwenFamily(Family):
             by_modality[stored.descriptor.modality].append(stored)
         masks: dict[int, torch.Tensor] = {}
         for modality, items in by_modality.items():
-            mask = ids == self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality))
+            mask = ids == self.token_id(self.placeholder_token(modality))
             feats = torch.cat([from_raw(m.tensor("embeddings"), self.device) for m in items]).to(embeds.dtype)
             if int(mask.sum()) != feats.shape[0]:
                 raise InvalidArgument("media placeholders do not match the stored embeddings", field="messages")
@@ -336,7 +336,7 @@ class QwenFamily(Family):
     def _types(self, ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(ids, dtype=torch.int)
         for modality, value in TYPE_IDS.items():
-            types[ids == self.tokenizer.convert_tokens_to_ids(self.placeholder_token(modality))] = value
+            types[ids == self.token_id(self.placeholder_token(modality))] = value
         return types
 
     def rope_index(self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]]) -> tuple[torch.Tensor, int]:
@@ -354,4 +354,4 @@ class QwenFamily(Family):
         return rows.view(1, -1, 1).expand(3, -1, 1)
 
     def placeholder_token_ids(self) -> frozenset[int]:
-        return frozenset(int(self.tokenizer.convert_tokens_to_ids(self.placeholder_token(m))) for m in self.modalities)
+        return frozenset(self.token_id(self.placeholder_token(m)) for m in self.modalities)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import base64
 import io
 from collections import defaultdict
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import soundfile as sf
@@ -201,7 +202,7 @@ class Voxtral(Family):
 
     @cached_property
     def _begin_audio_id(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(BEGIN_AUDIO))
+        return self.token_id(BEGIN_AUDIO)
 
     def prompt_token_ids(self, prompt: ChatPrompt, media: list[StoredEmbedding], *, expand: bool = True) -> list[int]:
         """mistral_common's ids for the conversation, each audio run set to its item's token count (or one token)."""
@@ -209,10 +210,13 @@ class Voxtral(Family):
             return list(self.tokenizer([prompt.text])["input_ids"][0])
         from mistral_common.exceptions import MistralCommonException
 
+        tools: list[dict[Any, Any] | Callable[..., Any]] | None = list(prompt.tools) if prompt.tools is not None else None
         try:
-            ids = self.tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=True, return_dict=False)
+            rendered = self.tokenizer.apply_chat_template(prompt.messages, tools=tools, tokenize=True, return_dict=False)
         except (MistralCommonException, ValueError) as exc:  # mistral_common's request rules, e.g. no system prompt with audio
             raise InvalidArgument(f"this model's chat format refuses the conversation: {exc}", field="messages") from exc
+        assert isinstance(rendered, list), type(rendered)  # token ids: tokenize=True, return_dict=False
+        ids = cast("list[int]", rendered)
         out: list[int] = []
         items = iter(media)
         i = 0
