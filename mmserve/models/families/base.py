@@ -325,7 +325,7 @@ class Family(ABC):
         return extra
 
     @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: Any, extra: dict[str, Any]) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: object, extra: dict[str, Any]) -> torch.Tensor:
         """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab].
 
         transformers' multimodal models all hold their LLM as `model.model.language_model` and its head as

@@ -30,7 +30,7 @@ import io
 from collections import defaultdict
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import soundfile as sf
@@ -52,6 +52,9 @@ from mmserve.models.families.base import (
 )
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import StoredEmbedding
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 AUDIO = media_pb2.MODALITY_AUDIO
 BEGIN_AUDIO = "[BEGIN_AUDIO]"
@@ -263,5 +266,6 @@ class Voxtral(Family):
         return frozenset({self.audio_token_id})
 
     @property
-    def text_config(self) -> Any:
-        return self.config.text_config
+    def text_config(self) -> PretrainedConfig:
+        text: PretrainedConfig = self.config.text_config
+        return text
