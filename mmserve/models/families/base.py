@@ -384,7 +384,8 @@ class Family(ABC):
     def token_id(self, token: str) -> int:
         """The id of one token string of the tokenizer (its special tokens included)."""
         found = self.tokenizer.convert_tokens_to_ids(token)
-        assert isinstance(found, int), token
+        if not isinstance(found, int):  # a checkpoint whose tokenizer lacks a token its family needs
+            raise ValueError(f"{self.name}: the tokenizer has no id for {token!r}")
         return found
 
     @property
