@@ -28,8 +28,8 @@ SERVED = ("image", "two-images", "video", "time-series")
 
 
 # One pair of decoders per checkpoint for the whole module: every test names its checkpoint in a
-# parametrize of its own (the same value at the same index), which pytest caches and groups by; a
-# (checkpoint, case) tuple would make each tuple a new fixture instance (a new pair: ~90 s each).
+# parametrize of its own, which pytest caches by value and groups by; a (checkpoint, case) tuple
+# would make each tuple a new fixture instance (a new pair: ~90 s each).
 @pytest.fixture(scope="module")
 def family_pair(request: pytest.FixtureRequest, start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
     with serving_pair(start_service, vllm_env, request.param) as both:

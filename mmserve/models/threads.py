@@ -24,8 +24,8 @@ keep resizing a pool under it. MKL and oneDNN follow the calling thread's
 OpenMP count, as torch's own parallel loops do.
 
 Across processes, the encoder and decoder commands also make idle OpenMP
-threads sleep after ~0.1 ms instead of ~3 ms (`OMP_WAIT_POLICY=PASSIVE` with
-`GOMP_SPINCOUNT=10000`, set by `mmserve.cli` before torch loads): two
+threads sleep after a short spin instead of ~3 ms (`mmserve.cli.OPENMP_WAIT`,
+set before torch loads; its figures in docs/engine.md): two
 processes' teams spinning after every parallel region took turns burning the
 same two cores under load, while sleeping at once made every region of a
 forward pass pay a wake-up (the tiny vision tower took 19.9 ms instead of 9.6).
