@@ -6,10 +6,14 @@ Replicas come and go, so a channel must route around them by itself:
   health checking (grpc.health.v1 Watch): a replica gets calls only while it
   reports SERVING, so one still loading its model, or draining on SIGTERM,
   gets none;
-- a retry policy for UNAVAILABLE: gRPC retries a call only until it is
-  committed (the first response headers or message), so an idempotent Encode
-  and a Generate that has not streamed its first token move to another replica
-  when theirs dies; a stream already past its first token fails as before;
+- a retry policy for UNAVAILABLE and CANCELLED: gRPC retries a call only
+  until it is committed (the first response headers or message), so an
+  idempotent Encode and a Generate that has not streamed its first token move
+  to another replica when theirs dies; a stream already past its first token
+  fails as before. CANCELLED because a server stopping gracefully cancels the
+  calls its transport took but no handler had started yet
+  (grpc/grpc#41785), instead of refusing them; a caller's own cancellation
+  is never retried, so only a replica's CANCELLED moves;
 - short reconnect backoff, so a restarted replica is reconnected (and its
   health watched) about a second after its port opens, not 20-30 s later;
 - keepalive pings, so a replica that vanishes without a FIN (a dead host) is
@@ -56,6 +60,8 @@ RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
     ("grpc.health.v1.Health", "Check"),
 )
 
+#: What a replica answers when it dies or stops with the call not yet committed (the module docstring says why CANCELLED).
+RETRYABLE_CODES = ["UNAVAILABLE", "CANCELLED"]
 MAX_ATTEMPTS = 4  # the first try + 3 retries: 0.1 + 0.2 + 0.4 s of backoff (jittered) across replicas
 RECONNECT_INITIAL_MS = 100
 RECONNECT_MAX_MS = 1000  # a replica restarted after any outage is retried at least every second
@@ -67,7 +73,7 @@ SERVER_MIN_PING_INTERVAL_MS = 5_000  # below the clients' keepalive time, so the
 
 
 def service_config(methods: Sequence[tuple[str, str]] = RETRYABLE_METHODS) -> dict[str, Any]:
-    """The gRPC service config: round-robin, health-checked, retries on UNAVAILABLE for `methods`."""
+    """The gRPC service config: round-robin, health-checked, retries on `RETRYABLE_CODES` for `methods`."""
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": ""},  # the server-wide status every mmserve server sets
@@ -79,7 +85,7 @@ def service_config(methods: Sequence[tuple[str, str]] = RETRYABLE_METHODS) -> di
                     "initialBackoff": "0.1s",
                     "maxBackoff": "1s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": RETRYABLE_CODES,
                 },
             }
         ],
