@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from mmserve.models.families.time_series import TimeSeriesSupport
 
 TIME_SERIES = media_pb2.MODALITY_TIME_SERIES
+#: Keyword arguments a family adds to its LLM's prefill forward beyond the embeddings (Qwen3-VL: deepstack
+#: features, a tensor per layer, and their positions); sliced with the prompt by `slice_extra`.
+ForwardExtra = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 @dataclass
@@ -64,7 +67,7 @@ class PreparedItem:
     modality: int
     inputs: dict[str, torch.Tensor]
     placement: Message  # the modality's *Placement message, filled as far as preprocessing knows
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # a tower's scalar arguments (time series: sampling_rate)
 
 
 @dataclass
@@ -75,7 +78,7 @@ class PrefillInputs:
     inputs_embeds: torch.Tensor  # [1, L, hidden]
     position_ids: torch.Tensor  # family-specific layout, e.g. [3, 1, L] for M-RoPE
     rope_delta: int  # decode position = tokens so far + rope_delta
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. deepstack features for the prefill only
+    extra: ForwardExtra = field(default_factory=dict)  # e.g. deepstack features for the prefill only
     #: [L]: per prompt token, the block of tokens it attends to in both directions during prefill (Gemma 3's images,
     #: transformers' `block_sequence_ids`); -1 or None: causal only. Engines must not split a block across forwards.
     attention_groups: torch.Tensor | None = None
@@ -154,7 +157,11 @@ class Family(ABC):
         self, model: torch.nn.Module | None, processor: Any, config: PretrainedConfig, *,
         dtype: torch.dtype | None = None, generation_config: GenerationConfig | None = None,
     ) -> None:  # fmt: skip
-        """`model` is None for the "prompt" part (another engine runs the LLM); `dtype` then says what it runs in."""
+        """`model` is None for the "prompt" part (another engine runs the LLM); `dtype` then says what it runs in.
+
+        `processor` is the checkpoint's own processor class: its media tokens and feature extractors are attributes
+        of that class, which transformers' ProcessorMixin does not declare, so it stays untyped here.
+        """
         self.model = model
         self.processor = processor
         self.config = config
@@ -318,14 +325,14 @@ class Family(ABC):
         the tensors vLLM's own tower would hand its language model (plain tensors and lists, no vLLM import)."""
         raise NotImplementedError(f"{self.name} has no vLLM embedding inputs")
 
-    def slice_extra(self, extra: dict[str, Any], ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
+    def slice_extra(self, extra: ForwardExtra, ids: torch.Tensor, start: int, end: int) -> ForwardExtra:
         """The prefill extras for prompt tokens [start, end) (chunked prefill, prefix-cache hits)."""
         if extra:
             raise NotImplementedError(f"{self.name} cannot prefill in chunks with extras {sorted(extra)}")
         return extra
 
     @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: object, extra: dict[str, Any]) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: object, extra: ForwardExtra) -> torch.Tensor:
         """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab].
 
         transformers' multimodal models all hold their LLM as `model.model.language_model` and its head as

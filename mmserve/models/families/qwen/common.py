@@ -39,6 +39,7 @@ from mmserve.models.families.base import (
     ChatPrompt,
     EncodedItem,
     Family,
+    ForwardExtra,
     MediaHandler,
     PrefillInputs,
     PreparedItem,
@@ -345,7 +346,7 @@ class QwenFamily(Family):
 
     def prefill_extra(
         self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
-    ) -> dict[str, Any]:
+    ) -> ForwardExtra:
         """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
         return {}
 

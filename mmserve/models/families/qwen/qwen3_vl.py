@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmserve.decoded import DecodedVideo
+from mmserve.models.families.base import ForwardExtra
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import RawTensor, StoredEmbedding
@@ -81,7 +82,7 @@ class Qwen3_VL(QwenFamily):
 
     def prefill_extra(
         self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
-    ) -> dict[str, Any]:
+    ) -> ForwardExtra:
         visual = [m for m in (IMAGE, VIDEO) if media.get(m)]
         if not visual:
             return {}
@@ -98,10 +99,11 @@ class Qwen3_VL(QwenFamily):
             deepstack.append(joined)
         return {"visual_pos_masks": vis, "deepstack_visual_embeds": deepstack}
 
-    def slice_extra(self, extra: dict[str, Any], ids: torch.Tensor, start: int, end: int) -> dict[str, Any]:
+    def slice_extra(self, extra: ForwardExtra, ids: torch.Tensor, start: int, end: int) -> ForwardExtra:
         if not extra:
             return extra
-        vis = extra["visual_pos_masks"]
+        vis, layers = extra["visual_pos_masks"], extra["deepstack_visual_embeds"]
+        assert isinstance(vis, torch.Tensor) and isinstance(layers, list), "built by prefill_extra"
         if start == 0 and end == vis.shape[1]:
             return extra
         part = vis[:, start:end]
@@ -111,5 +113,5 @@ class Qwen3_VL(QwenFamily):
         count = int(part.sum())
         return {
             "visual_pos_masks": part,
-            "deepstack_visual_embeds": [layer[first : first + count] for layer in extra["deepstack_visual_embeds"]],
+            "deepstack_visual_embeds": [layer[first : first + count] for layer in layers],
         }
