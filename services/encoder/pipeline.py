@@ -26,11 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import Message
+
 from mmserve.api.common.v1 import embedding_pb2, media_pb2
 from mmserve.api.encoder.v1 import encoder_service_pb2 as pb
 from mmserve.config import Settings
 from mmserve.decoded import MediaOptions
-from mmserve.errors import InvalidArgument, MmserveError, NotFound, Reason
+from mmserve.errors import Internal, InvalidArgument, MmserveError, NotFound, Reason
 from mmserve.mediainput import is_reference, reference_of, source_kind
 from mmserve.metrics import CACHE_HITS, CACHE_MISSES, FETCH_SECONDS, LEASE_WAITS, STORE_BYTES
 from mmserve.modality import BY_PROTO, Modality, ModalityValue, check_item_limits
@@ -390,9 +392,13 @@ class EncoderPipeline:
         return desc
 
 
-def _placement_of(desc: embedding_pb2.EmbeddingDescriptor) -> Any:
+def _placement_of(desc: embedding_pb2.EmbeddingDescriptor) -> Message:
+    """A stored record's shared placement (every put fills one, and the record's seal covers it)."""
     name = desc.WhichOneof("placement")
-    return getattr(desc, name) if name else None
+    if name is None:
+        raise Internal(f"stored embedding {desc.id} has no placement")
+    placement: Message = getattr(desc, name)
+    return placement
 
 
 async def _gather_in_order(coros: Any) -> list[Any]:

@@ -60,13 +60,14 @@ TYPE_IDS = {IMAGE: 1, VIDEO: 2}
 M = TypeVar("M", bound=Message)
 
 
-def placement_of(stored: StoredEmbedding) -> Any:
-    """The stored item's shared placement message (which one follows from its modality, checked when it was stored)."""
+def placement_of(stored: StoredEmbedding, kind: type[M]) -> M:
+    """The stored item's shared placement message, which must be a `kind` (the modality decides which one is set)."""
     desc = stored.descriptor
     which = desc.WhichOneof("placement")
-    if which is None:
-        raise FailedPrecondition(f"stored embedding {desc.id} has no placement metadata", field="messages")
-    return getattr(desc, which)
+    placement = getattr(desc, which) if which is not None else None
+    if not isinstance(placement, kind):
+        raise FailedPrecondition(f"stored embedding {desc.id} has no {kind.__name__} metadata", field="messages")
+    return placement
 
 
 def family_message(stored: StoredEmbedding, message: M) -> M | None:
@@ -260,8 +261,8 @@ class QwenFamily(Family):
         found = family_message(stored, qwen_pb2.VisualPlacement())
         if found is not None:
             return found
-        shared = placement_of(stored)
-        rebuilt = self.family_placement(stored.descriptor.modality, shared)
+        kind = embedding_pb2.VideoPlacement if stored.descriptor.modality == VIDEO else embedding_pb2.ImagePlacement
+        rebuilt = self.family_placement(stored.descriptor.modality, placement_of(stored, kind))
         if not isinstance(rebuilt, qwen_pb2.VisualPlacement):
             raise FailedPrecondition(f"stored embedding {stored.descriptor.id} has no image or video placement", field="messages")
         return rebuilt

@@ -123,7 +123,11 @@ class Qwen2_5_Omni(QwenFamily):
     def audio_placement(self, stored: StoredEmbedding) -> qwen_pb2.AudioPlacement:
         """A stored clip's placement: its family message, or (a record from before it) the shared fields."""
         found = family_message(stored, qwen_pb2.AudioPlacement())
-        return found if found is not None else qwen_pb2.AudioPlacement(feature_length=placement_of(stored).feature_length)
+        return (
+            found
+            if found is not None
+            else qwen_pb2.AudioPlacement(feature_length=placement_of(stored, embedding_pb2.AudioPlacement).feature_length)
+        )
 
     @torch.inference_mode()
     def _encode_audio(self, batch: list[PreparedItem]) -> list[EncodedItem]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmserve.api.common.v1 import embedding_pb2
 from mmserve.decoded import DecodedVideo
 from mmserve.models.families.base import ForwardExtra
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
@@ -59,7 +60,7 @@ class Qwen3_VL(QwenFamily):
 
     def block_times(self, stored: StoredEmbedding) -> list[float]:
         """Mean time of the first and last frame of every temporal block (the processor's rule)."""
-        times = list(placement_of(stored).frame_timestamps)
+        times = list(placement_of(stored, embedding_pb2.VideoPlacement).frame_timestamps)
         step = int(self.visual_placement(stored).temporal_patch_size) or 2
         if len(times) % step:
             times += [times[-1]] * (step - len(times) % step)
