@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,6 +31,9 @@ from mmserve.localredis import LocalRedis, LocalRedisCluster, free_port
 from mmserve.rpc.health import wait_serving
 from mmserve.stack import wait_http_ok
 from tests.inprocess import InProcessGateway, InProcessService, InProcessServices
+
+if TYPE_CHECKING:
+    from tests.vllm_pairs import PairPool
 
 TINY = "qwen2_5_vl-tiny"
 CACHE_DIR = Path(os.environ.get("MMSERVE_TEST_CACHE_DIR", Path.home() / ".cache" / "mmserve"))
@@ -46,6 +49,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+#: The session's `vllm_pairs` while it exists (the hook below stops its pair between tests).
+_vllm_pools: list[PairPool] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the running engine pair once the next test uses none: an idle vLLM keeps a core busy."""
+    if nextitem is None or "vllm_pairs" not in getattr(nextitem, "fixturenames", ()):
+        for pool in _vllm_pools:
+            pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -339,3 +353,17 @@ def vllm_env() -> Path:
         root = Path(__file__).resolve().parents[1]
         subprocess.run([str(root / "scripts" / "build-vllm-env"), str(DEFAULT_VLLM_VENV)], check=True, timeout=1800)
     return DEFAULT_VLLM_VENV
+
+
+@pytest.fixture(scope="session")
+def vllm_pairs(start_service: StartService, vllm_env: Path) -> Iterator[PairPool]:
+    """Decoder pairs (built-in and vLLM engine) on a checkpoint, at most one at a time (tests/vllm_pairs.py)."""
+    from tests.vllm_pairs import PairPool  # it imports this module's names: imported once they exist
+
+    pool = PairPool(start_service, vllm_env)
+    _vllm_pools.append(pool)
+    try:
+        yield pool
+    finally:
+        _vllm_pools.remove(pool)
+        pool.close()

@@ -2,8 +2,9 @@
 
 One encoder and one Redis serve two decoders of the same checkpoint, one per
 engine (the vLLM one in its own environment, built here by
-scripts/build-vllm-env when missing), each behind its own gateway. Every
-request goes to both; greedy outputs must be equal token for token.
+scripts/build-vllm-env when missing), each behind its own gateway
+(tests/vllm_pairs.py). Every request goes to both; greedy outputs must be
+equal token for token.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import base64
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,11 @@ import openai
 import pytest
 
 from mmserve.api.encoder.v1 import encoder_service_pb2 as enc_pb
-from mmserve.launcher import vllm_decoder
-from mmserve.localredis import LocalRedis
-from tests.conftest import CACHE_DIR, TINY, RunningService, StartService
+from tests.conftest import TINY
 from tests.support import data_url, encoder_stub, image_item, png_bytes, scrape
 from tests.test_equivalence_modalities import SERIES, b64, mp4_bytes
 from tests.test_stack_up import children, launch_up, wait_up
+from tests.vllm_pairs import Pair, PairPool
 
 pytestmark = pytest.mark.vllm
 
@@ -39,41 +36,10 @@ SERIES_PART = {
 }
 
 
-@dataclass
-class Pair:
-    encoder: RunningService
-    builtin: RunningService  # decoders
-    vllm: RunningService
-    builtin_client: openai.OpenAI
-    vllm_client: openai.OpenAI
-
-
-@contextmanager
-def serving_pair(start_service: StartService, vllm_env: Path, checkpoint: str) -> Iterator[Pair]:
-    """Encoder, Redis, and one decoder per engine on `checkpoint`, each behind a gateway; all stopped at exit."""
-    with LocalRedis() as redis:
-        resolved, venv = vllm_decoder(f"tiny:{checkpoint}", None, CACHE_DIR, vllm_env)  # as mmserve up --engine vllm does
-        encoder = start_service("encoder", redis_url=redis.url, **resolved)
-        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target, **resolved}
-        builtin = start_service("decoder", **wired)
-        vllm = start_service(
-            "decoder", venv=venv, timeout=900, MMSERVE_DECODER_ENGINE="vllm", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1",
-            MMSERVE_MAX_MODEL_LEN="4096", **wired,
-        )  # fmt: skip
-        gateways = [start_service("gateway", MMSERVE_DECODER_TARGET=d.target) for d in (builtin, vllm)]
-        clients = [openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in gateways]
-        try:
-            yield Pair(encoder, builtin, vllm, *clients)
-        finally:
-            for service in (vllm, *gateways, builtin, encoder):
-                service.stop()
-
-
 @pytest.fixture(scope="module")
-def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
-    """Module-scoped: one idle vLLM keeps a core busy, so no two run at once."""
-    with serving_pair(start_service, vllm_env, TINY) as both:
-        yield both
+def pair(vllm_pairs: PairPool) -> Pair:
+    """The session's pair on the default tiny checkpoint (tests/test_vllm_engine_sampling.py uses it too)."""
+    return vllm_pairs.get(TINY)
 
 
 def user(*parts: Any) -> list[dict[str, Any]]:

@@ -8,17 +8,14 @@ name.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 
 from mmserve.api.decoder.v1 import decoder_service_pb2 as pb
 from mmserve.api.decoder.v1 import decoder_service_pb2_grpc as pb_grpc
-from tests.conftest import StartService
 from tests.test_batching import media
-from tests.test_vllm_engine import CASES, Pair, complete, serving_pair
+from tests.test_vllm_engine import CASES, complete
+from tests.vllm_pairs import Pair, PairPool
 
 pytestmark = pytest.mark.vllm
 
@@ -31,9 +28,8 @@ SERVED = ("image", "two-images", "video", "time-series")
 # parametrize of its own, which pytest caches by value and groups by; a (checkpoint, case) tuple
 # would make each tuple a new fixture instance (a new pair: ~90 s each).
 @pytest.fixture(scope="module")
-def family_pair(request: pytest.FixtureRequest, start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
-    with serving_pair(start_service, vllm_env, request.param) as both:
-        yield both
+def family_pair(request: pytest.FixtureRequest, vllm_pairs: PairPool) -> Pair:
+    return vllm_pairs.get(request.param)
 
 
 @pytest.mark.parametrize("case", SERVED)

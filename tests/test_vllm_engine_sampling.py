@@ -1,7 +1,7 @@
 """The sampling controls and structured outputs on the vLLM engine, through the gateway (official SDK), beside the built-in engine.
 
-The same stack as tests/test_vllm_engine.py (one encoder and Redis, a decoder
-per engine, each behind a gateway). Each control is asserted by what it does
+The same stack as tests/test_vllm_engine.py, the very same processes when it
+runs first (tests/vllm_pairs.py). Each control is asserted by what it does
 to the tokens; greedy logprobs are compared with the built-in engine's.
 """
 
@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import TINY, StartService
+from tests.conftest import TINY
 from tests.test_sampling_controls import EOS, PERSON, PROMPT, valid_person
-from tests.test_vllm_engine import Pair, serving_pair
+from tests.vllm_pairs import Pair, PairPool
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def pair(start_service: StartService, vllm_env: Path) -> Iterator[Pair]:
-    with serving_pair(start_service, vllm_env, TINY) as both:
-        yield both
+def pair(vllm_pairs: PairPool) -> Pair:
+    """The pair tests/test_vllm_engine.py ran on, still running when this module follows it."""
+    return vllm_pairs.get(TINY)
 
 
 def complete(client: openai.OpenAI, **kwargs: Any) -> Any:
