@@ -169,18 +169,31 @@ class RunningService:
     def stop(self) -> int | None:
         return self.process.stop()
 
+    def wait_ready(self, timeout: float = 180.0) -> RunningService:
+        """Wait until it serves (a gRPC service SERVING, the gateway's /health OK); stopped, with its log, if it never does."""
+        try:
+            if self.process.role == "gateway":
+                wait_http_ok(f"http://127.0.0.1:{self.port}/health", timeout=timeout, alive=self.process.alive)
+            else:
+                wait_serving(self.target, timeout=timeout, alive=self.process.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            self.process.stop()
+            raise RuntimeError(f"{self.process.role} did not start: {exc}\n--- log ---\n{self.process.log_text()[-4000:]}") from exc
+        return self
+
 
 StartService = Callable[..., RunningService]
 
 
 @pytest.fixture(scope="session")
 def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[StartService]:
-    """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING."""
+    """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING (unless `wait=False`)."""
     started: list[RunningService] = []
 
     def start(
-        role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, venv: Path | None = None, **env: str
-    ) -> RunningService:
+        role: str, *, redis_url: str = "redis://127.0.0.1:1/0", timeout: float = 180.0, venv: Path | None = None,
+        wait: bool = True, **env: str,
+    ) -> RunningService:  # fmt: skip
         port, metrics_port = free_port(), free_port()
         full_env = {
             "MMSERVE_MODEL": f"tiny:{TINY}",
@@ -195,15 +208,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
         proc = ServiceProcess(role, full_env, log_path=log, venv=venv).start()
         service = RunningService(proc, port, metrics_port)
         started.append(service)
-        try:
-            if role == "gateway":
-                wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=timeout, alive=proc.alive)
-            else:
-                wait_serving(service.target, timeout=timeout, alive=proc.alive)
-        except (TimeoutError, RuntimeError) as exc:
-            proc.stop()
-            raise RuntimeError(f"{role} did not start: {exc}\n--- log ---\n{proc.log_text()[-4000:]}") from exc
-        return service
+        return service.wait_ready(timeout) if wait else service
 
     yield start
     for service in started:
@@ -287,11 +292,15 @@ class Stack:
 
 
 def start_stack(start_service: StartService, redis_url: str, **env: str) -> Stack:
-    """The three services wired together, as `mmserve up` does (loopback fetches allowed for the media server)."""
-    encoder = start_service("encoder", redis_url=redis_url, MMSERVE_FETCH_ALLOW_LOOPBACK="true", **env)
-    decoder = start_service("decoder", redis_url=redis_url, MMSERVE_ENCODER_TARGET=encoder.target, **env)
-    gateway = start_service("gateway", MMSERVE_DECODER_TARGET=decoder.target, MMSERVE_ENCODER_TARGET=encoder.target, **env)
-    return Stack(encoder, decoder, gateway, redis_url)
+    """The three services wired together, as `mmserve up` does (loopback fetches allowed for the media server).
+
+    All three start at once and are waited for together (their targets are known before they serve), as `mmserve up`
+    starts them: the model loads overlap.
+    """
+    encoder = start_service("encoder", redis_url=redis_url, wait=False, MMSERVE_FETCH_ALLOW_LOOPBACK="true", **env)
+    decoder = start_service("decoder", redis_url=redis_url, wait=False, MMSERVE_ENCODER_TARGET=encoder.target, **env)
+    gateway = start_service("gateway", wait=False, MMSERVE_DECODER_TARGET=decoder.target, MMSERVE_ENCODER_TARGET=encoder.target, **env)
+    return Stack(encoder.wait_ready(), decoder.wait_ready(), gateway.wait_ready(), redis_url)
 
 
 def start_inprocess_stack(inprocess: InProcessServices, redis_url: str, **settings: Any) -> Stack:

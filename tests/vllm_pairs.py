@@ -42,16 +42,19 @@ def serving_pair(start_service: StartService, vllm_env: Path, checkpoint: str) -
     """Encoder, Redis, and one decoder per engine on `checkpoint`, each behind a gateway; all stopped at exit."""
     with LocalRedis() as redis:
         resolved, venv = vllm_decoder(f"tiny:{checkpoint}", None, CACHE_DIR, vllm_env)  # as mmserve up --engine vllm does
-        encoder = start_service("encoder", redis_url=redis.url, **resolved)
-        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target, **resolved}
+        # Everything starts at once and is waited for together: the model loads overlap vLLM's start.
+        encoder = start_service("encoder", redis_url=redis.url, wait=False, **resolved)
+        wired = {"redis_url": redis.url, "MMSERVE_ENCODER_TARGET": encoder.target, "wait": False, **resolved}
         builtin = start_service("decoder", **wired)
         vllm = start_service(
-            "decoder", venv=venv, timeout=900, MMSERVE_DECODER_ENGINE="vllm", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1",
+            "decoder", venv=venv, MMSERVE_DECODER_ENGINE="vllm", MMSERVE_VLLM_CPU_KV_CACHE_GIB="1",
             MMSERVE_MAX_MODEL_LEN="4096", MMSERVE_VLLM_ENFORCE_EAGER="true", **wired,
         )  # fmt: skip
-        gateways = [start_service("gateway", MMSERVE_DECODER_TARGET=d.target) for d in (builtin, vllm)]
-        clients = [openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in gateways]
+        gateways = [start_service("gateway", wait=False, MMSERVE_DECODER_TARGET=d.target) for d in (builtin, vllm)]
         try:
+            for service, timeout in ((encoder, 180), (builtin, 180), (vllm, 900), *((g, 180) for g in gateways)):
+                service.wait_ready(timeout)  # the gateways last: their /health is OK once their decoder serves
+            clients = [openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in gateways]
             yield Pair(encoder, builtin, vllm, *clients)
         finally:
             with ThreadPoolExecutor() as stopping:  # together: vLLM alone takes ~6 s to stop
