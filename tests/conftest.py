@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,8 +212,8 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
         return service.wait_ready(timeout) if wait else service
 
     yield start
-    for service in started:
-        service.stop()
+    with ThreadPoolExecutor() as stopping:  # together: each takes a second or more to stop gracefully
+        list(stopping.map(RunningService.stop, started))
 
 
 class MediaServer:
