@@ -554,7 +554,7 @@ def test_error_after_the_stream_started_is_an_sse_error_event(short_deadline: In
 
 
 def test_redis_down_then_encoder_down_are_503(start_service: StartService, own_redis: LocalRedis) -> None:
-    fragile = start_stack(start_service, own_redis.url)
+    fragile = start_stack(start_service, own_redis.url, MMSERVE_STORE_HEALTH_INTERVAL_S="0.5")  # back to SERVING soon after
     client = fragile.client()
     assert answer(client, [text("Look:"), image(data_url(png_bytes(seed=601)))])
 

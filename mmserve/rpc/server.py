@@ -17,10 +17,12 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -225,8 +227,17 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-def run_service(role: str, serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
-    """The one start-up path of a gRPC service: settings from the environment, logging, then `serve` until SIGTERM."""
+def run_service(role: str, serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> NoReturn:
+    """The one start-up path of a gRPC service: settings from the environment, logging, then `serve` until SIGTERM.
+
+    Once `serve` has stopped gracefully and run the cleanup, the process exits at once (status 0): the
+    interpreter's own teardown, which frees the model's tensors and torch's modules one by one, took about a
+    second of every stop here, and has nothing left to do (pools closed, traces flushed, engines shut down).
+    """
     settings = Settings()
     setup_logging(role, level=settings.log_level, json_logs=settings.log_json)
     asyncio.run(serve(settings))
+    logging.shutdown()  # flushes every handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

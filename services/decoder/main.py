@@ -57,5 +57,4 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the decoder gRPC service."""
     role_arguments("decoder", __doc__, argv)
-    run_service("decoder", serve)
-    return 0
+    run_service("decoder", serve)  # exits the process when the service has stopped

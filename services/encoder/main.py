@@ -61,5 +61,4 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the encoder gRPC service."""
     role_arguments("encoder", __doc__, argv)
-    run_service("encoder", serve)
-    return 0
+    run_service("encoder", serve)  # exits the process when the service has stopped
