@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +186,12 @@ class RunningService:
 StartService = Callable[..., RunningService]
 
 
+def stop_all(services: Iterable[RunningService]) -> None:
+    """Stop services together: each takes up to seconds to stop gracefully (vLLM's ~6 s), and none waits for another."""
+    with ThreadPoolExecutor() as stopping:
+        list(stopping.map(RunningService.stop, services))
+
+
 @pytest.fixture(scope="session")
 def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[StartService]:
     """Start `mmserve <role>` with MMSERVE_* env overrides; wait until it is SERVING (unless `wait=False`)."""
@@ -212,8 +218,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pat
         return service.wait_ready(timeout) if wait else service
 
     yield start
-    with ThreadPoolExecutor() as stopping:  # together: each takes a second or more to stop gracefully
-        list(stopping.map(RunningService.stop, started))
+    stop_all(started)
 
 
 class MediaServer:

@@ -16,7 +16,6 @@ in tests/test_vllm_engine.py runs the default, compiled one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import openai
 
 from mmserve.launcher import vllm_decoder
 from mmserve.localredis import LocalRedis
-from tests.conftest import CACHE_DIR, RunningService, StartService
+from tests.conftest import CACHE_DIR, RunningService, StartService, stop_all
 
 
 @dataclass
@@ -57,8 +56,7 @@ def serving_pair(start_service: StartService, vllm_env: Path, checkpoint: str) -
             clients = [openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0) for g in gateways]
             yield Pair(encoder, builtin, vllm, *clients)
         finally:
-            with ThreadPoolExecutor() as stopping:  # together: vLLM alone takes ~6 s to stop
-                list(stopping.map(RunningService.stop, (vllm, *gateways, builtin, encoder)))
+            stop_all((vllm, *gateways, builtin, encoder))
 
 
 class PairPool:
