@@ -12,7 +12,9 @@ from another installed package.
 
 from __future__ import annotations
 
-from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, MediaHandler, PrefillInputs, PreparedItem
+from mmserve.models.families.base import ChatPrompt, EncodedItem, Family, MediaHandler, PrefillInputs, PreparedItem, TensorKwargs
 from mmserve.models.families.registry import families, family_for
 
-__all__ = ["ChatPrompt", "EncodedItem", "Family", "MediaHandler", "PrefillInputs", "PreparedItem", "families", "family_for"]
+__all__ = [
+    "ChatPrompt", "EncodedItem", "Family", "MediaHandler", "PrefillInputs", "PreparedItem", "TensorKwargs", "families", "family_for",
+]  # fmt: skip

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
     from mmserve.models.families.time_series import TimeSeriesSupport
 
 TIME_SERIES = media_pb2.MODALITY_TIME_SERIES
-#: Keyword arguments a family adds to its LLM's prefill forward beyond the embeddings (Qwen3-VL: deepstack
-#: features, a tensor per layer, and their positions); sliced with the prompt by `slice_extra`.
-ForwardExtra = dict[str, torch.Tensor | list[torch.Tensor]]
+#: Named tensors (or a list of them): a family's extra keyword arguments to its LLM's prefill forward (Qwen3-VL:
+#: deepstack features, a tensor per layer, and their positions; sliced with the prompt by `slice_extra`), and a
+#: modality's entry of vLLM's `multi_modal_data` (`vllm_mm_data`).
+TensorKwargs = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 @dataclass
@@ -78,7 +79,7 @@ class PrefillInputs:
     inputs_embeds: torch.Tensor  # [1, L, hidden]
     position_ids: torch.Tensor  # family-specific layout, e.g. [3, 1, L] for M-RoPE
     rope_delta: int  # decode position = tokens so far + rope_delta
-    extra: ForwardExtra = field(default_factory=dict)  # e.g. deepstack features for the prefill only
+    extra: TensorKwargs = field(default_factory=dict)  # e.g. deepstack features for the prefill only
     #: [L]: per prompt token, the block of tokens it attends to in both directions during prefill (Gemma 3's images,
     #: transformers' `block_sequence_ids`); -1 or None: causal only. Engines must not split a block across forwards.
     attention_groups: torch.Tensor | None = None
@@ -320,19 +321,19 @@ class Family(ABC):
     def placeholder_token_ids(self) -> frozenset[int]:
         """Token ids that stand for media in a prompt (their KV depends on the item, not the id)."""
 
-    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> TensorKwargs:
         """vLLM's `multi_modal_data` entry for a prompt's items of one of `vllm_modalities`, in prompt order:
         the tensors vLLM's own tower would hand its language model (plain tensors and lists, no vLLM import)."""
         raise NotImplementedError(f"{self.name} has no vLLM embedding inputs")
 
-    def slice_extra(self, extra: ForwardExtra, ids: torch.Tensor, start: int, end: int) -> ForwardExtra:
+    def slice_extra(self, extra: TensorKwargs, ids: torch.Tensor, start: int, end: int) -> TensorKwargs:
         """The prefill extras for prompt tokens [start, end) (chunked prefill, prefix-cache hits)."""
         if extra:
             raise NotImplementedError(f"{self.name} cannot prefill in chunks with extras {sorted(extra)}")
         return extra
 
     @torch.inference_mode()
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: object, extra: ForwardExtra) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: object, extra: TensorKwargs) -> torch.Tensor:
         """One LLM step over `inputs_embeds` with `cache` as `past_key_values`; float32 logits of the last position, [batch, vocab].
 
         transformers' multimodal models all hold their LLM as `model.model.language_model` and its head as

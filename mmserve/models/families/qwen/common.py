@@ -39,10 +39,10 @@ from mmserve.models.families.base import (
     ChatPrompt,
     EncodedItem,
     Family,
-    ForwardExtra,
     MediaHandler,
     PrefillInputs,
     PreparedItem,
+    TensorKwargs,
     prompt_part_config,
     taking,
 )
@@ -207,11 +207,11 @@ class QwenFamily(Family):
             for i, item in enumerate(batch)
         ]
 
-    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> TensorKwargs:
         """An item's `image_embeds`/`video_embeds` [tokens, hidden] with its grid; videos also their seconds per grid (M-RoPE)."""
         name = name_of(modality)
         placements = [self.visual_placement(s) for s in items]
-        entry: dict[str, Any] = {
+        entry: TensorKwargs = {
             f"{name}_embeds": torch.cat([self._vllm_features(s) for s in items]),
             f"{name}_grid_thw": torch.tensor([list(p.grid_thw) for p in placements], dtype=torch.long),
         }
@@ -347,7 +347,7 @@ class QwenFamily(Family):
 
     def prefill_extra(
         self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
-    ) -> ForwardExtra:
+    ) -> TensorKwargs:
         """Extra keyword arguments for the prefill forward (Qwen3-VL: deepstack)."""
         return {}
 

@@ -20,7 +20,7 @@ import torch
 
 from mmserve.api.common.v1 import embedding_pb2
 from mmserve.decoded import DecodedVideo
-from mmserve.models.families.base import ForwardExtra
+from mmserve.models.families.base import TensorKwargs
 from mmserve.models.families.qwen.common import IMAGE, VIDEO, QwenFamily, placement_of
 from mmserve.models.tensors import from_raw, to_raw
 from mmserve.store import RawTensor, StoredEmbedding
@@ -50,7 +50,7 @@ class Qwen3_VL(QwenFamily):
         cpu = torch.device("cpu")
         return torch.cat([from_raw(stored.tensor("embeddings"), cpu), *(from_raw(t, cpu) for t in deepstack)], dim=-1)
 
-    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> dict[str, Any]:
+    def vllm_mm_data(self, modality: int, items: list[StoredEmbedding]) -> TensorKwargs:
         """Videos also carry the time of each temporal block, from which vLLM writes the `<t seconds>` text
         (the times the built-in engine writes, from the same stored frame times)."""
         entry = super().vllm_mm_data(modality, items)
@@ -83,7 +83,7 @@ class Qwen3_VL(QwenFamily):
 
     def prefill_extra(
         self, ids: torch.Tensor, media: dict[int, list[StoredEmbedding]], masks: dict[int, torch.Tensor], embeds: torch.Tensor
-    ) -> ForwardExtra:
+    ) -> TensorKwargs:
         visual = [m for m in (IMAGE, VIDEO) if media.get(m)]
         if not visual:
             return {}
@@ -100,7 +100,7 @@ class Qwen3_VL(QwenFamily):
             deepstack.append(joined)
         return {"visual_pos_masks": vis, "deepstack_visual_embeds": deepstack}
 
-    def slice_extra(self, extra: ForwardExtra, ids: torch.Tensor, start: int, end: int) -> ForwardExtra:
+    def slice_extra(self, extra: TensorKwargs, ids: torch.Tensor, start: int, end: int) -> TensorKwargs:
         if not extra:
             return extra
         vis, layers = extra["visual_pos_masks"], extra["deepstack_visual_embeds"]

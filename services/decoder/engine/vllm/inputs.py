@@ -13,10 +13,9 @@ This module imports no vLLM code: the mapping is plain tensors and dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from mmserve.modality import BY_PROTO
-from mmserve.models.families import Family
+from mmserve.models.families import Family, TensorKwargs
 from mmserve.store import StoredEmbedding
 
 
@@ -24,7 +23,7 @@ from mmserve.store import StoredEmbedding
 class VllmMedia:
     """`multi_modal_data` and `multi_modal_uuids` of one prompt."""
 
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, TensorKwargs] = field(default_factory=dict)
     uuids: dict[str, list[str]] = field(default_factory=dict)
 
 
