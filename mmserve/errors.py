@@ -30,7 +30,7 @@ log = logging.getLogger("mmserve.errors")
 _PLAIN = {
     grpc.StatusCode.UNAVAILABLE: "the {peer} is unavailable; retry later",
     grpc.StatusCode.DEADLINE_EXCEEDED: "the {peer} did not answer within the deadline",
-    grpc.StatusCode.CANCELLED: "the call to the {peer} was cancelled",
+    grpc.StatusCode.CANCELLED: "the {peer} stopped before it answered; retry later",
     grpc.StatusCode.UNKNOWN: "the {peer} failed unexpectedly",
     grpc.StatusCode.INTERNAL: "the {peer} failed unexpectedly",
     grpc.StatusCode.DATA_LOSS: "the {peer} failed unexpectedly",
@@ -250,7 +250,8 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "service") -> MmserveError
     A status that carries no mmserve `ErrorInfo` was written by gRPC itself
     (the `peer` — "decoder", "encoder" — is down, a stream broke): its text can
     name internal addresses, so it is logged here and the client gets a plain
-    message about the peer instead.
+    message about the peer instead; such a CANCELLED is the peer stopping, so
+    it is `Unavailable`.
     """
     code = exc.code()
     message = exc.details() or code.name
@@ -273,6 +274,11 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "service") -> MmserveError
                     message = bad.field_violations[0].description
     if not ours:
         message, reason = plain_message(code, message, peer), None
+        if code == grpc.StatusCode.CANCELLED:
+            # Not the caller's cancellation (that raises no error here): gRPC cancelled the call on the peer's side,
+            # which a stopping server does to calls it had taken but not started (grpc/grpc#41785; calls still
+            # running when its grace ends get UNAVAILABLE). For the caller that is an unavailable peer: retry.
+            code = grpc.StatusCode.UNAVAILABLE
     cls = _BY_REASON.get(reason or "") or _BY_STATUS.get(code, Internal)
     if cls.status != code:  # reason unknown to this version: trust the code
         cls = _BY_STATUS.get(code, Internal)
@@ -283,8 +289,7 @@ def from_rpc_error(exc: grpc.RpcError, *, peer: str = "service") -> MmserveError
 
 def plain_message(code: grpc.StatusCode, details: str, peer: str) -> str:
     """What a client may see of a status gRPC itself wrote: a plain sentence, never an address (logged instead)."""
-    level = logging.INFO if code == grpc.StatusCode.CANCELLED else logging.WARNING
-    log.log(level, "the %s failed with %s: %s", peer, code.name, details)
+    log.warning("the %s failed with %s: %s", peer, code.name, details)
     if code in _PLAIN:
         return _PLAIN[code].format(peer=peer)
     if details and not _ADDRESS.search(details) and len(details) <= 200:
